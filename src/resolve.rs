@@ -1,0 +1,1044 @@
+//! Variant resolution: a pure function from (manifest, host facts, preferences) to a
+//! ranked, explained [`Resolution`].
+//!
+//! Every variant ends up either [`Verdict::Accepted`] with a [`Score`] or
+//! [`Verdict::Rejected`] with a typed [`Rejection`]. The rules follow
+//! `shared/reference/compat-rules.md` §7:
+//!
+//! - Hard constraints are checked in a fixed order (§7.2); the first one that fails is the
+//!   variant's reason. [`Rejection::stage`] numbers those steps, so a later stage means the
+//!   variant got closer to running; the closest miss is what a user sees when nothing fits.
+//! - Accepted variants are ranked lexicographically (§7.3): device-code match quality, then
+//!   toolkit version, then CPU specialisation, then specificity, then publisher priority,
+//!   and finally the variant id, so the order is total and never depends on hash order or
+//!   input order.
+//!
+//! Nothing here does I/O; the host facts arrive as a value.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::host::{CudaDevice, HostFacts, RocmDevice};
+use crate::manifest::{CudaVariant, Manifest, RocmVariant, Variant, XpuVariant};
+use crate::platform::{
+    AmdTarget, Backend, CpuArch, CudaArch, CudaFeatureSet, CudartLinkage, FeatureState, Libc, LibcFamily, MajorMinor, Os, X86Level,
+    generic_member_since,
+};
+
+/// The kernel ABI major this khub speaks (`include/khub_kernel.h`).
+pub const KERNEL_ABI_MAJOR: u32 = 1;
+
+/// What the caller wants, beyond what the host can run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Preferences {
+    /// Only consider variants of this backend.
+    pub backend: Option<Backend>,
+    /// Only consider the variant with this id.
+    pub variant: Option<String>,
+    /// Refuse variants whose only way to run is JIT compilation (PTX, SPIR-V).
+    pub forbid_jit: bool,
+    /// Match device code against this device (an index among the backend's visible
+    /// devices) instead of all of them.
+    pub device: Option<u32>,
+}
+
+/// How well a variant's device code fits the device, best last (compat-rules.md §7.3
+/// rule 1). A CPU-only variant has no device code and ranks below every GPU match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceMatch {
+    /// Host code only (a CPU variant).
+    Cpu,
+    /// Runs through the driver's JIT (PTX, SPIR-V).
+    Jit,
+    /// An AMD generic target (`gfx11-generic`).
+    Generic,
+    /// A cubin for a lower minor of the same major (`sm_80` on 8.6).
+    SameMajorLower,
+    /// Native code for exactly this device (`sm_86`, `sm_100f` on 10.0, `gfx942`, Metal,
+    /// an XPU AOT binary).
+    Exact,
+    /// An arch-specific cubin for exactly this device (`sm_90a` on 9.0).
+    ArchSpecific,
+}
+
+impl DeviceMatch {
+    /// A short name for explain output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceMatch::Cpu => "cpu",
+            DeviceMatch::Jit => "jit",
+            DeviceMatch::Generic => "generic",
+            DeviceMatch::SameMajorLower => "same-major",
+            DeviceMatch::Exact => "exact",
+            DeviceMatch::ArchSpecific => "arch-specific",
+        }
+    }
+}
+
+/// The rank of an accepted variant. Compare with `Ord`: greater is better.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Score {
+    /// Device-code match quality (the worst over the devices considered).
+    pub device: DeviceMatch,
+    /// The device-code entry that matched, such as `sm_90a` or `gfx11-generic`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
+    /// For JIT matches: how many compute-capability steps the PTX is below the device
+    /// (`compute_80` on 9.0 is 10); smaller is better.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub jit_distance: u32,
+    /// AMD only: the exact code object leaves xnack and sramecc as "any".
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub any_features: bool,
+    /// The toolkit (CUDA, ROCm, oneAPI) version; 0.0 for CPU variants.
+    pub toolkit: MajorMinor,
+    /// The x86-64 level the host code needs (0 when none).
+    pub cpu_level: u8,
+    /// How many extra CPU features the host code needs.
+    pub cpu_features: u32,
+    /// How many properties the variant constrains.
+    pub specificity: u32,
+    /// The publisher's priority.
+    pub priority: i32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.device
+            .cmp(&other.device)
+            .then_with(|| other.jit_distance.cmp(&self.jit_distance))
+            .then_with(|| self.any_features.cmp(&other.any_features))
+            .then_with(|| self.toolkit.cmp(&other.toolkit))
+            .then_with(|| self.cpu_level.cmp(&other.cpu_level))
+            .then_with(|| self.cpu_features.cmp(&other.cpu_features))
+            .then_with(|| self.specificity.cmp(&other.specificity))
+            .then_with(|| self.priority.cmp(&other.priority))
+    }
+}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Score {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.device.name())?;
+        if let Some(m) = &self.matched {
+            write!(f, " {m}")?;
+        }
+        if self.jit_distance > 0 {
+            write!(f, " (-{})", self.jit_distance)?;
+        }
+        if self.toolkit != MajorMinor::default() {
+            write!(f, ", toolkit {}", self.toolkit)?;
+        }
+        if self.cpu_level > 0 {
+            write!(f, ", x86-64-v{}", self.cpu_level)?;
+        }
+        if self.cpu_features > 0 {
+            write!(f, " +{} features", self.cpu_features)?;
+        }
+        write!(f, ", specificity {}, priority {}", self.specificity, self.priority)
+    }
+}
+
+/// Why a variant cannot run on the host, or was set aside by a preference.
+///
+/// Variants are declared in the order the checks run; [`Rejection::stage`] groups them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all_fields = "kebab-case")]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Another variant was forced by the caller.
+    NotSelected {
+        /// The forced variant.
+        selected: String,
+    },
+    /// The caller asked for another backend.
+    BackendNotPreferred {
+        /// The backend asked for.
+        want: Backend,
+    },
+    /// The release speaks a kernel ABI this khub does not.
+    AbiUnsupported {
+        /// The release's ABI major.
+        need: u32,
+        /// The ABI major this khub speaks.
+        have: u32,
+    },
+    /// Built for another operating system.
+    OsMismatch {
+        /// The variant's OS.
+        need: Os,
+        /// The host's OS.
+        have: Os,
+    },
+    /// Built for another CPU architecture.
+    CpuArchMismatch {
+        /// The variant's architecture.
+        need: CpuArch,
+        /// The host's architecture.
+        have: CpuArch,
+    },
+    /// Built against another C library (glibc vs musl), or the host's is unknown.
+    LibcMismatch {
+        /// The variant's libc.
+        need: LibcFamily,
+        /// The host's, if known.
+        have: Option<LibcFamily>,
+    },
+    /// Needs a newer glibc (the manylinux rule).
+    GlibcTooOld {
+        /// The variant's floor.
+        need: MajorMinor,
+        /// The host's version.
+        have: MajorMinor,
+    },
+    /// Needs a newer musl.
+    MuslTooOld {
+        /// The variant's floor.
+        need: MajorMinor,
+        /// The host's version.
+        have: MajorMinor,
+    },
+    /// Needs a newer macOS.
+    MacOsTooOld {
+        /// The variant's floor.
+        need: MajorMinor,
+        /// The host's version, if known.
+        have: Option<MajorMinor>,
+    },
+    /// The host has no device of this backend.
+    BackendUnavailable {
+        /// The variant's backend.
+        backend: Backend,
+        /// What host detection said.
+        why: String,
+    },
+    /// The driver supports an older CUDA major than the toolkit that built the variant.
+    DriverTooOld {
+        /// The variant's toolkit.
+        need: MajorMinor,
+        /// The CUDA version the driver supports.
+        have: MajorMinor,
+    },
+    /// The variant links cudart dynamically and the host process has no CUDA runtime.
+    RuntimeMissing {
+        /// The runtime it needs.
+        need: MajorMinor,
+    },
+    /// The variant links a cudart of another major than the host process's.
+    RuntimeMajorMismatch {
+        /// The variant's toolkit.
+        need: MajorMinor,
+        /// The host's runtime.
+        have: MajorMinor,
+    },
+    /// The variant links a newer cudart minor than the host process has.
+    RuntimeTooOld {
+        /// The variant's toolkit.
+        need: MajorMinor,
+        /// The host's runtime.
+        have: MajorMinor,
+    },
+    /// The host's ROCm version is not known.
+    RocmVersionUnknown {
+        /// The variant's ROCm version.
+        need: MajorMinor,
+    },
+    /// Built for another ROCm major (HIP runtimes of different majors are incompatible).
+    RocmMajorMismatch {
+        /// The variant's ROCm.
+        need: MajorMinor,
+        /// The host's ROCm.
+        have: MajorMinor,
+    },
+    /// Built for another ROCm minor, which the publisher did not declare compatible.
+    RocmMinorNotDeclared {
+        /// The variant's ROCm.
+        need: MajorMinor,
+        /// The host's ROCm.
+        have: MajorMinor,
+    },
+    /// Built with a Metal language version the host's macOS cannot load.
+    MslTooNew {
+        /// The macOS that version needs.
+        need_macos: MajorMinor,
+        /// The host's macOS, if known.
+        have: Option<MajorMinor>,
+    },
+    /// Built with another oneAPI release.
+    OneApiMismatch {
+        /// The variant's oneAPI.
+        need: MajorMinor,
+        /// The host's, if known.
+        have: Option<MajorMinor>,
+    },
+    /// Needs a higher x86-64 level.
+    CpuLevelTooLow {
+        /// The variant's level.
+        need: X86Level,
+        /// The host's level, if known.
+        have: Option<X86Level>,
+    },
+    /// Needs CPU features the host lacks.
+    CpuFeaturesMissing {
+        /// The missing features, sorted.
+        missing: Vec<String>,
+    },
+    /// The host's devices of this backend are not known in enough detail to match code.
+    DeviceUnknown {
+        /// The backend.
+        backend: Backend,
+    },
+    /// Carries arch-specific code (`sm_90a`) for another compute capability of the same
+    /// major; arch-specific code never runs on another device.
+    ArchSpecificOnly {
+        /// The device, e.g. `cuda:0 (9.0)`.
+        device: String,
+        /// The device code the variant carries.
+        have: Vec<String>,
+    },
+    /// The driver is an older minor of the toolkit's major: minor-version compatibility
+    /// applies, but only to cubins, and the variant has only PTX for this device.
+    MvcNeedsSass {
+        /// The device.
+        device: String,
+        /// The variant's toolkit.
+        toolkit: MajorMinor,
+        /// The driver's CUDA version.
+        driver: MajorMinor,
+    },
+    /// Has an exact code object for the device whose xnack or sramecc setting does not
+    /// match the device's (or the device's state is unknown).
+    FeatureMismatch {
+        /// The device.
+        device: String,
+        /// The code objects the variant carries.
+        have: Vec<String>,
+    },
+    /// Carries no device code that runs on the device.
+    NoDeviceCode {
+        /// The device.
+        device: String,
+        /// The device code the variant carries.
+        have: Vec<String>,
+    },
+    /// Would only run through JIT compilation, which the caller forbade.
+    JitForbidden {
+        /// The device.
+        device: String,
+    },
+}
+
+impl Rejection {
+    /// How far the checks got before this rejection, 0 to 8: a higher stage is a closer
+    /// miss (compat-rules.md §7.2).
+    pub fn stage(&self) -> u8 {
+        use Rejection::*;
+        match self {
+            NotSelected { .. } | BackendNotPreferred { .. } => 0,
+            AbiUnsupported { .. } => 1,
+            OsMismatch { .. } | CpuArchMismatch { .. } => 2,
+            LibcMismatch { .. } | GlibcTooOld { .. } | MuslTooOld { .. } | MacOsTooOld { .. } => 3,
+            BackendUnavailable { .. } => 4,
+            DriverTooOld { .. }
+            | RuntimeMissing { .. }
+            | RuntimeMajorMismatch { .. }
+            | RuntimeTooOld { .. }
+            | RocmVersionUnknown { .. }
+            | RocmMajorMismatch { .. }
+            | RocmMinorNotDeclared { .. }
+            | MslTooNew { .. }
+            | OneApiMismatch { .. } => 5,
+            CpuLevelTooLow { .. } | CpuFeaturesMissing { .. } => 6,
+            DeviceUnknown { .. } | ArchSpecificOnly { .. } | MvcNeedsSass { .. } | FeatureMismatch { .. } | NoDeviceCode { .. } => 7,
+            JitForbidden { .. } => 8,
+        }
+    }
+
+    /// The reason's name, as in JSON output (`GlibcTooOld`).
+    pub fn code(&self) -> &'static str {
+        use Rejection::*;
+        match self {
+            NotSelected { .. } => "NotSelected",
+            BackendNotPreferred { .. } => "BackendNotPreferred",
+            AbiUnsupported { .. } => "AbiUnsupported",
+            OsMismatch { .. } => "OsMismatch",
+            CpuArchMismatch { .. } => "CpuArchMismatch",
+            LibcMismatch { .. } => "LibcMismatch",
+            GlibcTooOld { .. } => "GlibcTooOld",
+            MuslTooOld { .. } => "MuslTooOld",
+            MacOsTooOld { .. } => "MacOsTooOld",
+            BackendUnavailable { .. } => "BackendUnavailable",
+            DriverTooOld { .. } => "DriverTooOld",
+            RuntimeMissing { .. } => "RuntimeMissing",
+            RuntimeMajorMismatch { .. } => "RuntimeMajorMismatch",
+            RuntimeTooOld { .. } => "RuntimeTooOld",
+            RocmVersionUnknown { .. } => "RocmVersionUnknown",
+            RocmMajorMismatch { .. } => "RocmMajorMismatch",
+            RocmMinorNotDeclared { .. } => "RocmMinorNotDeclared",
+            MslTooNew { .. } => "MslTooNew",
+            OneApiMismatch { .. } => "OneApiMismatch",
+            CpuLevelTooLow { .. } => "CpuLevelTooLow",
+            CpuFeaturesMissing { .. } => "CpuFeaturesMissing",
+            DeviceUnknown { .. } => "DeviceUnknown",
+            ArchSpecificOnly { .. } => "ArchSpecificOnly",
+            MvcNeedsSass { .. } => "MvcNeedsSass",
+            FeatureMismatch { .. } => "FeatureMismatch",
+            NoDeviceCode { .. } => "NoDeviceCode",
+            JitForbidden { .. } => "JitForbidden",
+        }
+    }
+
+    /// What would change the outcome, for a user reading why nothing fits.
+    pub fn hint(&self) -> &'static str {
+        use Rejection::*;
+        match self {
+            NotSelected { .. } | BackendNotPreferred { .. } | JitForbidden { .. } => "drop the preference (--prefer) that set this variant aside",
+            AbiUnsupported { .. } => "use a khub that speaks this kernel ABI, or a release built for ABI 1",
+            OsMismatch { .. } | CpuArchMismatch { .. } => "the publisher needs to build for this platform",
+            LibcMismatch { .. } | GlibcTooOld { .. } | MuslTooOld { .. } => {
+                "run on a newer distribution, or ask for a build against an older libc (set KHUB_LIBC to simulate another host)"
+            }
+            MacOsTooOld { .. } | MslTooNew { .. } => "update macOS, or ask for a build with a lower deployment target",
+            BackendUnavailable { .. } => "run where that GPU is visible, or simulate one with --host FILE or KHUB_CUDA_ARCH / KHUB_AMD_GPU_ARCH",
+            DriverTooOld { .. } | MvcNeedsSass { .. } => "update the GPU driver, or ask for cubins (sm_XY) for this device",
+            RuntimeMissing { .. } | RuntimeMajorMismatch { .. } | RuntimeTooOld { .. } => {
+                "load a matching CUDA runtime in the process (set KHUB_CUDA_RUNTIME to declare it), or use a variant with static cudart"
+            }
+            RocmVersionUnknown { .. } => "set KHUB_ROCM_VERSION, or install ROCm so /opt/rocm/.info/version exists",
+            RocmMajorMismatch { .. } | RocmMinorNotDeclared { .. } => "install the ROCm release the variant was built for, or ask for a build for yours",
+            OneApiMismatch { .. } => "install the oneAPI release the variant was built for",
+            CpuLevelTooLow { .. } | CpuFeaturesMissing { .. } => "ask for a baseline CPU build",
+            DeviceUnknown { .. } => "set KHUB_CUDA_ARCH or KHUB_AMD_GPU_ARCH to the device's architecture",
+            ArchSpecificOnly { .. } | NoDeviceCode { .. } => "ask the publisher for code for this device (a cubin for its arch, or PTX)",
+            FeatureMismatch { .. } => "ask for a build with xnack/sramecc left as any, or state the device's mode in KHUB_AMD_GPU_ARCH",
+        }
+    }
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() { "nothing".to_owned() } else { v.join(", ") }
+}
+
+fn opt<T: fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string)
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Rejection::*;
+        write!(f, "{}: ", self.code())?;
+        match self {
+            NotSelected { selected } => write!(f, "variant `{selected}` was requested"),
+            BackendNotPreferred { want } => write!(f, "backend {want} was requested"),
+            AbiUnsupported { need, have } => write!(f, "release speaks kernel ABI {need}, this khub speaks {have}"),
+            OsMismatch { need, have } => write!(f, "built for {need}, host is {have}"),
+            CpuArchMismatch { need, have } => write!(f, "built for {need}, host is {have}"),
+            LibcMismatch { need, have } => write!(f, "built against {need}, host runs {}", opt(have)),
+            GlibcTooOld { need, have } => write!(f, "needs glibc {need}, host has {have}"),
+            MuslTooOld { need, have } => write!(f, "needs musl {need}, host has {have}"),
+            MacOsTooOld { need, have } => write!(f, "needs macOS {need}, host runs {}", opt(have)),
+            BackendUnavailable { backend, why } => write!(f, "no {backend} device: {why}"),
+            DriverTooOld { need, have } => write!(f, "built with CUDA {need}, driver supports CUDA {have}"),
+            RuntimeMissing { need } => write!(f, "links libcudart.so.{} dynamically ({need}); host has no CUDA runtime", need.major),
+            RuntimeMajorMismatch { need, have } => write!(f, "links cudart {need}, host runtime is {have} (another major)"),
+            RuntimeTooOld { need, have } => write!(f, "links cudart {need}, host runtime is {have}"),
+            RocmVersionUnknown { need } => write!(f, "built for ROCm {need}; host ROCm version unknown"),
+            RocmMajorMismatch { need, have } => write!(f, "built for ROCm {need}, host runs ROCm {have} (another major)"),
+            RocmMinorNotDeclared { need, have } => write!(f, "built for ROCm {need}, host runs ROCm {have}, not declared compatible"),
+            MslTooNew { need_macos, have } => write!(f, "Metal library needs macOS {need_macos}, host runs {}", opt(have)),
+            OneApiMismatch { need, have } => write!(f, "built with oneAPI {need}, host has {}", opt(have)),
+            CpuLevelTooLow { need, have } => write!(f, "needs {need}, host is {}", opt(have)),
+            CpuFeaturesMissing { missing } => write!(f, "host CPU lacks {}", missing.join(", ")),
+            DeviceUnknown { backend } => write!(f, "the {backend} devices' architectures are unknown"),
+            ArchSpecificOnly { device, have } => write!(f, "{device}: arch-specific code runs only on its exact device; variant has {}", list(have)),
+            MvcNeedsSass { device, toolkit, driver } => {
+                write!(f, "{device}: driver supports CUDA {driver} < toolkit {toolkit}; minor-version compatibility needs a cubin, variant has only PTX")
+            }
+            FeatureMismatch { device, have } => write!(f, "{device}: xnack/sramecc setting does not match; variant has {}", list(have)),
+            NoDeviceCode { device, have } => write!(f, "{device}: no code runs on it; variant has {}", list(have)),
+            JitForbidden { device } => write!(f, "{device}: only PTX/SPIR-V would run, and JIT was forbidden"),
+        }
+    }
+}
+
+/// The decision for one variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "kebab-case")]
+pub enum Verdict {
+    /// It runs here, with this rank.
+    Accepted {
+        /// The rank.
+        score: Score,
+    },
+    /// It does not, or was set aside.
+    Rejected {
+        /// Why.
+        reason: Rejection,
+    },
+}
+
+/// One variant and its verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Candidate {
+    /// The variant's id.
+    pub id: String,
+    /// Its position in the manifest.
+    pub index: usize,
+    /// Its backend.
+    pub backend: Backend,
+    /// The decision.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+impl Candidate {
+    /// The score, if accepted.
+    pub fn score(&self) -> Option<&Score> {
+        match &self.verdict {
+            Verdict::Accepted { score } => Some(score),
+            Verdict::Rejected { .. } => None,
+        }
+    }
+
+    /// The rejection, if rejected.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match &self.verdict {
+            Verdict::Accepted { .. } => None,
+            Verdict::Rejected { reason } => Some(reason),
+        }
+    }
+}
+
+/// Every variant of a manifest, best first, with the host facts and preferences used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resolution {
+    /// The kernel's name.
+    pub kernel: String,
+    /// The release version.
+    pub version: String,
+    /// Accepted variants (best first), then rejected ones (closest miss first).
+    pub candidates: Vec<Candidate>,
+    /// The preferences applied.
+    pub preferences: Preferences,
+}
+
+impl Resolution {
+    /// The chosen variant, if any was accepted.
+    pub fn best(&self) -> Option<&Candidate> {
+        self.candidates.first().filter(|c| c.score().is_some())
+    }
+
+    /// The accepted candidates, best first.
+    pub fn accepted(&self) -> impl Iterator<Item = &Candidate> {
+        self.candidates.iter().filter(|c| c.score().is_some())
+    }
+
+    /// When nothing was accepted, the rejection that got furthest.
+    pub fn closest_miss(&self) -> Option<&Candidate> {
+        if self.best().is_some() {
+            return None;
+        }
+        self.candidates.first()
+    }
+
+    /// The chosen variant, or an error naming the closest miss and the host facts used.
+    pub fn chosen(&self, host: &HostFacts) -> Result<&Candidate, NoVariantFits> {
+        self.best().ok_or_else(|| NoVariantFits {
+            kernel: format!("{} {}", self.kernel, self.version),
+            closest: self.closest_miss().map(|c| (c.id.clone(), c.rejection().cloned())),
+            host: describe_host(host),
+        })
+    }
+}
+
+/// No variant of a release runs on the host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no variant of {kernel} runs on this host ({host}){}", closest_text(.closest))]
+pub struct NoVariantFits {
+    /// The kernel and version.
+    pub kernel: String,
+    /// The closest miss: the variant id and its rejection.
+    pub closest: Option<(String, Option<Rejection>)>,
+    /// The host facts used, in one line.
+    pub host: String,
+}
+
+fn closest_text(c: &Option<(String, Option<Rejection>)>) -> String {
+    match c {
+        Some((id, Some(r))) => format!("; closest: `{id}`, {r}; hint: {}", r.hint()),
+        _ => "; the release has no variants".to_owned(),
+    }
+}
+
+/// One line describing a host, for messages: `linux x86_64, glibc 2.36, x86-64-v3, CUDA
+/// 12.8 [9.0]`.
+pub fn describe_host(h: &HostFacts) -> String {
+    let mut parts = vec![format!("{} {}", h.os, h.arch)];
+    if let Some(l) = &h.libc {
+        parts.push(l.to_string());
+    }
+    if let Some(m) = &h.macos {
+        parts.push(format!("macOS {m}"));
+    }
+    if let Some(l) = h.cpu_level {
+        parts.push(l.to_string());
+    }
+    if let Some(c) = &h.cuda {
+        let ccs: Vec<String> = c.devices.iter().map(|d| d.cc.to_string()).collect();
+        parts.push(format!("CUDA driver {} [{}]", c.driver, ccs.join(", ")));
+    }
+    if let Some(r) = &h.rocm {
+        let gfx: Vec<String> = r.devices.iter().map(|d| d.target.to_string()).collect();
+        parts.push(format!("ROCm {} [{}]", opt(&r.version), gfx.join(", ")));
+    }
+    if h.metal.is_some() {
+        parts.push("Metal".to_owned());
+    }
+    if let Some(x) = &h.xpu {
+        parts.push(format!("oneAPI {} [{}]", opt(&x.oneapi), x.devices.join(", ")));
+    }
+    if h.cuda.is_none() && h.rocm.is_none() && h.metal.is_none() && h.xpu.is_none() {
+        parts.push("no GPU".to_owned());
+    }
+    parts.join(", ")
+}
+
+/// Resolves every variant of `manifest` against `host`, best first.
+pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Resolution {
+    let mut candidates: Vec<Candidate> = manifest
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(index, v)| Candidate {
+            id: v.id.clone(),
+            index,
+            backend: v.backend,
+            verdict: match judge(manifest, v, host, prefs) {
+                Ok(score) => Verdict::Accepted { score },
+                Err(reason) => Verdict::Rejected { reason },
+            },
+        })
+        .collect();
+    candidates.sort_by(|a, b| match (&a.verdict, &b.verdict) {
+        (Verdict::Accepted { score: x }, Verdict::Accepted { score: y }) => y.cmp(x).then_with(|| a.id.cmp(&b.id)),
+        (Verdict::Accepted { .. }, Verdict::Rejected { .. }) => Ordering::Less,
+        (Verdict::Rejected { .. }, Verdict::Accepted { .. }) => Ordering::Greater,
+        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => y.stage().cmp(&x.stage()).then_with(|| a.id.cmp(&b.id)),
+    });
+    Resolution {
+        kernel: manifest.kernel.name.clone(),
+        version: manifest.kernel.version.to_string(),
+        candidates,
+        preferences: prefs.clone(),
+    }
+}
+
+/// Whether `variant` runs on `host`: the cheap yes/no path, which agrees with [`resolve`].
+pub fn runs_on(manifest: &Manifest, variant: &Variant, host: &HostFacts) -> bool {
+    judge(manifest, variant, host, &Preferences::default()).is_ok()
+}
+
+/// Device-code verdict for one device: the match and the token that gave it.
+struct DeviceFit {
+    tier: DeviceMatch,
+    matched: String,
+    jit_distance: u32,
+    any_features: bool,
+}
+
+fn judge(manifest: &Manifest, v: &Variant, host: &HostFacts, prefs: &Preferences) -> Result<Score, Rejection> {
+    // Stage 0: preferences that set a variant aside.
+    if let Some(selected) = &prefs.variant
+        && *selected != v.id
+    {
+        return Err(Rejection::NotSelected { selected: selected.clone() });
+    }
+    if let Some(want) = prefs.backend
+        && want != v.backend
+    {
+        return Err(Rejection::BackendNotPreferred { want });
+    }
+    // Stage 1: the kernel ABI.
+    if manifest.kernel.abi != KERNEL_ABI_MAJOR {
+        return Err(Rejection::AbiUnsupported {
+            need: manifest.kernel.abi,
+            have: KERNEL_ABI_MAJOR,
+        });
+    }
+    // Stage 2: platform.
+    if v.os != host.os {
+        return Err(Rejection::OsMismatch { need: v.os, have: host.os });
+    }
+    if v.arch != host.arch {
+        return Err(Rejection::CpuArchMismatch {
+            need: v.arch,
+            have: host.arch,
+        });
+    }
+    // Stage 3: libc and OS version.
+    if let Some(need) = v.libc {
+        check_libc(need, host.libc)?;
+    }
+    if let Some(need) = v.macos_min
+        && host.macos.is_none_or(|have| have < need)
+    {
+        return Err(Rejection::MacOsTooOld { need, have: host.macos });
+    }
+    // Stages 4 and 5: backend present, runtime versions.
+    let toolkit = check_backend_runtime(v, host)?;
+    // Stage 6: host CPU.
+    if let Some(need) = v.cpu_level
+        && host.cpu_level.is_none_or(|have| have < need)
+    {
+        return Err(Rejection::CpuLevelTooLow { need, have: host.cpu_level });
+    }
+    if !v.cpu_features.is_subset(&host.cpu_features) {
+        return Err(Rejection::CpuFeaturesMissing {
+            missing: v.cpu_features.difference(&host.cpu_features).cloned().collect(),
+        });
+    }
+    // Stages 7 and 8: device code.
+    let fit = check_device_code(v, host, prefs)?;
+    Ok(Score {
+        device: fit.tier,
+        matched: (!fit.matched.is_empty()).then_some(fit.matched),
+        jit_distance: fit.jit_distance,
+        any_features: fit.any_features,
+        toolkit,
+        cpu_level: v.cpu_level.map_or(0, X86Level::number),
+        cpu_features: v.cpu_features.len() as u32,
+        specificity: v.specificity(),
+        priority: v.priority,
+    })
+}
+
+fn check_libc(need: Libc, have: Option<Libc>) -> Result<(), Rejection> {
+    match have {
+        Some(have) if have.family == need.family => {
+            if have.version >= need.version {
+                Ok(())
+            } else if need.family == LibcFamily::Glibc {
+                Err(Rejection::GlibcTooOld {
+                    need: need.version,
+                    have: have.version,
+                })
+            } else {
+                Err(Rejection::MuslTooOld {
+                    need: need.version,
+                    have: have.version,
+                })
+            }
+        }
+        _ => Err(Rejection::LibcMismatch {
+            need: need.family,
+            have: have.map(|l| l.family),
+        }),
+    }
+}
+
+/// Checks that the backend exists on the host and its runtime versions fit; returns the
+/// toolkit version for ranking.
+fn check_backend_runtime(v: &Variant, host: &HostFacts) -> Result<MajorMinor, Rejection> {
+    let unavailable = |why: &str| Rejection::BackendUnavailable {
+        backend: v.backend,
+        why: why.to_owned(),
+    };
+    match (v.backend, &v.cuda, &v.rocm, &v.metal, &v.xpu) {
+        (Backend::Cpu, ..) => Ok(MajorMinor::default()),
+        (Backend::Cuda, Some(c), ..) => {
+            let cuda = host.cuda.as_ref().ok_or_else(|| unavailable("no NVIDIA driver found"))?;
+            if cuda.devices.is_empty() {
+                return Err(unavailable("the NVIDIA driver reports no visible device"));
+            }
+            check_cuda_versions(c, cuda.driver, cuda.runtime)?;
+            Ok(c.toolkit)
+        }
+        (Backend::Rocm, _, Some(r), ..) => {
+            let rocm = host.rocm.as_ref().ok_or_else(|| unavailable("no AMD GPU found"))?;
+            if rocm.devices.is_empty() {
+                return Err(unavailable("no AMD GPU agent found"));
+            }
+            check_rocm_version(r, rocm.version)?;
+            Ok(r.version)
+        }
+        (Backend::Metal, _, _, Some(m), _) => {
+            if host.metal.is_none() {
+                return Err(unavailable("no Metal device"));
+            }
+            let need_macos = m.min_macos().unwrap_or(MajorMinor::new(u32::MAX, 0));
+            if host.macos.is_none_or(|have| have < need_macos) {
+                return Err(Rejection::MslTooNew { need_macos, have: host.macos });
+            }
+            Ok(m.language)
+        }
+        (Backend::Xpu, _, _, _, Some(x)) => {
+            let xpu = host.xpu.as_ref().ok_or_else(|| unavailable("no Intel GPU found"))?;
+            if xpu.devices.is_empty() {
+                return Err(unavailable("no Intel GPU device"));
+            }
+            if xpu.oneapi != Some(x.oneapi) {
+                return Err(Rejection::OneApiMismatch {
+                    need: x.oneapi,
+                    have: xpu.oneapi,
+                });
+            }
+            Ok(x.oneapi)
+        }
+        // Validation guarantees each backend has its own section.
+        _ => Err(unavailable("the variant lacks its backend section")),
+    }
+}
+
+/// compat-rules.md §1.2: backward compatibility, minor-version compatibility (same major,
+/// decided later because it needs cubins), and the dynamic runtime's soname.
+fn check_cuda_versions(c: &CudaVariant, driver: MajorMinor, runtime: Option<MajorMinor>) -> Result<(), Rejection> {
+    if driver.major < c.toolkit.major {
+        return Err(Rejection::DriverTooOld { need: c.toolkit, have: driver });
+    }
+    if c.cudart == CudartLinkage::Dynamic {
+        match runtime {
+            None => return Err(Rejection::RuntimeMissing { need: c.toolkit }),
+            Some(have) if have.major != c.toolkit.major => {
+                return Err(Rejection::RuntimeMajorMismatch { need: c.toolkit, have });
+            }
+            Some(have) if have.minor < c.toolkit.minor => return Err(Rejection::RuntimeTooOld { need: c.toolkit, have }),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// compat-rules.md §2.5: same major required; another minor only where declared.
+fn check_rocm_version(r: &RocmVariant, have: Option<MajorMinor>) -> Result<(), Rejection> {
+    let have = have.ok_or(Rejection::RocmVersionUnknown { need: r.version })?;
+    if have.major != r.version.major {
+        return Err(Rejection::RocmMajorMismatch { need: r.version, have });
+    }
+    if have != r.version && !r.compatible.contains(&have) {
+        return Err(Rejection::RocmMinorNotDeclared { need: r.version, have });
+    }
+    Ok(())
+}
+
+fn check_device_code(v: &Variant, host: &HostFacts, prefs: &Preferences) -> Result<DeviceFit, Rejection> {
+    let mut worst: Option<DeviceFit> = None;
+    let mut consider = |fit: DeviceFit| {
+        let replace = match &worst {
+            None => true,
+            Some(w) => (fit.tier, std::cmp::Reverse(fit.jit_distance)) < (w.tier, std::cmp::Reverse(w.jit_distance)),
+        };
+        if replace {
+            worst = Some(fit);
+        }
+    };
+    let picked = |i: usize| prefs.device.is_none_or(|d| d as usize == i);
+    match v.backend {
+        Backend::Cpu => {
+            return Ok(DeviceFit {
+                tier: DeviceMatch::Cpu,
+                matched: String::new(),
+                jit_distance: 0,
+                any_features: false,
+            });
+        }
+        Backend::Cuda => {
+            let (Some(c), Some(cuda)) = (&v.cuda, &host.cuda) else {
+                return Err(Rejection::DeviceUnknown { backend: v.backend });
+            };
+            for (i, dev) in cuda.devices.iter().enumerate().filter(|(i, _)| picked(*i)) {
+                consider(cuda_fit(c, dev, cuda.driver, i)?);
+            }
+        }
+        Backend::Rocm => {
+            let (Some(r), Some(rocm)) = (&v.rocm, &host.rocm) else {
+                return Err(Rejection::DeviceUnknown { backend: v.backend });
+            };
+            for (i, dev) in rocm.devices.iter().enumerate().filter(|(i, _)| picked(*i)) {
+                consider(rocm_fit(r, dev, i)?);
+            }
+        }
+        Backend::Metal => {
+            consider(DeviceFit {
+                tier: DeviceMatch::Exact,
+                matched: v.metal.map(|m| format!("metal {}", m.language)).unwrap_or_default(),
+                jit_distance: 0,
+                any_features: false,
+            });
+        }
+        Backend::Xpu => {
+            let (Some(x), Some(xpu)) = (&v.xpu, &host.xpu) else {
+                return Err(Rejection::DeviceUnknown { backend: v.backend });
+            };
+            for (i, ip) in xpu.devices.iter().enumerate().filter(|(i, _)| picked(*i)) {
+                consider(xpu_fit(x, ip, i)?);
+            }
+        }
+    }
+    let fit = worst.ok_or_else(|| Rejection::BackendUnavailable {
+        backend: v.backend,
+        why: format!("device {} is not visible", prefs.device.unwrap_or(0)),
+    })?;
+    if prefs.forbid_jit && fit.tier == DeviceMatch::Jit {
+        return Err(Rejection::JitForbidden {
+            device: format!("{}:{}", v.backend, prefs.device.unwrap_or(0)),
+        });
+    }
+    Ok(fit)
+}
+
+/// Jetson Thor is compute capability 10.1 under CUDA 12 and 11.0 under CUDA 13: one
+/// device, two names. Both sides are normalised to 11.0 before matching (compat-rules.md
+/// §1.1).
+fn thor_alias(cc: (u32, u32)) -> (u32, u32) {
+    if cc == (10, 1) { (11, 0) } else { cc }
+}
+
+/// compat-rules.md §1.1: which cubin or PTX runs on compute capability `dev.cc`.
+fn cuda_fit(c: &CudaVariant, dev: &CudaDevice, driver: MajorMinor, i: usize) -> Result<DeviceFit, Rejection> {
+    let (m_major, m_minor) = thor_alias((dev.cc.major, dev.cc.minor));
+    // PTX is JIT-compiled by the driver, which accepts PTX only from toolkits up to its own
+    // version. Below that, minor-version compatibility runs cubins only.
+    let ptx_allowed = driver >= c.toolkit;
+    let mut best: Option<DeviceFit> = None;
+    let (mut arch_specific_elsewhere, mut ptx_blocked) = (false, false);
+    for a in &c.code {
+        let (x, y) = thor_alias(a.cc());
+        let same_major = m_major == x;
+        let fit = match (a.ptx, a.set) {
+            (false, CudaFeatureSet::ArchSpecific) if same_major && m_minor == y => Some((DeviceMatch::ArchSpecific, 0)),
+            (false, CudaFeatureSet::ArchSpecific) => {
+                arch_specific_elsewhere |= same_major;
+                None
+            }
+            (false, _) if same_major && m_minor == y => Some((DeviceMatch::Exact, 0)),
+            (false, _) if same_major && m_minor > y => Some((DeviceMatch::SameMajorLower, 0)),
+            (false, _) => None,
+            (true, set) => {
+                let runs = match set {
+                    CudaFeatureSet::Baseline => (m_major, m_minor) >= (x, y),
+                    CudaFeatureSet::Family => same_major && m_minor >= y,
+                    CudaFeatureSet::ArchSpecific => {
+                        arch_specific_elsewhere |= same_major && m_minor != y;
+                        same_major && m_minor == y
+                    }
+                };
+                if runs && !ptx_allowed {
+                    ptx_blocked = true;
+                }
+                (runs && ptx_allowed).then(|| (DeviceMatch::Jit, (m_major * 10 + m_minor) - (x * 10 + y)))
+            }
+        };
+        if let Some((tier, jit_distance)) = fit {
+            let better = best
+                .as_ref()
+                .is_none_or(|b| (tier, std::cmp::Reverse(jit_distance)) > (b.tier, std::cmp::Reverse(b.jit_distance)));
+            if better {
+                best = Some(DeviceFit {
+                    tier,
+                    matched: a.to_string(),
+                    jit_distance,
+                    any_features: false,
+                });
+            }
+        }
+    }
+    let device = || format!("cuda:{i} ({})", dev.cc);
+    best.ok_or_else(|| {
+        let have = || c.code.iter().map(CudaArch::to_string).collect();
+        if ptx_blocked {
+            Rejection::MvcNeedsSass {
+                device: device(),
+                toolkit: c.toolkit,
+                driver,
+            }
+        } else if arch_specific_elsewhere {
+            Rejection::ArchSpecificOnly { device: device(), have: have() }
+        } else {
+            Rejection::NoDeviceCode { device: device(), have: have() }
+        }
+    })
+}
+
+/// compat-rules.md §2.1 and §2.2: exact processors with matching features, or generic
+/// targets whose member list and version admit the processor.
+fn rocm_fit(r: &RocmVariant, dev: &RocmDevice, i: usize) -> Result<DeviceFit, Rejection> {
+    let mut best: Option<DeviceFit> = None;
+    let mut feature_mismatch = false;
+    let proc = &dev.target.processor;
+    for t in &r.targets {
+        let fit = if t.is_generic() {
+            generic_member_since(&t.processor, proc)
+                .filter(|since| t.generic_version >= *since)
+                .map(|_| (DeviceMatch::Generic, false))
+        } else if t.processor == *proc {
+            let ok = feature_ok(t.xnack, dev.target.xnack) && feature_ok(t.sramecc, dev.target.sramecc);
+            feature_mismatch |= !ok;
+            ok.then_some((DeviceMatch::Exact, t.xnack == FeatureState::Any && t.sramecc == FeatureState::Any))
+        } else {
+            None
+        };
+        if let Some((tier, any)) = fit {
+            let better = best.as_ref().is_none_or(|b| (tier, any) > (b.tier, b.any_features));
+            if better {
+                best = Some(DeviceFit {
+                    tier,
+                    matched: t.to_string(),
+                    jit_distance: 0,
+                    any_features: any,
+                });
+            }
+        }
+    }
+    best.ok_or_else(|| {
+        let device = format!("rocm:{i} ({})", dev.target);
+        let have = r.targets.iter().map(AmdTarget::to_string).collect();
+        if feature_mismatch {
+            Rejection::FeatureMismatch { device, have }
+        } else {
+            Rejection::NoDeviceCode { device, have }
+        }
+    })
+}
+
+/// A code object's feature requirement against the device's state: "any" runs either way;
+/// `+` or `-` needs the device to be known to be in that state.
+fn feature_ok(need: FeatureState, have: FeatureState) -> bool {
+    need == FeatureState::Any || need == have
+}
+
+fn xpu_fit(x: &XpuVariant, ip: &str, i: usize) -> Result<DeviceFit, Rejection> {
+    if x.aot.iter().any(|a| a == ip) {
+        return Ok(DeviceFit {
+            tier: DeviceMatch::Exact,
+            matched: ip.to_owned(),
+            jit_distance: 0,
+            any_features: false,
+        });
+    }
+    if x.spirv {
+        return Ok(DeviceFit {
+            tier: DeviceMatch::Jit,
+            matched: "spirv".to_owned(),
+            jit_distance: 0,
+            any_features: false,
+        });
+    }
+    Err(Rejection::NoDeviceCode {
+        device: format!("xpu:{i} ({ip})"),
+        have: x.aot.clone(),
+    })
+}
