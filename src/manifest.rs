@@ -533,7 +533,7 @@ impl Manifest {
         let de = toml::Deserializer::parse(text).map_err(|e| ManifestError::Syntax(Box::new(e)))?;
         let manifest: Manifest = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
             .map_err(|e| ManifestError::Syntax(Box::new(e)))?;
-        if minor <= SCHEMA_MINOR
+        if minor.cmp(&SCHEMA_MINOR) != std::cmp::Ordering::Greater
             && let Some(field) = unknown.into_iter().next()
         {
             return Err(ManifestError::UnknownField { field });

@@ -320,7 +320,7 @@ pub enum Rejection {
         /// The driver's CUDA version.
         driver: MajorMinor,
     },
-    /// Has an exact code object for the device whose xnack or sramecc setting does not
+    /// Has a code object for the device (exact or generic) whose xnack or sramecc setting does not
     /// match the device's (or the device's state is unknown).
     FeatureMismatch {
         /// The device.
@@ -366,6 +366,23 @@ impl Rejection {
             DeviceUnknown { .. } | ArchSpecificOnly { .. } | MvcNeedsSass { .. } | FeatureMismatch { .. } | NoDeviceCode { .. } => 7,
             JitForbidden { .. } => 8,
         }
+    }
+
+    /// How close this miss came to running: the [`Rejection::stage`], then a rank within
+    /// the stage (a glibc that is too old is closer than a wrong libc family; a cubin for
+    /// another minor is closer than no code for the device at all). Closest misses sort
+    /// first among rejections.
+    pub fn closeness(&self) -> (u8, u8) {
+        use Rejection::*;
+        let within = match self {
+            LibcMismatch { .. } | DriverTooOld { .. } | RocmVersionUnknown { .. } | RocmMajorMismatch { .. } | DeviceUnknown { .. } => 0,
+            RuntimeMissing { .. } | RuntimeMajorMismatch { .. } | NoDeviceCode { .. } => 1,
+            RuntimeTooOld { .. } | ArchSpecificOnly { .. } | FeatureMismatch { .. } => 2,
+            MvcNeedsSass { .. } => 3,
+            GlibcTooOld { .. } | MuslTooOld { .. } | MacOsTooOld { .. } | RocmMinorNotDeclared { .. } => 3,
+            _ => 0,
+        };
+        (self.stage(), within)
     }
 
     /// The reason's name, as in JSON output (`GlibcTooOld`).
@@ -559,7 +576,7 @@ impl Resolution {
     pub fn chosen(&self, host: &HostFacts) -> Result<&Candidate, NoVariantFits> {
         self.best().ok_or_else(|| NoVariantFits {
             kernel: format!("{} {}", self.kernel, self.version),
-            closest: self.closest_miss().map(|c| (c.id.clone(), c.rejection().cloned())),
+            closest: self.closest_miss().map(|c| Box::new((c.id.clone(), c.rejection().cloned()))),
             host: describe_host(host),
         })
     }
@@ -572,13 +589,13 @@ pub struct NoVariantFits {
     /// The kernel and version.
     pub kernel: String,
     /// The closest miss: the variant id and its rejection.
-    pub closest: Option<(String, Option<Rejection>)>,
+    pub closest: Option<Box<(String, Option<Rejection>)>>,
     /// The host facts used, in one line.
     pub host: String,
 }
 
-fn closest_text(c: &Option<(String, Option<Rejection>)>) -> String {
-    match c {
+fn closest_text(c: &Option<Box<(String, Option<Rejection>)>>) -> String {
+    match c.as_deref() {
         Some((id, Some(r))) => format!("; closest: `{id}`, {r}; hint: {}", r.hint()),
         _ => "; the release has no variants".to_owned(),
     }
@@ -637,7 +654,7 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
         (Verdict::Accepted { score: x }, Verdict::Accepted { score: y }) => y.cmp(x).then_with(|| a.id.cmp(&b.id)),
         (Verdict::Accepted { .. }, Verdict::Rejected { .. }) => Ordering::Less,
         (Verdict::Rejected { .. }, Verdict::Accepted { .. }) => Ordering::Greater,
-        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => y.stage().cmp(&x.stage()).then_with(|| a.id.cmp(&b.id)),
+        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => y.closeness().cmp(&x.closeness()).then_with(|| a.id.cmp(&b.id)),
     });
     Resolution {
         kernel: manifest.kernel.name.clone(),
@@ -901,22 +918,22 @@ fn check_device_code(v: &Variant, host: &HostFacts, prefs: &Preferences) -> Resu
 }
 
 /// Jetson Thor is compute capability 10.1 under CUDA 12 and 11.0 under CUDA 13: one
-/// device, two names. Both sides are normalised to 11.0 before matching (compat-rules.md
-/// §1.1).
-fn thor_alias(cc: (u32, u32)) -> (u32, u32) {
-    if cc == (10, 1) { (11, 0) } else { cc }
+/// device, two names. Under a CUDA 13 driver both the device and the code are normalised
+/// to 11.0 before matching (compat-rules.md §1.1); under CUDA 12 the plain rules apply.
+fn thor_alias(cc: (u32, u32), driver: MajorMinor) -> (u32, u32) {
+    if driver.major >= 13 && cc == (10, 1) { (11, 0) } else { cc }
 }
 
 /// compat-rules.md §1.1: which cubin or PTX runs on compute capability `dev.cc`.
 fn cuda_fit(c: &CudaVariant, dev: &CudaDevice, driver: MajorMinor, i: usize) -> Result<DeviceFit, Rejection> {
-    let (m_major, m_minor) = thor_alias((dev.cc.major, dev.cc.minor));
+    let (m_major, m_minor) = thor_alias((dev.cc.major, dev.cc.minor), driver);
     // PTX is JIT-compiled by the driver, which accepts PTX only from toolkits up to its own
     // version. Below that, minor-version compatibility runs cubins only.
     let ptx_allowed = driver >= c.toolkit;
     let mut best: Option<DeviceFit> = None;
     let (mut arch_specific_elsewhere, mut ptx_blocked) = (false, false);
     for a in &c.code {
-        let (x, y) = thor_alias(a.cc());
+        let (x, y) = thor_alias(a.cc(), driver);
         let same_major = m_major == x;
         let fit = match (a.ptx, a.set) {
             (false, CudaFeatureSet::ArchSpecific) if same_major && m_minor == y => Some((DeviceMatch::ArchSpecific, 0)),
@@ -980,12 +997,13 @@ fn rocm_fit(r: &RocmVariant, dev: &RocmDevice, i: usize) -> Result<DeviceFit, Re
     let mut feature_mismatch = false;
     let proc = &dev.target.processor;
     for t in &r.targets {
+        // §2.1: a `+`/`-` feature binds every code object, generic ones included.
+        let ok = feature_ok(t.xnack, dev.target.xnack) && feature_ok(t.sramecc, dev.target.sramecc);
         let fit = if t.is_generic() {
-            generic_member_since(&t.processor, proc)
-                .filter(|since| t.generic_version >= *since)
-                .map(|_| (DeviceMatch::Generic, false))
+            let member = generic_member_since(&t.processor, proc).is_some_and(|since| t.generic_version >= since);
+            feature_mismatch |= member && !ok;
+            (member && ok).then_some((DeviceMatch::Generic, false))
         } else if t.processor == *proc {
-            let ok = feature_ok(t.xnack, dev.target.xnack) && feature_ok(t.sramecc, dev.target.sramecc);
             feature_mismatch |= !ok;
             ok.then_some((DeviceMatch::Exact, t.xnack == FeatureState::Any && t.sramecc == FeatureState::Any))
         } else {

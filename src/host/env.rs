@@ -205,11 +205,11 @@ pub(crate) fn apply_overrides(env: &Environment, d: &mut Detected) -> Result<(),
             .collect();
         touched.push(("cuda.devices", CUDA_ARCH));
     }
-    if let Some(v) = env.get(CUDA_RUNTIME) {
-        if let Some(cuda) = f.cuda.as_mut() {
-            cuda.runtime = if is_none(v) { None } else { Some(parse::<MajorMinor>(CUDA_RUNTIME, v)?) };
-            touched.push(("cuda.runtime", CUDA_RUNTIME));
-        }
+    if let Some(v) = env.get(CUDA_RUNTIME)
+        && let Some(cuda) = f.cuda.as_mut()
+    {
+        cuda.runtime = if is_none(v) { None } else { Some(parse::<MajorMinor>(CUDA_RUNTIME, v)?) };
+        touched.push(("cuda.runtime", CUDA_RUNTIME));
     }
 
     // AMD.

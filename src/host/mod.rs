@@ -225,7 +225,9 @@ impl Detected {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Isolation {
     /// On a thread of this process, abandoned when it runs past the timeout. A hang is
-    /// bounded; a crash inside the driver is not contained.
+    /// bounded; a crash inside the driver is not contained. The driver applies this
+    /// process's `CUDA_VISIBLE_DEVICES`, so when the snapshot's value differs the libcuda
+    /// probe is skipped (and NVML, which applies the snapshot's, answers instead).
     Thread,
     /// In a child process: this executable run with `args`, which must print the probe's
     /// JSON (the `khub` binary does this for `khub __probe cuda`). Hangs and crashes are
@@ -511,7 +513,7 @@ devices = [{ index = 0, cc = "9.0", name = "H100" }]
     fn an_inheriting_profile_keeps_probed_facts() {
         let (_dir, path) = profile("inherit = true\n[rocm]\nversion = \"6.3\"\ndevices = [{ target = \"gfx942\" }]\n");
         let d = HostFacts::detect(&options(&[], Some(path))).unwrap();
-        assert_eq!(d.facts.os.name(), std::env::consts::OS.replace("macos", "macos"));
+        assert_eq!(d.facts.os.name(), std::env::consts::OS);
         assert_eq!(d.facts.rocm.unwrap().devices[0].target.processor, "gfx942");
         assert!(matches!(d.sources["os"], FactSource::Probe { .. }));
     }

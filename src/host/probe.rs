@@ -225,7 +225,8 @@ fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
 
     match nvml_probe(&options.env) {
         Ok(p) => {
-            let method = format!("{} (nvmlSystemGetCudaDriverVersion_v2)", p.library);
+            // Keep why libcuda did not answer: NVML is the fallback, and says less.
+            let method = format!("{} (nvmlSystemGetCudaDriverVersion_v2; after {})", p.library, tried.join("; "));
             d.facts.cuda = Some(CudaHost {
                 driver: p.driver,
                 kmd: read_kmd_version(&options.root),
@@ -284,6 +285,19 @@ fn run_isolated_cuda_probe(options: &ProbeOptions) -> Result<CudaProbe, String> 
     let lib = options.env.get(env::LIBCUDA).unwrap_or("libcuda.so.1").to_owned();
     match &options.isolation {
         Isolation::Thread => {
+            // In this process the driver applies the process's own CUDA_VISIBLE_DEVICES
+            // (read once, at cuInit), which the snapshot cannot change. When the two
+            // differ, an in-process answer would describe other devices: decline, so the
+            // NVML fallback (which applies the snapshot's value) or a helper process is used.
+            let live = std::env::var_os(env::CUDA_VISIBLE_DEVICES);
+            let wanted = options.env.get_raw(env::CUDA_VISIBLE_DEVICES);
+            if live.as_deref() != wanted.map(std::ffi::OsStr::new) {
+                return Err(format!(
+                    "{lib}: not probed in this process: the driver would apply the process's CUDA_VISIBLE_DEVICES ({}), not the snapshot's ({}); a probe helper (KHUB_PROBE_HELPER) applies the snapshot's",
+                    live.as_deref().map_or("(unset)".into(), |v| format!("`{}`", v.to_string_lossy())),
+                    wanted.map_or("(unset)".into(), |v| format!("`{v}`")),
+                ));
+            }
             let (tx, rx) = mpsc::channel();
             let spawned = std::thread::Builder::new().name("khub-cuda-probe".into()).spawn(move || {
                 let _ = tx.send(cuda_driver_probe(&lib));
@@ -303,7 +317,7 @@ fn run_isolated_cuda_probe(options: &ProbeOptions) -> Result<CudaProbe, String> 
 
 fn run_helper(exe: &Path, args: &[String], env: &Environment, timeout: Duration) -> Result<CudaProbe, String> {
     let mut cmd = Command::new(exe);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     // The child sees the variables the probe uses, from the snapshot, not the parent's
     // live environment.
     for var in [env::LIBCUDA, env::CUDA_VISIBLE_DEVICES] {
@@ -314,10 +328,13 @@ fn run_helper(exe: &Path, args: &[String], env: &Environment, timeout: Duration)
     }
     let mut child = cmd.spawn().map_err(|e| format!("cannot run probe helper {}: {e}", exe.display()))?;
     let mut stdout = child.stdout.take().ok_or("probe helper has no stdout")?;
-    let reader = std::thread::spawn(move || {
+    // Read stdout on a thread so a full pipe cannot block the child, and hand the result
+    // over a channel so a grandchild holding the pipe open cannot block us.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = stdout.by_ref().take(1 << 20).read_to_end(&mut buf);
-        buf
+        let _ = tx.send(buf);
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -332,7 +349,9 @@ fn run_helper(exe: &Path, args: &[String], env: &Environment, timeout: Duration)
             Err(e) => return Err(format!("probe helper: {e}")),
         }
     };
-    let out = reader.join().unwrap_or_default();
+    let out = rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)))
+        .map_err(|_| "probe helper exited but its output never closed".to_owned())?;
     if !status.success() {
         return Err(format!("libcuda probe helper failed ({status})"));
     }
@@ -572,7 +591,8 @@ pub fn parse_proc_nvidia_version(text: &str) -> Option<String> {
 
 /// The minimum Linux driver for each CUDA toolkit release (the toolkit release notes'
 /// table "CUDA Toolkit and Corresponding Driver Versions", GA releases), newest first.
-const LINUX_DRIVER_FOR_CUDA: &[((u32, u32), (u32, u32, u32))] = &[
+type CudaForDriver = ((u32, u32), (u32, u32, u32));
+const LINUX_DRIVER_FOR_CUDA: &[CudaForDriver] = &[
     ((13, 0), (580, 65, 6)),
     ((12, 9), (575, 51, 3)),
     ((12, 8), (570, 26, 0)),

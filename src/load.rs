@@ -1,0 +1,1118 @@
+//! The loader: open a release, resolve for this host, verify every file of the chosen
+//! variant, `dlopen` the verified bytes, negotiate the kernel ABI and check the exports.
+//!
+//! Design notes:
+//! - Verification happens before `dlopen`, because a library's constructors run inside
+//!   `dlopen`. On Linux the bytes are copied into a memfd, the memfd is sealed against any
+//!   further change, the *sealed* bytes are hashed, and that memfd is what `dlopen` opens
+//!   (through `/proc/self/fd/N`). A file swapped on disk after the check changes nothing.
+//!   Elsewhere a private read-only copy is verified and loaded.
+//! - Paths come from the manifest and are relative; every component is checked not to be
+//!   a symlink, and the final open refuses symlinks too.
+//! - Libraries are opened with `RTLD_NOW | RTLD_LOCAL` and never unloaded: kernels keep
+//!   driver state, thread-locals and function pointers that do not survive `dlclose`.
+//!   [`Kernel`] and every [`Function`] taken from it share the library handle.
+//! - `load` never opens a socket.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char, c_void};
+use std::fs::File;
+use std::io::Read;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::abi::{self, KernelFn, KhubCall, KhubFunction, KhubKernelDesc, ParamKind, Signature, Status};
+use crate::host::HostFacts;
+use crate::manifest::{FileEntry, Manifest, ManifestError, RelPath, Sha256Digest, Variant};
+use crate::resolve::{NoVariantFits, Preferences, resolve};
+use crate::verify;
+
+/// Loading failed. Every variant says which file or function and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The release's manifest could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    ManifestRead {
+        /// The manifest path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The release's manifest is not valid.
+    #[error("{}: {source}", path.display())]
+    Manifest {
+        /// The manifest path.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: ManifestError,
+    },
+    /// No variant runs on this host.
+    #[error(transparent)]
+    NoVariant(#[from] NoVariantFits),
+    /// A forced variant id is not in the release.
+    #[error("the release has no variant `{0}`; `khub explain` lists them")]
+    UnknownVariant(String),
+    /// A file of the variant is missing.
+    #[error("file `{path}` of variant `{variant}` is missing from the release at {}", root.display())]
+    FileMissing {
+        /// The variant.
+        variant: String,
+        /// The release root.
+        root: PathBuf,
+        /// The file.
+        path: RelPath,
+    },
+    /// A file of the variant, or a directory on its path, is a symlink or not a regular
+    /// file.
+    #[error("`{path}` in the release at {} is {what}; releases hold regular files only", root.display())]
+    NotRegular {
+        /// The release root.
+        root: PathBuf,
+        /// The path component.
+        path: String,
+        /// What was found.
+        what: &'static str,
+    },
+    /// A file does not have the size the manifest says.
+    #[error("file `{path}` is {actual} bytes, the manifest says {expected}: the file is truncated or replaced; fetch the release again")]
+    SizeMismatch {
+        /// The file.
+        path: RelPath,
+        /// The manifest's size.
+        expected: u64,
+        /// The size found (at most expected + 1 bytes are read).
+        actual: u64,
+    },
+    /// A file's SHA-256 differs from the manifest's.
+    #[error("file `{path}` has sha256 {actual}, the manifest says {expected}: refusing to load it; the release is corrupt or was tampered with")]
+    DigestMismatch {
+        /// The file.
+        path: RelPath,
+        /// The manifest's digest.
+        expected: Sha256Digest,
+        /// The digest of the bytes found.
+        actual: Sha256Digest,
+    },
+    /// Reading or copying a file failed.
+    #[error("{what} `{path}`: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `dlopen` refused the verified library.
+    #[error("dlopen of `{path}` failed: {message}")]
+    Dlopen {
+        /// The library.
+        path: String,
+        /// What the dynamic loader said.
+        message: String,
+    },
+    /// The library does not export the entry symbol.
+    #[error("`{path}` does not export `{}`: it is not a khub kernel (build it against include/khub_kernel.h)", abi::ENTRY_SYMBOL)]
+    NoEntry {
+        /// The library.
+        path: String,
+    },
+    /// The kernel returned no descriptor for this khub's ABI.
+    #[error("`{path}` refused kernel ABI {}.{} (its entry returned NULL): it was built for another ABI major", abi::ABI_MAJOR, abi::ABI_MINOR)]
+    AbiRefused {
+        /// The library.
+        path: String,
+    },
+    /// The descriptor is malformed.
+    #[error("`{path}` returned a bad descriptor: {problem}")]
+    BadDescriptor {
+        /// The library.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A function the manifest declares is not in the kernel's table.
+    #[error("the manifest declares `{name}`, but `{path}` does not export it")]
+    ExportMissing {
+        /// The library.
+        path: String,
+        /// The function.
+        name: String,
+    },
+    /// A function's signature differs between the manifest and the kernel.
+    #[error("`{name}`: the manifest says `{manifest}`, the kernel says `{kernel}`")]
+    SignatureMismatch {
+        /// The function.
+        name: String,
+        /// The manifest's signature.
+        manifest: String,
+        /// The kernel's signature.
+        kernel: String,
+    },
+    /// The kernel names itself differently from the manifest.
+    #[error("the kernel reports itself as {kernel}, the manifest says {manifest}")]
+    IdentityMismatch {
+        /// What the manifest says.
+        manifest: String,
+        /// What the descriptor says.
+        kernel: String,
+    },
+    /// No function of that name.
+    #[error("kernel `{kernel}` has no function `{name}`; it exports: {available}")]
+    NoSuchFunction {
+        /// The kernel.
+        kernel: String,
+        /// The function asked for.
+        name: String,
+        /// What it has.
+        available: String,
+    },
+    /// The Rust type asked for does not match the function's signature.
+    #[error("`{name}` has signature `{signature}`, which does not match the requested type `{requested}`")]
+    TypeMismatch {
+        /// The function.
+        name: String,
+        /// Its signature.
+        signature: String,
+        /// The skeleton of the requested type.
+        requested: String,
+    },
+}
+
+/// A kernel function returned an error, or a generic call was malformed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The kernel returned a non-zero status.
+    #[error("`{function}` failed with {} ({status}): {message}", abi::status_name(*status))]
+    Kernel {
+        /// The function.
+        function: String,
+        /// The status.
+        status: Status,
+        /// The kernel's message (empty if it wrote none).
+        message: String,
+    },
+    /// The arguments do not match the signature.
+    #[error("`{function}` takes `{signature}`, but the call passed ({passed})")]
+    Arguments {
+        /// The function.
+        function: String,
+        /// Its signature.
+        signature: String,
+        /// The kinds passed.
+        passed: String,
+    },
+    /// No function of that name, or it has no self-test.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// One function of a loaded kernel.
+struct FnEntry {
+    signature_text: String,
+    signature: Signature,
+    func: unsafe extern "C" fn(),
+    selftest: Option<abi::SelftestFn>,
+}
+
+struct Inner {
+    name: String,
+    version: String,
+    backend: String,
+    variant: String,
+    abi: (u32, u32),
+    files: Vec<FileEntry>,
+    library_path: RelPath,
+    functions: BTreeMap<String, FnEntry>,
+    /// Never dropped: kernels are never unloaded.
+    _library: ManuallyDrop<libloading::Library>,
+}
+
+// SAFETY: the descriptor and function table are static and immutable (ABI contract), the
+// library is never unloaded, and kernel functions are required to be thread-safe
+// (docs/abi.md, "Threading").
+unsafe impl Send for Inner {}
+// SAFETY: as above; nothing in Inner is mutated after construction.
+unsafe impl Sync for Inner {}
+
+/// A loaded, verified kernel. Cheap to clone; all clones share the library.
+#[derive(Clone)]
+pub struct Kernel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("name", &self.inner.name)
+            .field("version", &self.inner.version)
+            .field("variant", &self.inner.variant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A typed function pointer taken from a [`Kernel`]; it keeps the kernel alive.
+#[derive(Clone)]
+pub struct Function<F: KernelFn> {
+    f: F,
+    name: String,
+    _kernel: Arc<Inner>,
+}
+
+impl<F: KernelFn> Function<F> {
+    /// The function pointer. It stays valid as long as this `Function` or its kernel
+    /// lives (in fact forever: libraries are never unloaded).
+    pub fn get(&self) -> F {
+        self.f
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// An argument for the generic call path.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// `tensor`.
+    Tensor(*const abi::DLTensor),
+    /// `mut tensor`.
+    TensorMut(*mut abi::DLTensor),
+    /// `f32`.
+    F32(f32),
+    /// `f64`.
+    F64(f64),
+    /// `i64`.
+    I64(i64),
+    /// `u64`.
+    U64(u64),
+}
+
+impl Arg {
+    fn kind(&self) -> ParamKind {
+        match self {
+            Arg::Tensor(_) => ParamKind::Tensor,
+            Arg::TensorMut(_) => ParamKind::TensorMut,
+            Arg::F32(_) => ParamKind::F32,
+            Arg::F64(_) => ParamKind::F64,
+            Arg::I64(_) => ParamKind::I64,
+            Arg::U64(_) => ParamKind::U64,
+        }
+    }
+}
+
+/// The result of a self-test.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelftestReport {
+    /// The function.
+    pub function: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// The largest error the test measured.
+    pub max_error: f64,
+    /// The status it returned.
+    pub status: Status,
+    /// The kernel's message, if any.
+    pub message: String,
+}
+
+/// What was loaded, for `khub load` and provenance.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// The kernel's name.
+    pub kernel: String,
+    /// Its version.
+    pub version: String,
+    /// The variant loaded.
+    pub variant: String,
+    /// Its backend.
+    pub backend: String,
+    /// The kernel ABI version the kernel reported.
+    pub abi: String,
+    /// The library file.
+    pub library: String,
+    /// Every file of the variant with its verified digest.
+    pub files: Vec<FileReport>,
+    /// The exports: name and signature.
+    pub exports: Vec<ExportReport>,
+}
+
+/// One verified file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    /// Its path in the release.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Its SHA-256, checked.
+    pub sha256: String,
+}
+
+/// One export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExportReport {
+    /// The name.
+    pub name: String,
+    /// The signature.
+    pub signature: String,
+    /// Whether it has a self-test.
+    pub selftest: bool,
+}
+
+/// A release directory on disk: `khub.toml` and the files it lists.
+#[derive(Debug, Clone)]
+pub struct Release {
+    root: PathBuf,
+    manifest: Manifest,
+}
+
+impl Release {
+    /// Opens a release directory and reads its manifest. The root is made absolute.
+    pub fn open(dir: &Path) -> Result<Release, LoadError> {
+        let root = std::path::absolute(dir).map_err(|source| LoadError::Io {
+            what: "cannot resolve",
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let path = root.join("khub.toml");
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::ManifestRead { path: path.clone(), source })?;
+        let manifest = Manifest::from_bytes(&bytes).map_err(|source| LoadError::Manifest { path, source })?;
+        Ok(Release { root, manifest })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The absolute root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Resolves for `host` and loads the best variant.
+    pub fn load(&self, host: &HostFacts, prefs: &Preferences) -> Result<Kernel, LoadError> {
+        let resolution = resolve(&self.manifest, host, prefs);
+        let chosen = resolution.chosen(host)?;
+        self.load_variant(&chosen.id)
+    }
+
+    /// Verifies and loads one variant by id, without resolution.
+    pub fn load_variant(&self, id: &str) -> Result<Kernel, LoadError> {
+        let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
+        load_verified(&self.root, &self.manifest, variant)
+    }
+
+    /// Verifies every file of a variant without loading anything.
+    pub fn verify_variant(&self, id: &str) -> Result<(), LoadError> {
+        let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
+        for f in &variant.files {
+            open_verified(&self.root, variant, f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a release file without following symlinks anywhere on its path.
+fn open_in_release(root: &Path, variant: &Variant, rel: &RelPath) -> Result<File, LoadError> {
+    let mut p = root.to_path_buf();
+    let parts: Vec<&str> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        p.push(part);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(LoadError::NotRegular {
+                    root: root.to_owned(),
+                    path: parts[..=i].join("/"),
+                    what: "a symlink",
+                });
+            }
+            Ok(m) if i + 1 < parts.len() && !m.is_dir() => {
+                return Err(LoadError::NotRegular {
+                    root: root.to_owned(),
+                    path: parts[..=i].join("/"),
+                    what: "not a directory",
+                });
+            }
+            Ok(m) if i + 1 == parts.len() && !m.is_file() => {
+                return Err(LoadError::NotRegular {
+                    root: root.to_owned(),
+                    path: rel.to_string(),
+                    what: "not a regular file",
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LoadError::FileMissing {
+                    variant: variant.id.clone(),
+                    root: root.to_owned(),
+                    path: rel.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(LoadError::Io {
+                    what: "cannot inspect",
+                    path: rel.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    }
+    opts.open(&p).map_err(|source| LoadError::Io {
+        what: "cannot open",
+        path: rel.to_string(),
+        source,
+    })
+}
+
+/// A file whose bytes were verified in a place nobody else can change.
+struct Verified {
+    /// Linux: the sealed memfd. Elsewhere: the private read-only copy.
+    file: File,
+    #[cfg(not(target_os = "linux"))]
+    _dir: tempfile::TempDir,
+    #[cfg(not(target_os = "linux"))]
+    path: PathBuf,
+}
+
+impl Verified {
+    /// The path `dlopen` should open.
+    fn load_path(&self) -> PathBuf {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.path.clone()
+        }
+    }
+}
+
+/// Copies at most `entry.size + 1` bytes of the release file into private storage, makes
+/// it immutable, and hashes what is there.
+fn open_verified(root: &Path, variant: &Variant, entry: &FileEntry) -> Result<Verified, LoadError> {
+    let src = open_in_release(root, variant, &entry.path)?;
+    let io = |what: &'static str| {
+        let path = entry.path.to_string();
+        move |source| LoadError::Io { what, path, source }
+    };
+    let (mut file, verified) = private_file(entry).map_err(io("cannot create private storage for"))?;
+    let copied = std::io::copy(&mut src.take(entry.size + 1), &mut file).map_err(io("cannot read"))?;
+    if copied != entry.size {
+        return Err(LoadError::SizeMismatch {
+            path: entry.path.clone(),
+            expected: entry.size,
+            actual: copied,
+        });
+    }
+    seal(&file).map_err(io("cannot seal"))?;
+    // Hash the sealed bytes: exactly what dlopen will map.
+    let mut reader = file.try_clone().map_err(io("cannot reopen"))?;
+    std::io::Seek::rewind(&mut reader).map_err(io("cannot rewind"))?;
+    let (actual, n) = verify::sha256_reader(&mut reader).map_err(io("cannot hash"))?;
+    if n != entry.size {
+        return Err(LoadError::SizeMismatch {
+            path: entry.path.clone(),
+            expected: entry.size,
+            actual: n,
+        });
+    }
+    if actual != entry.sha256 {
+        return Err(LoadError::DigestMismatch {
+            path: entry.path.clone(),
+            expected: entry.sha256,
+            actual,
+        });
+    }
+    Ok(verified(file))
+}
+
+#[cfg(target_os = "linux")]
+fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(format!("khub:{}", entry.path.components().last().unwrap_or("lib"))).unwrap_or_default();
+    // SAFETY: a valid NUL-terminated name and flags; the returned fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    Ok((file, |file| Verified { file }))
+}
+
+#[cfg(target_os = "linux")]
+fn seal(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(entry.path.components().last().unwrap_or("lib"));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    Ok((file, move |file| Verified { file, _dir: dir, path }))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn seal(file: &File) -> std::io::Result<()> {
+    let mut p = file.metadata()?.permissions();
+    p.set_readonly(true);
+    file.set_permissions(p)
+}
+
+/// Reads a C string from a descriptor field, refusing NULL and absurd lengths.
+///
+/// # Safety
+/// `p` must be NULL or point to a NUL-terminated string that lives as long as the library.
+unsafe fn c_str(p: *const c_char, what: &str) -> Result<String, String> {
+    if p.is_null() {
+        return Err(format!("{what} is NULL"));
+    }
+    // SAFETY: the caller guarantees a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(p) };
+    if s.to_bytes().len() > 4096 {
+        return Err(format!("{what} is longer than 4096 bytes"));
+    }
+    s.to_str().map(str::to_owned).map_err(|_| format!("{what} is not UTF-8"))
+}
+
+/// What a kernel's descriptor says, after ABI negotiation.
+struct Negotiated {
+    name: String,
+    version: String,
+    backend: String,
+    abi: (u32, u32),
+    functions: BTreeMap<String, FnEntry>,
+}
+
+/// Calls the entry point, checks the descriptor and reads the function table. `path` is
+/// only used in messages.
+fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadError> {
+    let bad = |problem: String| LoadError::BadDescriptor {
+        path: path.to_owned(),
+        problem,
+    };
+    // SAFETY: the symbol is looked up as the entry point's declared C type (EntryFn).
+    let entry: abi::EntryFn = unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL.as_bytes()) }
+        .map(|s| *s)
+        .map_err(|_| LoadError::NoEntry { path: path.to_owned() })?;
+    // SAFETY: the entry point takes two integers and returns a pointer to static data.
+    let desc_ptr = unsafe { entry(abi::ABI_MAJOR, abi::ABI_MINOR) };
+    if desc_ptr.is_null() {
+        return Err(LoadError::AbiRefused { path: path.to_owned() });
+    }
+    // SAFETY: non-NULL; the three frozen leading fields exist in every ABI version.
+    let (major, minor, size) = unsafe { ((*desc_ptr).abi_major, (*desc_ptr).abi_minor, (*desc_ptr).struct_size) };
+    if major != abi::ABI_MAJOR {
+        return Err(bad(format!("it reports ABI major {major}, khub asked for {}", abi::ABI_MAJOR)));
+    }
+    if size < std::mem::size_of::<KhubKernelDesc>() as u64 {
+        return Err(bad(format!("struct_size is {size}, smaller than ABI 1.0's {}", std::mem::size_of::<KhubKernelDesc>())));
+    }
+    // SAFETY: struct_size covers every v1.0 field, so the whole struct may be read.
+    let desc = unsafe { &*desc_ptr };
+    // SAFETY: descriptor strings are static NUL-terminated strings (ABI contract); c_str
+    // checks NULL.
+    let (name, version, backend) = unsafe {
+        (
+            c_str(desc.name, "name").map_err(&bad)?,
+            c_str(desc.version, "version").map_err(&bad)?,
+            c_str(desc.backend, "backend").map_err(&bad)?,
+        )
+    };
+    if desc.function_size < std::mem::size_of::<KhubFunction>() as u64 || desc.function_count > 4096 {
+        return Err(bad(format!(
+            "function table of {} entries of {} bytes (need at least {} bytes each, at most 4096 entries)",
+            desc.function_count,
+            desc.function_size,
+            std::mem::size_of::<KhubFunction>()
+        )));
+    }
+    if desc.function_count > 0 && desc.functions.is_null() {
+        return Err(bad("functions is NULL".into()));
+    }
+    let mut functions = BTreeMap::new();
+    for i in 0..desc.function_count as usize {
+        // SAFETY: the table has function_count entries function_size bytes apart, and
+        // function_size covers the v1.0 khub_function.
+        let f = unsafe { &*(desc.functions.cast::<u8>().add(i * desc.function_size as usize).cast::<KhubFunction>()) };
+        // SAFETY: static NUL-terminated strings (ABI contract).
+        let fname = unsafe { c_str(f.name, &format!("functions[{i}].name")).map_err(&bad)? };
+        // SAFETY: as above.
+        let sig_text = unsafe { c_str(f.signature, &format!("functions[{i}].signature")).map_err(&bad)? };
+        let signature = Signature::parse(&sig_text).map_err(|e| bad(e.to_string()))?;
+        let func = f.func.ok_or_else(|| bad(format!("function `{fname}` has a NULL pointer")))?;
+        let entry = FnEntry {
+            signature_text: sig_text,
+            signature,
+            func,
+            selftest: f.selftest,
+        };
+        if functions.insert(fname.clone(), entry).is_some() {
+            return Err(bad(format!("function `{fname}` appears twice")));
+        }
+    }
+    Ok(Negotiated {
+        name,
+        version,
+        backend,
+        abi: (major, minor),
+        functions,
+    })
+}
+
+fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant) -> Result<Kernel, LoadError> {
+    // Verify every file first; keep the library's private copy for dlopen.
+    let mut library = None;
+    for entry in &variant.files {
+        let v = open_verified(root, variant, entry)?;
+        if entry.path == variant.library {
+            library = Some(v);
+        }
+    }
+    let lib_path = variant.library.clone();
+    let verified = library.ok_or_else(|| LoadError::BadDescriptor {
+        path: lib_path.to_string(),
+        problem: "the library is not among the variant's files".into(),
+    })?;
+    let lib = dlopen(&verified.load_path()).map_err(|message| LoadError::Dlopen {
+        path: lib_path.to_string(),
+        message,
+    })?;
+    // The mapping holds the bytes now; the descriptor can go.
+    drop(verified);
+    let n = negotiate(&lib, lib_path.as_str())?;
+    if n.name != manifest.kernel.name || n.version != manifest.kernel.version.to_string() {
+        return Err(LoadError::IdentityMismatch {
+            manifest: format!("{} {}", manifest.kernel.name, manifest.kernel.version),
+            kernel: format!("{} {}", n.name, n.version),
+        });
+    }
+    // The manifest's exports must all be there, with the same signatures.
+    for e in &manifest.exports {
+        let f = n.functions.get(&e.name).ok_or_else(|| LoadError::ExportMissing {
+            path: lib_path.to_string(),
+            name: e.name.clone(),
+        })?;
+        let same = Signature::parse(&e.signature).is_ok_and(|m| m == f.signature);
+        if !same {
+            return Err(LoadError::SignatureMismatch {
+                name: e.name.clone(),
+                manifest: e.signature.clone(),
+                kernel: f.signature_text.clone(),
+            });
+        }
+    }
+    Ok(Kernel {
+        inner: Arc::new(Inner {
+            name: n.name,
+            version: n.version,
+            backend: n.backend,
+            variant: variant.id.clone(),
+            abi: n.abi,
+            files: variant.files.clone(),
+            library_path: lib_path,
+            functions: n.functions,
+            _library: ManuallyDrop::new(lib),
+        }),
+    })
+}
+
+/// What a kernel library's descriptor declares, read by loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Description {
+    /// The kernel's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its backend.
+    pub backend: String,
+    /// The ABI version it was built with, `major.minor`.
+    pub abi: String,
+    /// Its functions.
+    pub functions: Vec<ExportReport>,
+}
+
+/// Loads a library **without verification** and reads its descriptor: for packaging and
+/// inspecting libraries one built oneself. Running the library's initialisers is the
+/// caller's decision; `khub inspect` does this in a child process. The library is never
+/// unloaded.
+pub fn describe_library(path: &Path) -> Result<Description, LoadError> {
+    let shown = path.display().to_string();
+    let abs = std::path::absolute(path).map_err(|source| LoadError::Io {
+        what: "cannot resolve",
+        path: shown.clone(),
+        source,
+    })?;
+    let lib = dlopen(&abs).map_err(|message| LoadError::Dlopen { path: shown.clone(), message })?;
+    let lib = ManuallyDrop::new(lib);
+    let n = negotiate(&lib, &shown)?;
+    Ok(Description {
+        name: n.name,
+        version: n.version,
+        backend: n.backend,
+        abi: format!("{}.{}", n.abi.0, n.abi.1),
+        functions: n
+            .functions
+            .iter()
+            .map(|(name, f)| ExportReport {
+                name: name.clone(),
+                signature: f.signature_text.clone(),
+                selftest: f.selftest.is_some(),
+            })
+            .collect(),
+    })
+}
+
+#[cfg(unix)]
+fn dlopen(path: &Path) -> Result<libloading::Library, String> {
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    // SAFETY: the bytes behind `path` were verified against the manifest just before, and
+    // cannot change (sealed memfd). Running their initialisers is what loading means.
+    unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+        .map(Into::into)
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(c) => c.to_string(),
+            None => e.to_string(),
+        })
+}
+
+#[cfg(not(unix))]
+fn dlopen(path: &Path) -> Result<libloading::Library, String> {
+    // SAFETY: as above; the verified private copy is read-only.
+    unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())
+}
+
+/// The size of the error buffer handed to kernels.
+const ERROR_CAPACITY: usize = 1024;
+
+impl Kernel {
+    /// The kernel's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The kernel's version.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
+    /// The variant that was loaded.
+    pub fn variant(&self) -> &str {
+        &self.inner.variant
+    }
+
+    /// The backend the descriptor reports.
+    pub fn backend(&self) -> &str {
+        &self.inner.backend
+    }
+
+    /// The kernel ABI version the kernel was built with.
+    pub fn abi_version(&self) -> (u32, u32) {
+        self.inner.abi
+    }
+
+    /// The exported functions' names.
+    pub fn functions(&self) -> impl Iterator<Item = &str> {
+        self.inner.functions.keys().map(String::as_str)
+    }
+
+    /// The parsed signature of a function.
+    pub fn signature(&self, name: &str) -> Option<&Signature> {
+        self.inner.functions.get(name).map(|f| &f.signature)
+    }
+
+    fn entry(&self, name: &str) -> Result<&FnEntry, LoadError> {
+        self.inner.functions.get(name).ok_or_else(|| LoadError::NoSuchFunction {
+            kernel: self.inner.name.clone(),
+            name: name.to_owned(),
+            available: self.inner.functions.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// A typed function pointer, checked against the function's signature string.
+    ///
+    /// ```ignore
+    /// type SiluAndMul = unsafe extern "C" fn(*const KhubCall, *mut DLTensor, *const DLTensor) -> Status;
+    /// let f = kernel.function::<SiluAndMul>("silu_and_mul")?;
+    /// ```
+    pub fn function<F: KernelFn>(&self, name: &str) -> Result<Function<F>, LoadError> {
+        let e = self.entry(name)?;
+        let want = F::kinds();
+        if want != e.signature.kinds() {
+            let kinds: Vec<&str> = want.iter().map(|k| k.name()).collect();
+            return Err(LoadError::TypeMismatch {
+                name: name.to_owned(),
+                signature: e.signature_text.clone(),
+                requested: format!("({})", kinds.join(", ")),
+            });
+        }
+        Ok(Function {
+            // SAFETY: the signature's parameter kinds equal F's, and every kind is passed
+            // as a pointer, so the C type of the function is exactly F.
+            f: unsafe { F::from_raw(e.func) },
+            name: name.to_owned(),
+            _kernel: Arc::clone(&self.inner),
+        })
+    }
+
+    /// Calls a function through the generic path: arguments are checked against the
+    /// signature, then passed as the pointers the ABI prescribes.
+    ///
+    /// # Safety
+    /// Tensor arguments must point to valid `DLTensor`s whose data the kernel may read
+    /// (and write, for `TensorMut`) for the duration of the call; `stream` must be NULL or
+    /// a stream of the kernel's backend.
+    pub unsafe fn call(&self, name: &str, args: &[Arg], stream: *mut c_void) -> Result<(), CallError> {
+        let e = self.entry(name).map_err(|e| CallError::NotFound(e.to_string()))?;
+        let kinds: Vec<ParamKind> = args.iter().map(Arg::kind).collect();
+        if kinds != e.signature.kinds() {
+            let passed: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+            return Err(CallError::Arguments {
+                function: name.to_owned(),
+                signature: e.signature_text.clone(),
+                passed: passed.join(", "),
+            });
+        }
+        // Scalars are passed by pointer: keep them alive in this frame.
+        let scalars: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::F32(v) => {
+                    let mut b = [0u8; 8];
+                    b[..4].copy_from_slice(&v.to_ne_bytes());
+                    b
+                }
+                Arg::F64(v) => v.to_ne_bytes(),
+                Arg::I64(v) => v.to_ne_bytes(),
+                Arg::U64(v) => v.to_ne_bytes(),
+                Arg::Tensor(_) | Arg::TensorMut(_) => [0u8; 8],
+            })
+            .collect();
+        let ptrs: Vec<*mut c_void> = args
+            .iter()
+            .zip(&scalars)
+            .map(|(a, s)| match *a {
+                Arg::Tensor(t) => t as *mut c_void,
+                Arg::TensorMut(t) => t.cast(),
+                _ => s.as_ptr() as *mut c_void,
+            })
+            .collect();
+        let mut err = [0 as c_char; ERROR_CAPACITY];
+        let call = KhubCall {
+            struct_size: std::mem::size_of::<KhubCall>() as u32,
+            flags: 0,
+            stream,
+            error: err.as_mut_ptr(),
+            error_capacity: ERROR_CAPACITY,
+        };
+        // SAFETY: every parameter of a kernel function is a pointer (ABI v1), so the
+        // function's C type is fn(const khub_call*, void*, …, void*) with one pointer per
+        // parameter; arity was checked against the signature above, and the pointees
+        // outlive the call (the caller's contract, and `scalars` in this frame).
+        let status = unsafe { call_pointers(e.func, &call, &ptrs) };
+        status_result(name, status, &err)
+    }
+
+    /// Runs a function's self-test on `n` generated elements.
+    pub fn selftest(&self, name: &str, seed: u64, n: usize) -> Result<SelftestReport, CallError> {
+        let e = self.entry(name).map_err(|e| CallError::NotFound(e.to_string()))?;
+        let test = e.selftest.ok_or_else(|| CallError::NotFound(format!("`{name}` has no self-test")))?;
+        let mut err = [0 as c_char; ERROR_CAPACITY];
+        let call = KhubCall {
+            struct_size: std::mem::size_of::<KhubCall>() as u32,
+            flags: 0,
+            stream: std::ptr::null_mut(),
+            error: err.as_mut_ptr(),
+            error_capacity: ERROR_CAPACITY,
+        };
+        let mut max_error = f64::NAN;
+        // SAFETY: the self-test's C type is khub_selftest_fn; all pointers are valid locals.
+        let status = unsafe { test(&call, seed, n, &mut max_error) };
+        Ok(SelftestReport {
+            function: name.to_owned(),
+            passed: status == abi::OK,
+            max_error,
+            status,
+            message: message(&err),
+        })
+    }
+
+    /// What was loaded: identity, variant, verified digests, ABI version and exports.
+    pub fn report(&self) -> LoadReport {
+        let i = &self.inner;
+        LoadReport {
+            kernel: i.name.clone(),
+            version: i.version.clone(),
+            variant: i.variant.clone(),
+            backend: i.backend.clone(),
+            abi: format!("{}.{}", i.abi.0, i.abi.1),
+            library: i.library_path.to_string(),
+            files: i
+                .files
+                .iter()
+                .map(|f| FileReport {
+                    path: f.path.to_string(),
+                    size: f.size,
+                    sha256: f.sha256.to_string(),
+                })
+                .collect(),
+            exports: i
+                .functions
+                .iter()
+                .map(|(n, f)| ExportReport {
+                    name: n.clone(),
+                    signature: f.signature_text.clone(),
+                    selftest: f.selftest.is_some(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn message(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn status_result(name: &str, status: Status, err: &[c_char]) -> Result<(), CallError> {
+    if status == abi::OK {
+        Ok(())
+    } else {
+        Err(CallError::Kernel {
+            function: name.to_owned(),
+            status,
+            message: message(err),
+        })
+    }
+}
+
+/// Calls `f` with the call context and `ptrs.len()` pointer arguments.
+///
+/// # Safety
+/// `f` must be a kernel function taking exactly `ptrs.len()` pointer parameters after the
+/// `khub_call`, and every pointer must be valid for it.
+unsafe fn call_pointers(f: unsafe extern "C" fn(), call: &KhubCall, ptrs: &[*mut c_void]) -> Status {
+    type P = *mut c_void;
+    let c: *const KhubCall = call;
+    macro_rules! arity {
+        ($($i:literal),*) => {{
+            // SAFETY: the caller guarantees the function's type has this arity; all
+            // function pointers share one representation.
+            let g = unsafe { std::mem::transmute::<unsafe extern "C" fn(), unsafe extern "C" fn(*const KhubCall $(, arity!(@ty $i))*) -> Status>(f) };
+            // SAFETY: as above.
+            unsafe { g(c $(, ptrs[$i])*) }
+        }};
+        (@ty $i:literal) => { P };
+    }
+    match ptrs.len() {
+        0 => arity!(),
+        1 => arity!(0),
+        2 => arity!(0, 1),
+        3 => arity!(0, 1, 2),
+        4 => arity!(0, 1, 2, 3),
+        5 => arity!(0, 1, 2, 3, 4),
+        6 => arity!(0, 1, 2, 3, 4, 5),
+        7 => arity!(0, 1, 2, 3, 4, 5, 6),
+        8 => arity!(0, 1, 2, 3, 4, 5, 6, 7),
+        9 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8),
+        10 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+        11 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+        12 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),
+        13 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12),
+        14 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
+        15 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14),
+        16 => arity!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _ => abi::ERR_INVALID_ARGUMENT,
+    }
+}
+
+/// Owned CPU tensors for tests, benchmarks and `khub bench`: f32 data with its shape,
+/// and the `DLTensor` that describes it.
+#[derive(Debug)]
+pub struct HostTensor {
+    data: Vec<f32>,
+    shape: Vec<i64>,
+    dl: abi::DLTensor,
+}
+
+impl HostTensor {
+    /// A tensor of the given shape filled by `fill(i)`.
+    pub fn from_fn(shape: &[i64], fill: impl FnMut(usize) -> f32) -> Self {
+        let n: i64 = shape.iter().product();
+        let data: Vec<f32> = (0..n.max(0) as usize).map(fill).collect();
+        let mut t = HostTensor {
+            data,
+            shape: shape.to_vec(),
+            dl: abi::DLTensor {
+                data: std::ptr::null_mut(),
+                device: abi::DLDevice {
+                    device_type: abi::DL_CPU,
+                    device_id: 0,
+                },
+                ndim: shape.len() as i32,
+                dtype: abi::DLDataType::F32,
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                byte_offset: 0,
+            },
+        };
+        t.dl.data = t.data.as_mut_ptr().cast();
+        t.dl.shape = t.shape.as_mut_ptr();
+        t
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(shape: &[i64]) -> Self {
+        Self::from_fn(shape, |_| 0.0)
+    }
+
+    /// The data.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The `DLTensor`, for reading.
+    pub fn dl(&self) -> *const abi::DLTensor {
+        &self.dl
+    }
+
+    /// The `DLTensor`, for writing.
+    pub fn dl_mut(&mut self) -> *mut abi::DLTensor {
+        &mut self.dl
+    }
+
+    /// The size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+// SAFETY: the DLTensor's pointers point into the tensor's own Vecs, which move with it
+// (their heap buffers do not).
+unsafe impl Send for HostTensor {}
