@@ -232,8 +232,8 @@ struct Inner {
     files: Vec<FileEntry>,
     library_path: RelPath,
     functions: BTreeMap<String, FnEntry>,
-    /// Never dropped: kernels are never unloaded.
-    _library: ManuallyDrop<libloading::Library>,
+    /// Leaked: kernels are never unloaded.
+    _library: &'static libloading::Library,
 }
 
 // SAFETY: the descriptor and function table are static and immutable (ABI contract), the
@@ -408,8 +408,15 @@ impl Release {
 
     /// Verifies and loads one variant by id, without resolution.
     pub fn load_variant(&self, id: &str) -> Result<Kernel, LoadError> {
+        self.load_variant_with_hook(id, &|| {})
+    }
+
+    /// As [`Release::load_variant`], running `after_verify` between verification and
+    /// `dlopen`. For tests that swap files in that window.
+    #[doc(hidden)]
+    pub fn load_variant_with_hook(&self, id: &str, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
         let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
-        load_verified(&self.root, &self.manifest, variant)
+        load_verified(&self.root, &self.manifest, variant, after_verify)
     }
 
     /// Verifies every file of a variant without loading anything.
@@ -492,6 +499,18 @@ struct Verified {
 }
 
 impl Verified {
+    /// Leaks the descriptor, so it stays open (and its number reserved) for the life of
+    /// the process.
+    fn keep_open(self) {
+        #[cfg(unix)]
+        {
+            use std::os::fd::IntoRawFd;
+            let _ = self.file.into_raw_fd();
+        }
+        #[cfg(not(unix))]
+        std::mem::forget(self);
+    }
+
     /// The path `dlopen` should open.
     fn load_path(&self) -> PathBuf {
         #[cfg(target_os = "linux")]
@@ -686,7 +705,7 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
     })
 }
 
-fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant) -> Result<Kernel, LoadError> {
+fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
     // Verify every file first; keep the library's private copy for dlopen.
     let mut library = None;
     for entry in &variant.files {
@@ -700,13 +719,28 @@ fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant) -> Result<
         path: lib_path.to_string(),
         problem: "the library is not among the variant's files".into(),
     })?;
-    let lib = dlopen(&verified.load_path()).map_err(|message| LoadError::Dlopen {
-        path: lib_path.to_string(),
-        message,
-    })?;
-    // The mapping holds the bytes now; the descriptor can go.
-    drop(verified);
-    let n = negotiate(&lib, lib_path.as_str())?;
+    after_verify();
+    let lib_digest = variant.files.iter().find(|f| f.path == lib_path).map(|f| f.sha256);
+    let lib = match lib_digest.and_then(already_loaded) {
+        // The same verified bytes are already mapped: reuse them rather than map a copy.
+        Some(lib) => lib,
+        None => {
+            let lib = dlopen(&verified.load_path()).map_err(|message| LoadError::Dlopen {
+                path: lib_path.to_string(),
+                message,
+            })?;
+            let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+            // Keep the memfd open for the life of the process: glibc identifies loaded
+            // objects by path too, and a closed fd number reused by the next kernel's
+            // memfd would make `/proc/self/fd/N` name this library.
+            verified.keep_open();
+            if let Some(d) = lib_digest {
+                remember_loaded(d, lib);
+            }
+            lib
+        }
+    };
+    let n = negotiate(lib, lib_path.as_str())?;
     if n.name != manifest.kernel.name || n.version != manifest.kernel.version.to_string() {
         return Err(LoadError::IdentityMismatch {
             manifest: format!("{} {}", manifest.kernel.name, manifest.kernel.version),
@@ -738,9 +772,26 @@ fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant) -> Result<
             files: variant.files.clone(),
             library_path: lib_path,
             functions: n.functions,
-            _library: ManuallyDrop::new(lib),
+            _library: lib,
         }),
     })
+}
+
+/// Libraries loaded so far, by the SHA-256 of their bytes. Never emptied: libraries are
+/// never unloaded.
+fn loaded_registry() -> &'static std::sync::Mutex<BTreeMap<Sha256Digest, &'static libloading::Library>> {
+    static LOADED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<Sha256Digest, &'static libloading::Library>>> = std::sync::OnceLock::new();
+    LOADED.get_or_init(Default::default)
+}
+
+fn already_loaded(d: Sha256Digest) -> Option<&'static libloading::Library> {
+    loaded_registry().lock().ok()?.get(&d).copied()
+}
+
+fn remember_loaded(d: Sha256Digest, lib: &'static libloading::Library) {
+    if let Ok(mut m) = loaded_registry().lock() {
+        m.entry(d).or_insert(lib);
+    }
 }
 
 /// What a kernel library's descriptor declares, read by loading it.

@@ -39,7 +39,7 @@ pub fn run(manifest: &Path, options: &ProbeOptions, prefs: &Preferences, json: b
     Ok(if chosen.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn render(r: &Resolution, host: &HostFacts) -> String {
+pub(super) fn render(r: &Resolution, host: &HostFacts) -> String {
     let accepted = r.accepted().count();
     let mut out = format!(
         "{} {}: {} variants, {accepted} accepted\nhost: {}\n\n",

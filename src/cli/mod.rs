@@ -14,6 +14,7 @@ use khub::resolve::Preferences;
 
 mod explain;
 mod host;
+mod kernel;
 
 /// khub: a registry and loader for prebuilt compute kernels.
 #[derive(Parser, Debug)]
@@ -49,12 +50,139 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compile a kernel package's variants (kernel.toml) into shared libraries.
+    Build {
+        /// The kernel directory (holding kernel.toml).
+        kernel: PathBuf,
+        /// Where to put the libraries (default: <kernel>/build).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        #[command(flatten)]
+        toolchain: ToolchainArgs,
+    },
+    /// Build, inspect and write a release directory with a derived khub.toml.
+    Package {
+        /// The kernel directory (holding kernel.toml).
+        kernel: PathBuf,
+        /// The release directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[command(flatten)]
+        toolchain: ToolchainArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a shared library holds: exports, libc floor, device code, descriptor.
+    Inspect {
+        /// The library.
+        library: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve, verify and load a release for this host, and report what was loaded.
+    Load {
+        /// A release directory.
+        release: PathBuf,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the chosen variant's self-tests against the kernel's own scalar reference.
+    Selftest {
+        /// A release directory.
+        release: PathBuf,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// The seed for generated data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Elements per test.
+        #[arg(long, default_value_t = 1 << 16)]
+        size: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a function on tensors generated from its signature and print its throughput.
+    Bench {
+        /// A release directory.
+        release: PathBuf,
+        /// The function.
+        function: String,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Elements in the largest tensor.
+        #[arg(long, default_value_t = 16 << 20)]
+        size: usize,
+        /// Timed calls (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole local path on the example kernel: package, explain, load, self-test, bench.
+    Demo {
+        /// The kernel package (default: kernels-example next to khub's sources).
+        #[arg(long, value_name = "DIR")]
+        kernel: Option<PathBuf>,
+        /// Where to write the release (default: a fresh temporary directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        toolchain: ToolchainArgs,
+    },
+    /// Internal: load a library in this process and print its descriptor as JSON.
+    #[command(name = "__describe", hide = true)]
+    Describe {
+        /// The library.
+        library: PathBuf,
+    },
     /// Internal: run a GPU probe in this process and print its result as JSON.
     #[command(name = "__probe", hide = true)]
     Probe {
         /// The probe: `cuda`.
         what: String,
     },
+}
+
+/// Toolchain options for building kernels.
+#[derive(clap::Args, Debug)]
+struct ToolchainArgs {
+    /// Fail when a variant's toolchain (nvcc) is missing, instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// The nvcc to use (default: KHUB_NVCC, PATH, $CUDA_HOME/bin).
+    #[arg(long, value_name = "PATH")]
+    nvcc: Option<PathBuf>,
+    /// An extra argument for nvcc (repeatable), e.g. an include path.
+    #[arg(long = "nvcc-arg", value_name = "ARG", allow_hyphen_values = true)]
+    nvcc_args: Vec<String>,
+}
+
+impl ToolchainArgs {
+    fn into_toolchain(self) -> kernel::Toolchain {
+        kernel::Toolchain {
+            strict: self.strict,
+            nvcc: self.nvcc,
+            nvcc_args: self.nvcc_args,
+        }
+    }
+}
+
+/// How to pick the variant to load.
+#[derive(clap::Args, Debug)]
+struct SelectArgs {
+    /// A host-profile TOML file to resolve for (also KHUB_HOST_PROFILE).
+    #[arg(long, value_name = "FILE")]
+    host: Option<PathBuf>,
+    /// Preferences: `backend=cpu`, `variant=ID`, `no-jit`, `device=N`. Repeatable.
+    #[arg(long, value_name = "PREF")]
+    prefer: Vec<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -77,6 +205,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             json,
         } => explain::run(&manifest, &probe_options(host)?, &parse_preferences(&prefer)?, json),
+        Command::Build { kernel, out_dir, toolchain } => kernel::build(&kernel, out_dir.as_deref(), &toolchain.into_toolchain()),
+        Command::Package { kernel, out, toolchain, json } => kernel::package(&kernel, &out, &toolchain.into_toolchain(), json),
+        Command::Inspect { library, json } => kernel::inspect(&library, json),
+        Command::Load { release, select, json } => kernel::load(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, json),
+        Command::Selftest {
+            release,
+            select,
+            seed,
+            size,
+            json,
+        } => kernel::selftest(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, seed, size, json),
+        Command::Bench {
+            release,
+            function,
+            select,
+            size,
+            iters,
+            json,
+        } => kernel::bench(&release, &function, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, size, iters, json),
+        Command::Demo { kernel, out, toolchain } => {
+            let kernel_dir = kernel.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example"));
+            let (_tmp, out) = match out {
+                Some(o) => (None, o),
+                None => {
+                    let t = tempfile_dir()?;
+                    let p = t.join("activation-release");
+                    (Some(t), p)
+                }
+            };
+            kernel::demo(&kernel_dir, &out, &probe_options(None)?, &toolchain.into_toolchain())
+        }
+        Command::Describe { library } => kernel::describe(&library),
         Command::Probe { what } => {
             if what != "cuda" {
                 bail!("unknown probe `{what}`; the only probe is `cuda`");
@@ -121,6 +281,13 @@ fn parse_preferences(items: &[String]) -> Result<Preferences> {
         }
     }
     Ok(p)
+}
+
+/// A fresh directory under the system temp dir for the demo's release.
+fn tempfile_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("khub-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    Ok(base)
 }
 
 /// Reads a manifest from a file, or from `khub.toml` in a directory.

@@ -1,0 +1,402 @@
+//! `khub build`, `package`, `inspect`, `load`, `selftest`, `bench` and `demo`: the local
+//! path from a kernel's sources to a verified, loaded, checked function call.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use khub::abi::{ParamKind, Signature};
+use khub::host::{HostFacts, ProbeOptions};
+use khub::load::{Arg, HostTensor, Kernel, Release};
+use khub::package::{self, BuildOptions};
+use khub::resolve::{Preferences, resolve};
+
+/// Options shared by build and package.
+pub struct Toolchain {
+    pub strict: bool,
+    pub nvcc: Option<PathBuf>,
+    pub nvcc_args: Vec<String>,
+}
+
+impl Toolchain {
+    fn options(&self) -> BuildOptions {
+        BuildOptions {
+            strict: self.strict,
+            nvcc: self.nvcc.clone(),
+            nvcc_args: self.nvcc_args.clone(),
+            only: Vec::new(),
+        }
+    }
+}
+
+fn log(json: bool) -> impl FnMut(&str) {
+    move |line: &str| {
+        if !json {
+            eprintln!("{line}");
+        }
+    }
+}
+
+pub fn build(kernel_dir: &Path, out: Option<&Path>, tc: &Toolchain) -> Result<ExitCode> {
+    let out = out.map(Path::to_owned).unwrap_or_else(|| kernel_dir.join("build"));
+    let report = package::build(kernel_dir, &out, &tc.options(), &mut log(false))?;
+    for b in &report.built {
+        println!("built {:<36} {}", b.config.id, b.library.display());
+    }
+    for (id, why) in &report.skipped {
+        println!("skipped {id:<34} {why}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn package(kernel_dir: &Path, out: &Path, tc: &Toolchain, json: bool) -> Result<ExitCode> {
+    let (manifest, report) = package::package(kernel_dir, out, &tc.options(), &mut log(json))?;
+    if json {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            release: String,
+            kernel: &'a str,
+            version: String,
+            variants: Vec<&'a str>,
+            skipped: &'a [(String, String)],
+        }
+        let doc = Doc {
+            release: out.display().to_string(),
+            kernel: &manifest.kernel.name,
+            version: manifest.kernel.version.to_string(),
+            variants: manifest.variants.iter().map(|v| v.id.as_str()).collect(),
+            skipped: &report.skipped,
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("packaged {} {} into {}", manifest.kernel.name, manifest.kernel.version, out.display());
+        for v in &manifest.variants {
+            let f = &v.files[0];
+            println!("  {:<36} {:>9} bytes  sha256 {}", v.id, f.size, f.sha256);
+        }
+        for (id, why) in &report.skipped {
+            println!("  skipped {id}: {why}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
+    let info = khub::inspect::inspect_file(lib).with_context(|| format!("cannot inspect {}", lib.display()))?;
+    // The descriptor is read by loading the library, which runs its initialisers: do that in
+    // a child process so an arbitrary library cannot affect this one.
+    let description = describe_isolated(lib);
+    if json {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            library: String,
+            machine: &'a str,
+            exports: &'a [String],
+            needed: &'a [String],
+            glibc_floor: Option<String>,
+            musl: bool,
+            cuda_code: Vec<String>,
+            cuda_entries: Vec<String>,
+            descriptor: serde_json::Value,
+            warnings: &'a [String],
+        }
+        let doc = Doc {
+            library: lib.display().to_string(),
+            machine: &info.machine,
+            exports: &info.exports,
+            needed: &info.needed,
+            glibc_floor: info.glibc_floor.map(|v| v.to_string()),
+            musl: info.musl,
+            cuda_code: info.cuda_code().iter().map(ToString::to_string).collect(),
+            cuda_entries: info.cuda.iter().map(|e| format!("{e:?}")).collect(),
+            descriptor: match &description {
+                Ok(v) => v.clone(),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
+            warnings: &info.warnings,
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("library      {}", lib.display());
+    println!("machine      {}", info.machine);
+    println!("needs        {}", info.needed.join(", "));
+    match (info.musl, info.glibc_floor) {
+        (true, _) => println!("libc         musl"),
+        (false, Some(v)) => println!("libc         glibc {v} or newer"),
+        (false, None) => println!("libc         no versioned glibc symbols"),
+    }
+    println!("exports      {}", info.exports.join(", "));
+    let code = info.cuda_code();
+    if !code.is_empty() {
+        println!("device code  {}", code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        for e in &info.cuda {
+            println!("  {e:?}");
+        }
+    }
+    match description {
+        Ok(d) => {
+            println!("kernel       {} {} ({}), ABI {}", d["name"].as_str().unwrap_or("?"), d["version"].as_str().unwrap_or("?"), d["backend"].as_str().unwrap_or("?"), d["abi"].as_str().unwrap_or("?"));
+            for f in d["functions"].as_array().into_iter().flatten() {
+                let test = if f["selftest"].as_bool() == Some(true) { "  [self-test]" } else { "" };
+                println!("  {:<20} {}{test}", f["name"].as_str().unwrap_or("?"), f["signature"].as_str().unwrap_or("?"));
+            }
+        }
+        Err(e) => println!("kernel       not a loadable khub kernel: {e:#}"),
+    }
+    for w in &info.warnings {
+        println!("warning: {w}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `khub __describe LIB` and parses its JSON.
+fn describe_isolated(lib: &Path) -> Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new(exe).arg("__describe").arg(lib).output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim().trim_start_matches("error: "));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `khub __describe`: loads a library in this (child) process and prints its descriptor.
+pub fn describe(lib: &Path) -> Result<ExitCode> {
+    let d = khub::load::describe_library(lib)?;
+    println!("{}", serde_json::to_string(&d)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_and_load(release: &Path, options: &ProbeOptions, prefs: &Preferences) -> Result<(Release, HostFacts, Kernel)> {
+    let r = Release::open(release)?;
+    let host = super::detect_host(options)?;
+    let kernel = r.load(&host, prefs)?;
+    Ok((r, host, kernel))
+}
+
+pub fn load(release: &Path, options: &ProbeOptions, prefs: &Preferences, json: bool) -> Result<ExitCode> {
+    let started = Instant::now();
+    let (_, _, kernel) = open_and_load(release, options, prefs)?;
+    let took = started.elapsed();
+    let report = kernel.report();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("loaded {} {} variant {} ({}), kernel ABI {} in {:.1} ms", report.kernel, report.version, report.variant, report.backend, report.abi, took.as_secs_f64() * 1e3);
+    for f in &report.files {
+        println!("  verified {}  {} bytes  sha256 {}", f.path, f.size, f.sha256);
+    }
+    for e in &report.exports {
+        println!("  export   {:<20} {}", e.name, e.signature);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn selftest(release: &Path, options: &ProbeOptions, prefs: &Preferences, seed: u64, size: usize, json: bool) -> Result<ExitCode> {
+    let (_, _, kernel) = open_and_load(release, options, prefs)?;
+    let names: Vec<String> = kernel.functions().map(str::to_owned).collect();
+    let mut reports = Vec::new();
+    for name in &names {
+        match kernel.selftest(name, seed, size) {
+            Ok(r) => reports.push(r),
+            Err(e) => eprintln!("{name}: {e}"),
+        }
+    }
+    let all_passed = reports.iter().all(|r| r.passed) && reports.len() == names.len();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "variant": kernel.variant(), "results": reports, "passed": all_passed }))?);
+    } else {
+        println!("self-tests of {} {} variant {} (seed {seed}, {size} elements)", kernel.name(), kernel.version(), kernel.variant());
+        for r in &reports {
+            let verdict = if r.passed { "pass" } else { "FAIL" };
+            let msg = if r.message.is_empty() { String::new() } else { format!("  {}", r.message) };
+            println!("  {verdict}  {:<20} max error {:.3e}{msg}", r.function, r.max_error);
+        }
+    }
+    Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Tensors generated from a signature: every named dimension except `n` is `dim`, and `n`
+/// is chosen so the largest tensor holds about `size` elements.
+struct Generated {
+    tensors: Vec<HostTensor>,
+    scalars: Vec<Arg>,
+    bytes: usize,
+}
+
+fn generate(sig: &Signature, size: usize, dim: u64) -> Result<Generated> {
+    let per_n = |p: &khub::abi::Param| -> u64 {
+        p.shape.as_ref().map_or(1, |s| s.iter().map(|d| if d.name.as_deref() == Some("n") { d.factor } else { d.factor * if d.name.is_some() { dim } else { 1 } }).product())
+    };
+    let largest = sig.params.iter().filter(|p| matches!(p.kind, ParamKind::Tensor | ParamKind::TensorMut)).map(per_n).max().unwrap_or(1).max(1);
+    let n = ((size as u64) / largest).max(1);
+    let mut tensors = Vec::new();
+    let mut scalars = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for p in &sig.params {
+        match p.kind {
+            ParamKind::Tensor | ParamKind::TensorMut => {
+                if p.dtype.as_deref().is_some_and(|d| d != "f32") {
+                    bail!("khub bench generates f32 tensors; this function takes {}", p.dtype.as_deref().unwrap_or("?"));
+                }
+                let shape: Vec<i64> = match &p.shape {
+                    Some(s) => s.iter().map(|d| (d.factor * if d.name.as_deref() == Some("n") { n } else if d.name.is_some() { dim } else { 1 }) as i64).collect(),
+                    None => vec![size as i64],
+                };
+                tensors.push(HostTensor::from_fn(&shape, |_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+                }));
+            }
+            ParamKind::F32 => scalars.push(Arg::F32(1e-6)),
+            ParamKind::F64 => scalars.push(Arg::F64(1e-6)),
+            ParamKind::I64 => scalars.push(Arg::I64(1)),
+            ParamKind::U64 => scalars.push(Arg::U64(1)),
+        }
+    }
+    let bytes = tensors.iter().map(HostTensor::bytes).sum();
+    Ok(Generated { tensors, scalars, bytes })
+}
+
+fn args(sig: &Signature, g: &mut Generated) -> Vec<Arg> {
+    let (mut t, mut s) = (0, 0);
+    sig.params
+        .iter()
+        .map(|p| match p.kind {
+            ParamKind::Tensor => {
+                t += 1;
+                Arg::Tensor(g.tensors[t - 1].dl())
+            }
+            ParamKind::TensorMut => {
+                t += 1;
+                Arg::TensorMut(g.tensors[t - 1].dl_mut())
+            }
+            _ => {
+                s += 1;
+                g.scalars[s - 1]
+            }
+        })
+        .collect()
+}
+
+/// Times `f` `iters` times after one warm-up call; returns the median.
+fn median_time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+#[derive(Serialize)]
+pub struct BenchResult {
+    pub variant: String,
+    pub function: String,
+    pub bytes: usize,
+    pub median_ms: f64,
+    pub gb_per_s: f64,
+    pub memcpy_gb_per_s: f64,
+    pub ratio_to_memcpy: f64,
+}
+
+pub fn bench_kernel(kernel: &Kernel, function: &str, size: usize, dim: u64, iters: usize) -> Result<BenchResult> {
+    if kernel.backend() != "cpu" {
+        bail!("khub bench runs CPU variants; `{}` is a {} variant (use --prefer backend=cpu, or `khub selftest` on the GPU)", kernel.variant(), kernel.backend());
+    }
+    let sig = kernel.signature(function).with_context(|| format!("kernel has no function `{function}`; it exports: {}", kernel.functions().collect::<Vec<_>>().join(", ")))?.clone();
+    let mut g = generate(&sig, size, dim)?;
+    let a = args(&sig, &mut g);
+    // SAFETY: the tensors are live CPU tensors owned by `g` for the whole loop, of the
+    // kinds the signature names.
+    let t = median_time(iters, || unsafe { kernel.call(function, &a, std::ptr::null_mut()) }.map_err(Into::into))?;
+    // memcpy of the same number of bytes, read + written, as the floor.
+    let src = vec![1u8; g.bytes / 2];
+    let mut dst = vec![0u8; g.bytes / 2];
+    let m = median_time(iters, || {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        Ok(())
+    })?;
+    let gbs = g.bytes as f64 / t.as_secs_f64() / 1e9;
+    let mgbs = g.bytes as f64 / m.as_secs_f64() / 1e9;
+    Ok(BenchResult {
+        variant: kernel.variant().to_owned(),
+        function: function.to_owned(),
+        bytes: g.bytes,
+        median_ms: t.as_secs_f64() * 1e3,
+        gb_per_s: gbs,
+        memcpy_gb_per_s: mgbs,
+        ratio_to_memcpy: gbs / mgbs,
+    })
+}
+
+pub fn bench(release: &Path, function: &str, options: &ProbeOptions, prefs: &Preferences, size: usize, iters: usize, json: bool) -> Result<ExitCode> {
+    let (_, _, kernel) = open_and_load(release, options, prefs)?;
+    let r = bench_kernel(&kernel, function, size, 4096, iters)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_bench(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_bench(r: &BenchResult) {
+    println!(
+        "{} on {}: {:.1} MiB moved in {:.3} ms = {:.2} GB/s; memcpy of the same bytes {:.2} GB/s ({:.0}% of memcpy)",
+        r.function,
+        r.variant,
+        r.bytes as f64 / (1 << 20) as f64,
+        r.median_ms,
+        r.gb_per_s,
+        r.memcpy_gb_per_s,
+        r.ratio_to_memcpy * 100.0
+    );
+}
+
+/// The README's main job: package kernels-example into a local release, explain the choice
+/// for this host, load it, run its self-tests and benchmark `silu_and_mul`.
+pub fn demo(kernel_dir: &Path, out: &Path, options: &ProbeOptions, tc: &Toolchain) -> Result<ExitCode> {
+    println!("== 1. package {} -> {}", kernel_dir.display(), out.display());
+    let (manifest, report) = package::package(kernel_dir, out, &tc.options(), &mut |l: &str| {
+        if l.starts_with("warning") {
+            eprintln!("   {l}")
+        }
+    })?;
+    for v in &manifest.variants {
+        println!("   packaged {:<34} sha256 {}", v.id, v.files[0].sha256);
+    }
+    for (id, why) in &report.skipped {
+        println!("   skipped  {id}: {why}");
+    }
+    println!("\n== 2. explain the choice for this host");
+    let host = super::detect_host(options)?;
+    let r = resolve(&manifest, &host, &Preferences::default());
+    print!("{}", super::explain::render(&r, &host));
+    println!("\n== 3. load (verify every byte, dlopen the sealed copy, negotiate the ABI)");
+    let started = Instant::now();
+    let kernel = Release::open(out)?.load(&host, &Preferences::default())?;
+    println!("   loaded {} {} variant {} in {:.1} ms", kernel.name(), kernel.version(), kernel.variant(), started.elapsed().as_secs_f64() * 1e3);
+    println!("\n== 4. self-test every function against the kernel's scalar reference");
+    let mut ok = true;
+    for name in kernel.functions().map(str::to_owned).collect::<Vec<_>>() {
+        let r = kernel.selftest(&name, 42, 1 << 16)?;
+        ok &= r.passed;
+        println!("   {}  {:<14} max error {:.3e}", if r.passed { "pass" } else { "FAIL" }, name, r.max_error);
+    }
+    println!("\n== 5. benchmark silu_and_mul on 64 MiB of input");
+    let r = bench_kernel(&kernel, "silu_and_mul", 16 << 20, 4096, 5)?;
+    print!("   ");
+    print_bench(&r);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
