@@ -76,7 +76,11 @@ pub struct DLDataType {
 
 impl DLDataType {
     /// 32-bit float.
-    pub const F32: DLDataType = DLDataType { code: 2, bits: 32, lanes: 1 };
+    pub const F32: DLDataType = DLDataType {
+        code: 2,
+        bits: 32,
+        lanes: 1,
+    };
 }
 
 /// DLPack `DLTensor`. The host owns everything it points to.
@@ -322,13 +326,21 @@ fn parse_param(p: &str) -> Result<Param, String> {
         "u64" => ParamKind::U64,
         other => return Err(format!("unknown parameter `{other}`; use tensor, mut tensor, f32, f64, i64 or u64")),
     };
-    Ok(Param { kind, dtype: None, shape: None })
+    Ok(Param {
+        kind,
+        dtype: None,
+        shape: None,
+    })
 }
 
 fn parse_dim(d: &str) -> Result<Dim, String> {
     let digits = d.bytes().take_while(u8::is_ascii_digit).count();
     let (num, name) = d.split_at(digits);
-    let factor = if num.is_empty() { 1 } else { num.parse().map_err(|_| format!("dimension `{d}` is too large"))? };
+    let factor = if num.is_empty() {
+        1
+    } else {
+        num.parse().map_err(|_| format!("dimension `{d}` is too large"))?
+    };
     if name.is_empty() {
         if num.is_empty() {
             return Err("an empty dimension".into());
@@ -452,9 +464,18 @@ mod tests {
         assert_eq!(s.kinds(), [ParamKind::TensorMut, ParamKind::Tensor, ParamKind::F32]);
         assert_eq!(s.to_string(), "(mut tensor<f32>[n, d], tensor<f32>[n, 2d], f32)");
         assert_eq!(s.skeleton(), "(mut tensor, tensor, f32)");
-        assert_eq!(s.params[1].shape.as_ref().unwrap()[1], Dim { factor: 2, name: Some("d".into()) });
+        assert_eq!(
+            s.params[1].shape.as_ref().unwrap()[1],
+            Dim {
+                factor: 2,
+                name: Some("d".into())
+            }
+        );
         assert_eq!(Signature::parse("()").unwrap().params.len(), 0);
-        assert_eq!(Signature::parse(" ( mut  tensor , tensor ) ").unwrap().skeleton(), "(mut tensor, tensor)");
+        assert_eq!(
+            Signature::parse(" ( mut  tensor , tensor ) ").unwrap().skeleton(),
+            "(mut tensor, tensor)"
+        );
     }
 
     #[test]

@@ -19,9 +19,7 @@ use std::path::{Path, PathBuf};
 
 use object::LittleEndian;
 use object::elf;
-use object::read::elf::{
-    Dyn as _, FileHeader as _, ProgramHeader as _, SectionHeader as _, Sym as _,
-};
+use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _, SectionHeader as _, Sym as _};
 
 use crate::platform::{CudaArch, CudaFeatureSet, MajorMinor};
 
@@ -222,16 +220,13 @@ pub fn inspect_file(path: &Path) -> Result<LibraryInfo, InspectError> {
         source,
     };
     let file = std::fs::File::open(path).map_err(io_err)?;
-    let too_large =
-        || InspectError::Unsupported(format!("{} is larger than 2 GiB", path.display()));
+    let too_large = || InspectError::Unsupported(format!("{} is larger than 2 GiB", path.display()));
     if file.metadata().map_err(io_err)?.len() > MAX_FILE_SIZE {
         return Err(too_large());
     }
     let mut bytes = Vec::new();
     // One byte past the limit tells a file that grew (or a special file) from one that fits.
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).map_err(io_err)?;
     if bytes.len() as u64 > MAX_FILE_SIZE {
         return Err(too_large());
     }
@@ -271,13 +266,10 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
         },
         ..LibraryInfo::default()
     };
-    let sections = header
-        .sections(endian, bytes)
-        .map_err(elf_err("section headers"))?;
+    let sections = header.sections(endian, bytes).map_err(elf_err("section headers"))?;
     if sections.is_empty() {
-        info.warnings.push(
-            "no section headers: exports, needed libraries, versions and device code cannot be read".into(),
-        );
+        info.warnings
+            .push("no section headers: exports, needed libraries, versions and device code cannot be read".into());
     }
 
     // Exports.
@@ -286,12 +278,10 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
         .map_err(elf_err("dynamic symbol table"))?;
     for sym in dynsym.symbols().iter().skip(1) {
         let exported_binding = matches!(sym.st_bind(), elf::STB_GLOBAL | elf::STB_WEAK);
-        let exported_visibility =
-            matches!(sym.st_visibility(), elf::STV_DEFAULT | elf::STV_PROTECTED);
+        let exported_visibility = matches!(sym.st_visibility(), elf::STV_DEFAULT | elf::STV_PROTECTED);
         let shndx = sym.st_shndx(endian);
         // Version-definition placeholders are absolute symbols of value and size 0.
-        let placeholder =
-            shndx == elf::SHN_ABS && sym.st_value(endian) == 0 && sym.st_size(endian) == 0;
+        let placeholder = shndx == elf::SHN_ABS && sym.st_value(endian) == 0 && sym.st_size(endian) == 0;
         if !exported_binding
             || !exported_visibility
             || shndx == elf::SHN_UNDEF
@@ -300,32 +290,22 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
         {
             continue;
         }
-        let name = sym
-            .name(endian, dynsym.strings())
-            .map_err(elf_err("dynamic symbol table"))?;
+        let name = sym.name(endian, dynsym.strings()).map_err(elf_err("dynamic symbol table"))?;
         if !name.is_empty() {
-            info.exports
-                .push(String::from_utf8_lossy(name).into_owned());
+            info.exports.push(String::from_utf8_lossy(name).into_owned());
         }
     }
     info.exports.sort();
     info.exports.dedup();
 
     // Needed libraries.
-    if let Some((dynamic, link)) = sections
-        .dynamic(endian, bytes)
-        .map_err(elf_err("dynamic section"))?
-    {
-        let strings = sections
-            .strings(endian, bytes, link)
-            .map_err(elf_err("dynamic string table"))?;
+    if let Some((dynamic, link)) = sections.dynamic(endian, bytes).map_err(elf_err("dynamic section"))? {
+        let strings = sections.strings(endian, bytes, link).map_err(elf_err("dynamic string table"))?;
         for d in dynamic.iter().take(MAX_DYNAMIC_RECORDS) {
             match d.tag32(endian) {
                 Some(elf::DT_NULL) => break,
                 Some(elf::DT_NEEDED) => {
-                    let name = d
-                        .string(endian, strings)
-                        .map_err(elf_err("dynamic section"))?;
+                    let name = d.string(endian, strings).map_err(elf_err("dynamic section"))?;
                     info.needed.push(String::from_utf8_lossy(name).into_owned());
                 }
                 _ => {}
@@ -334,10 +314,7 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
     }
 
     // glibc floor, from the version needs.
-    if let Some((mut needs, link)) = sections
-        .gnu_verneed(endian, bytes)
-        .map_err(elf_err("version needs"))?
-    {
+    if let Some((mut needs, link)) = sections.gnu_verneed(endian, bytes).map_err(elf_err("version needs"))? {
         let strings = sections
             .strings(endian, bytes, link)
             .map_err(elf_err("version needs string table"))?;
@@ -348,9 +325,7 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
                 if records > MAX_DYNAMIC_RECORDS {
                     return Err(corrupt("version needs", 0, "too many version records"));
                 }
-                let name = vernaux
-                    .name(endian, strings)
-                    .map_err(elf_err("version needs"))?;
+                let name = vernaux.name(endian, strings).map_err(elf_err("version needs"))?;
                 let version = std::str::from_utf8(name)
                     .ok()
                     .and_then(|n| n.strip_prefix("GLIBC_"))
@@ -369,9 +344,7 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
     // musl.
     let musl_name = |n: &str| n.starts_with("libc.musl-") || n.starts_with("ld-musl");
     info.musl = info.needed.iter().any(|n| musl_name(n));
-    let program_headers = header
-        .program_headers(endian, bytes)
-        .map_err(elf_err("program headers"))?;
+    let program_headers = header.program_headers(endian, bytes).map_err(elf_err("program headers"))?;
     for ph in program_headers {
         match ph.interpreter(endian, bytes) {
             Ok(Some(interp)) => {
@@ -394,24 +367,15 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
             b"__nv_relfatbin" => true,
             _ => continue,
         };
-        let section_name = if relocatable {
-            NV_RELFATBIN_SECTION
-        } else {
-            NV_FATBIN_SECTION
-        };
+        let section_name = if relocatable { NV_RELFATBIN_SECTION } else { NV_FATBIN_SECTION };
         if sh.sh_type(endian) == elf::SHT_NOBITS {
-            info.warnings.push(format!(
-                "{section_name} has no file contents (SHT_NOBITS); skipped"
-            ));
+            info.warnings
+                .push(format!("{section_name} has no file contents (SHT_NOBITS); skipped"));
             continue;
         }
-        let data = sh.data(endian, bytes).map_err(|e| {
-            corrupt(
-                section_name,
-                0,
-                format!("section bytes lie outside the file: {e}"),
-            )
-        })?;
+        let data = sh
+            .data(endian, bytes)
+            .map_err(|e| corrupt(section_name, 0, format!("section bytes lie outside the file: {e}")))?;
         parse_nv_fatbin(data, relocatable, &mut info.cuda, &mut info.warnings)?;
     }
 
@@ -507,11 +471,7 @@ pub fn parse_nv_fatbin(
     out: &mut Vec<CudaCodeEntry>,
     warnings: &mut Vec<String>,
 ) -> Result<(), InspectError> {
-    let name = if relocatable {
-        NV_RELFATBIN_SECTION
-    } else {
-        NV_FATBIN_SECTION
-    };
+    let name = if relocatable { NV_RELFATBIN_SECTION } else { NV_FATBIN_SECTION };
     let len = section.len() as u64;
     let mut off: u64 = 0;
     let mut container = 0usize;
@@ -524,11 +484,7 @@ pub fn parse_nv_fatbin(
             return Ok(());
         }
         if container >= MAX_CONTAINERS {
-            return Err(corrupt(
-                name,
-                off,
-                format!("more than {MAX_CONTAINERS} containers"),
-            ));
+            return Err(corrupt(name, off, format!("more than {MAX_CONTAINERS} containers")));
         }
         let Some(header) = section
             .get(to_usize(off)..)
@@ -537,18 +493,12 @@ pub fn parse_nv_fatbin(
             return Err(corrupt(
                 name,
                 off,
-                format!(
-                    "truncated container header: {} bytes left, 16 needed",
-                    len - off
-                ),
+                format!("truncated container header: {} bytes left, 16 needed", len - off),
             ));
         };
-        let (Some(magic), Some(version), Some(header_size), Some(fat_size)) = (
-            le_u32(header, 0),
-            le_u16(header, 4),
-            le_u16(header, 6),
-            le_u64(header, 8),
-        ) else {
+        let (Some(magic), Some(version), Some(header_size), Some(fat_size)) =
+            (le_u32(header, 0), le_u16(header, 4), le_u16(header, 6), le_u64(header, 8))
+        else {
             return Err(corrupt(name, off, "truncated container header"));
         };
         if magic != FATBIN_MAGIC {
@@ -566,11 +516,7 @@ pub fn parse_nv_fatbin(
             return Ok(());
         }
         if u64::from(header_size) < CONTAINER_HEADER_LEN {
-            return Err(corrupt(
-                name,
-                off,
-                format!("container header size {header_size} is less than 16"),
-            ));
+            return Err(corrupt(name, off, format!("container header size {header_size} is less than 16")));
         }
         let end = off
             .checked_add(u64::from(header_size))
@@ -591,14 +537,7 @@ pub fn parse_nv_fatbin(
             relocatable,
             container,
         };
-        parse_entries(
-            section,
-            off + u64::from(header_size),
-            end,
-            &place,
-            out,
-            warnings,
-        )?;
+        parse_entries(section, off + u64::from(header_size), end, &place, out, warnings)?;
         off = end;
         container += 1;
     }
@@ -619,11 +558,7 @@ fn parse_entries(
     while p < end {
         count += 1;
         if count > MAX_ENTRIES {
-            return Err(corrupt(
-                name,
-                p,
-                format!("more than {MAX_ENTRIES} entries in one container"),
-            ));
+            return Err(corrupt(name, p, format!("more than {MAX_ENTRIES} entries in one container")));
         }
         if end - p < ENTRY_HEADER_LEN {
             return Err(corrupt(
@@ -642,11 +577,7 @@ fn parse_entries(
             .ok_or_else(|| corrupt(name, p, "truncated entry header"))?;
         let header_size = u64::from(raw.header_size);
         if header_size < ENTRY_HEADER_LEN {
-            return Err(corrupt(
-                name,
-                p,
-                format!("entry header size {header_size:#x} is less than 0x40"),
-            ));
+            return Err(corrupt(name, p, format!("entry header size {header_size:#x} is less than 0x40")));
         }
         let next = p
             .checked_add(header_size)
@@ -678,21 +609,14 @@ fn parse_entries(
         let header = section
             .get(to_usize(p)..to_usize(p + header_size))
             .ok_or_else(|| corrupt(name, p, "truncated entry header"))?;
-        let payload = section
-            .get(to_usize(p + header_size)..to_usize(next))
-            .unwrap_or(&[]);
+        let payload = section.get(to_usize(p + header_size)..to_usize(next)).unwrap_or(&[]);
         if raw.kind == KIND_CONCAT {
             expand_concat(header, &raw, p, place, out, warnings)?;
         } else {
-            check_ext_descriptor(header, &raw, header_size)
-                .map_err(|problem| corrupt(name, p, problem))?;
-            let identifier = read_identifier(header, &raw, header_size)
-                .map_err(|problem| corrupt(name, p, problem))?;
+            check_ext_descriptor(header, &raw, header_size).map_err(|problem| corrupt(name, p, problem))?;
+            let identifier = read_identifier(header, &raw, header_size).map_err(|problem| corrupt(name, p, problem))?;
             let entry = make_entry(&raw, identifier, p, false, None, place, warnings);
-            if entry.kind == CudaCodeKind::Cubin
-                && entry.compression.is_none()
-                && raw.compressed_size == 0
-            {
+            if entry.kind == CudaCodeKind::Cubin && entry.compression.is_none() && raw.compressed_size == 0 {
                 cross_check_cubin(payload, raw.arch, p, place, warnings);
             }
             out.push(entry);
@@ -710,14 +634,9 @@ fn check_ext_descriptor(header: &[u8], raw: &RawEntry, limit: u64) -> Result<(),
     }
     let ext = u64::from(raw.ext_offset);
     if ext.checked_add(8).is_none_or(|e| e > limit) {
-        return Err(format!(
-            "extension descriptor at {ext:#x} lies outside the {limit:#x}-byte header"
-        ));
+        return Err(format!("extension descriptor at {ext:#x} lies outside the {limit:#x}-byte header"));
     }
-    let (Some(data_off), Some(data_size)) = (
-        le_u32(header, to_usize(ext)),
-        le_u32(header, to_usize(ext + 4)),
-    ) else {
+    let (Some(data_off), Some(data_size)) = (le_u32(header, to_usize(ext)), le_u32(header, to_usize(ext + 4))) else {
         return Err("truncated extension descriptor".into());
     };
     if u64::from(data_off) + u64::from(data_size) > limit {
@@ -760,12 +679,8 @@ fn sub_header_len(sub: &[u8], raw: &RawEntry) -> Result<u64, String> {
     if raw.ext_offset != 0 {
         let ext = u64::from(raw.ext_offset);
         len = len.max(ext + 8);
-        let (Some(data_off), Some(data_size)) =
-            (le_u32(sub, to_usize(ext)), le_u32(sub, to_usize(ext + 4)))
-        else {
-            return Err(format!(
-                "sub-entry extension descriptor at {ext:#x} lies outside the concat table"
-            ));
+        let (Some(data_off), Some(data_size)) = (le_u32(sub, to_usize(ext)), le_u32(sub, to_usize(ext + 4))) else {
+            return Err(format!("sub-entry extension descriptor at {ext:#x} lies outside the concat table"));
         };
         len = len.max(u64::from(data_off) + u64::from(data_size) + 1);
     }
@@ -792,20 +707,13 @@ fn expand_concat(
     }
     let table = u64::from(raw.ext_offset);
     if table + 8 > limit {
-        return Err(bad(format!(
-            "concat table at {table:#x} lies outside the {limit:#x}-byte header"
-        )));
+        return Err(bad(format!("concat table at {table:#x} lies outside the {limit:#x}-byte header")));
     }
-    let (Some(count), Some(table_size)) = (
-        le_u32(header, to_usize(table)),
-        le_u32(header, to_usize(table + 4)),
-    ) else {
+    let (Some(count), Some(table_size)) = (le_u32(header, to_usize(table)), le_u32(header, to_usize(table + 4))) else {
         return Err(bad("truncated concat table".into()));
     };
     if count > MAX_CONCAT {
-        return Err(bad(format!(
-            "concat count {count} exceeds the cap of {MAX_CONCAT}"
-        )));
+        return Err(bad(format!("concat count {count} exceeds the cap of {MAX_CONCAT}")));
     }
     let table_end = table + u64::from(table_size);
     if u64::from(table_size) < 8 || table_end > limit {
@@ -825,13 +733,8 @@ fn expand_concat(
     for i in 0..count {
         let sub_at = at + q;
         let sub = table_bytes.get(to_usize(q)..).unwrap_or(&[]);
-        let sub_raw = RawEntry::read(sub).ok_or_else(|| {
-            corrupt(
-                name,
-                sub_at,
-                format!("concat sub-entry {i} of {count} overruns the concat table"),
-            )
-        })?;
+        let sub_raw = RawEntry::read(sub)
+            .ok_or_else(|| corrupt(name, sub_at, format!("concat sub-entry {i} of {count} overruns the concat table")))?;
         let sub_len = sub_header_len(sub, &sub_raw).map_err(|p| corrupt(name, sub_at, p))?;
         if q.checked_add(sub_len).is_none_or(|e| e > table_end) {
             return Err(corrupt(
@@ -841,8 +744,7 @@ fn expand_concat(
             ));
         }
         let sub_header = sub.get(..to_usize(sub_len)).unwrap_or(sub);
-        let identifier =
-            read_identifier(sub_header, &sub_raw, sub_len).map_err(|p| corrupt(name, sub_at, p))?;
+        let identifier = read_identifier(sub_header, &sub_raw, sub_len).map_err(|p| corrupt(name, sub_at, p))?;
         let image_end = u64::from(sub_raw.header_size).checked_add(sub_raw.payload_size);
         if image_end.is_none_or(|e| e > blob_len) {
             warnings.push(format!(
@@ -851,15 +753,7 @@ fn expand_concat(
                 place.container, sub_raw.header_size, sub_raw.payload_size
             ));
         }
-        let mut entry = make_entry(
-            &sub_raw,
-            identifier,
-            sub_at,
-            true,
-            compression,
-            place,
-            warnings,
-        );
+        let mut entry = make_entry(&sub_raw, identifier, sub_at, true, compression, place, warnings);
         if sub_raw.kind == KIND_CONCAT {
             warnings.push(format!(
                 "{name} container {} at {sub_at:#x}: nested concatenated entry not supported; skipped",
@@ -894,15 +788,9 @@ fn compression_of(flags: u64) -> Option<&'static str> {
 /// Warns about an entry version other than 0x0101, unknown flag bits and several
 /// compression bits at once.
 fn warn_entry_fields(raw: &RawEntry, at: u64, place: &Place<'_>, warnings: &mut Vec<String>) {
-    let here = format!(
-        "{} container {} entry at {at:#x}",
-        place.section, place.container
-    );
+    let here = format!("{} container {} entry at {at:#x}", place.section, place.container);
     if raw.version != ENTRY_VERSION {
-        warnings.push(format!(
-            "{here}: unknown entry version {:#06x}",
-            raw.version
-        ));
+        warnings.push(format!("{here}: unknown entry version {:#06x}", raw.version));
     }
     let unknown = raw.flags & !KNOWN_FLAGS;
     if unknown != 0 {
@@ -910,9 +798,7 @@ fn warn_entry_fields(raw: &RawEntry, at: u64, place: &Place<'_>, warnings: &mut 
     }
     let compressions = raw.flags & (FLAG_COMPRESS_ZSTD | FLAG_COMPRESS_LZ4 | FLAG_COMPRESS_LEGACY);
     if compressions.count_ones() > 1 {
-        warnings.push(format!(
-            "{here}: several compression flags {compressions:#x}"
-        ));
+        warnings.push(format!("{here}: several compression flags {compressions:#x}"));
     }
 }
 
@@ -927,20 +813,14 @@ fn make_entry(
     warnings: &mut Vec<String>,
 ) -> CudaCodeEntry {
     warn_entry_fields(raw, at, place, warnings);
-    let here = format!(
-        "{} container {} entry at {at:#x}",
-        place.section, place.container
-    );
+    let here = format!("{} container {} entry at {at:#x}", place.section, place.container);
     let kind = match raw.kind {
         KIND_ELF => CudaCodeKind::Cubin,
         KIND_PTX => CudaCodeKind::Ptx,
         KIND_NVVM => CudaCodeKind::Nvvm,
         other => {
             if other != KIND_CONCAT {
-                warnings.push(format!(
-                    "{here}: unknown(kind={other:#x}, arch={}); skipped",
-                    raw.arch
-                ));
+                warnings.push(format!("{here}: unknown(kind={other:#x}, arch={}); skipped", raw.arch));
             }
             CudaCodeKind::Unknown(other)
         }
@@ -964,20 +844,12 @@ fn make_entry(
 }
 
 /// `arch` plus the `a`/`f` flags (binary-formats.md §1.7).
-fn decode_arch(
-    raw: &RawEntry,
-    ptx: bool,
-    here: &str,
-    warnings: &mut Vec<String>,
-) -> Option<CudaArch> {
+fn decode_arch(raw: &RawEntry, ptx: bool, here: &str, warnings: &mut Vec<String>) -> Option<CudaArch> {
     if raw.arch == 0 {
         return None;
     }
     if !(10..=999).contains(&raw.arch) {
-        warnings.push(format!(
-            "{here}: architecture {} out of range; not reported",
-            raw.arch
-        ));
+        warnings.push(format!("{here}: architecture {} out of range; not reported", raw.arch));
         return None;
     }
     let a = raw.flags & FLAG_ARCH_SPECIFIC != 0;
@@ -1003,50 +875,26 @@ fn decode_arch(
 }
 
 /// Compares an uncompressed cubin's own SM with the entry's `arch` (checklist §3.10).
-fn cross_check_cubin(
-    payload: &[u8],
-    arch: u32,
-    at: u64,
-    place: &Place<'_>,
-    warnings: &mut Vec<String>,
-) {
-    let here = format!(
-        "{} container {} entry at {at:#x}",
-        place.section, place.container
-    );
+fn cross_check_cubin(payload: &[u8], arch: u32, at: u64, place: &Place<'_>, warnings: &mut Vec<String>) {
+    let here = format!("{} container {} entry at {at:#x}", place.section, place.container);
     if payload.get(..4) != Some(&elf::ELFMAG[..]) {
-        warnings.push(format!(
-            "{here}: uncompressed cubin payload is not an ELF image"
-        ));
+        warnings.push(format!("{here}: uncompressed cubin payload is not an ELF image"));
         return;
     }
-    if payload.get(EI_CLASS) != Some(&elf::ELFCLASS64)
-        || payload.get(EI_DATA) != Some(&elf::ELFDATA2LSB)
-    {
-        warnings.push(format!(
-            "{here}: cubin is not a 64-bit little-endian ELF image"
-        ));
+    if payload.get(EI_CLASS) != Some(&elf::ELFCLASS64) || payload.get(EI_DATA) != Some(&elf::ELFDATA2LSB) {
+        warnings.push(format!("{here}: cubin is not a 64-bit little-endian ELF image"));
         return;
     }
-    let (Some(machine), Some(&abi_version), Some(e_flags)) = (
-        le_u16(payload, 0x12),
-        payload.get(EI_ABIVERSION),
-        le_u32(payload, 0x30),
-    ) else {
+    let (Some(machine), Some(&abi_version), Some(e_flags)) = (le_u16(payload, 0x12), payload.get(EI_ABIVERSION), le_u32(payload, 0x30))
+    else {
         warnings.push(format!("{here}: truncated cubin ELF header"));
         return;
     };
     if machine != EM_CUDA {
-        warnings.push(format!(
-            "{here}: cubin e_machine is {machine}, not EM_CUDA (190)"
-        ));
+        warnings.push(format!("{here}: cubin e_machine is {machine}, not EM_CUDA (190)"));
         return;
     }
-    let sm = if abi_version >= 8 {
-        (e_flags >> 8) & 0xFF
-    } else {
-        e_flags & 0xFF
-    };
+    let sm = if abi_version >= 8 { (e_flags >> 8) & 0xFF } else { e_flags & 0xFF };
     if sm != arch {
         warnings.push(format!(
             "{here}: cubin ELF header says sm_{sm} (e_flags {e_flags:#010x}), the entry says {arch}"
@@ -1159,11 +1007,7 @@ mod tests {
         let mut e = E::new(KIND_CONCAT, 0, 0x8011);
         e.code_version = (0, 1);
         e.ext_offset = 0x40;
-        e.tail = [
-            (subs.len() as u32).to_le_bytes(),
-            (8 + table.len() as u32).to_le_bytes(),
-        ]
-        .concat();
+        e.tail = [(subs.len() as u32).to_le_bytes(), (8 + table.len() as u32).to_le_bytes()].concat();
         e.tail.extend(table);
         e.payload = vec![0x28, 0xB5, 0x2F, 0xFD, 9, 9, 9, 9];
         e.compressed_size = 8;
@@ -1208,10 +1052,7 @@ mod tests {
     fn archs(entries: &[CudaCodeEntry]) -> Vec<String> {
         entries
             .iter()
-            .map(|e| {
-                e.arch
-                    .map_or_else(|| format!("{}", e.kind), |a| a.to_string())
-            })
+            .map(|e| e.arch.map_or_else(|| format!("{}", e.kind), |a| a.to_string()))
             .collect()
     }
 
@@ -1225,21 +1066,14 @@ mod tests {
     fn expect_corrupt(section: &[u8], needle: &str) {
         match parse(section) {
             Err(InspectError::Corrupt { problem, .. }) => {
-                assert!(
-                    problem.contains(needle),
-                    "problem `{problem}` should mention `{needle}`"
-                )
+                assert!(problem.contains(needle), "problem `{problem}` should mention `{needle}`")
             }
             other => panic!("expected a Corrupt error mentioning `{needle}`, got {other:?}"),
         }
     }
 
     fn liba_container() -> Vec<u8> {
-        container(&[
-            E::cubin(80, 0),
-            E::cubin(90, FLAG_ARCH_SPECIFIC),
-            E::zstd_ptx(90, 0),
-        ])
+        container(&[E::cubin(80, 0), E::cubin(90, FLAG_ARCH_SPECIFIC), E::zstd_ptx(90, 0)])
     }
 
     #[test]
@@ -1251,17 +1085,10 @@ mod tests {
         assert_eq!(entries[2].code_version, (9, 5));
         assert_eq!(entries[2].compression, Some("zstd"));
         assert_eq!(entries[0].compression, None);
-        assert!(
-            entries
-                .iter()
-                .all(|e| e.container == 0 && !e.relocatable && !e.concat)
-        );
+        assert!(entries.iter().all(|e| e.container == 0 && !e.relocatable && !e.concat));
         assert_eq!(entries[0].offset, 16);
         let info = info_of(entries);
-        assert_eq!(
-            info.cuda_code(),
-            [arch("sm_80"), arch("sm_90a"), arch("compute_90")]
-        );
+        assert_eq!(info.cuda_code(), [arch("sm_80"), arch("sm_90a"), arch("compute_90")]);
     }
 
     #[test]
@@ -1279,10 +1106,7 @@ mod tests {
         assert!(entries[5].relocatable && entries[6].relocatable);
         assert_eq!(entries[6].kind, CudaCodeKind::Nvvm);
         let info = info_of(entries);
-        assert_eq!(
-            info.cuda_code(),
-            [arch("sm_80"), arch("sm_90a"), arch("compute_90")]
-        );
+        assert_eq!(info.cuda_code(), [arch("sm_80"), arch("sm_90a"), arch("compute_90")]);
     }
 
     #[test]
@@ -1306,10 +1130,7 @@ mod tests {
         ]);
         let (entries, warnings) = parse(&section).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(
-            archs(&entries),
-            ["sm_100f", "compute_90", "compute_120", "sm_80", "sm_90a"]
-        );
+        assert_eq!(archs(&entries), ["sm_100f", "compute_90", "compute_120", "sm_80", "sm_90a"]);
         assert!(!entries[0].concat && entries[1..].iter().all(|e| e.concat));
         assert!(entries[1..].iter().all(|e| e.compression == Some("zstd")));
         assert_eq!(entries[1].code_version, (9, 5));
@@ -1426,9 +1247,7 @@ mod tests {
 
         // Garbage instead of padding is not.
         let mut section = container(&[E::cubin(80, 0)]);
-        section.extend_from_slice(&[
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-        ]);
+        section.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
         expect_corrupt(&section, "magic");
         // So is an empty or all-zero section.
         assert!(parse(&[]).unwrap().0.is_empty());
@@ -1449,14 +1268,8 @@ mod tests {
         assert_eq!(entries[2].kind, CudaCodeKind::Unknown(0x40));
         assert!(entries[1].arch.is_none());
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(
-            warnings[0].contains("unknown(kind=0x4, arch=80)"),
-            "{warnings:?}"
-        );
-        assert_eq!(
-            info_of(entries).cuda_code(),
-            [arch("sm_80"), arch("compute_90")]
-        );
+        assert!(warnings[0].contains("unknown(kind=0x4, arch=80)"), "{warnings:?}");
+        assert_eq!(info_of(entries).cuda_code(), [arch("sm_80"), arch("compute_90")]);
     }
 
     #[test]
@@ -1482,10 +1295,7 @@ mod tests {
         section.extend(second);
         let (entries, warnings) = parse(&section).unwrap();
         assert_eq!(entries.len(), 3);
-        assert!(
-            warnings[0].contains("unknown container version 2"),
-            "{warnings:?}"
-        );
+        assert!(warnings[0].contains("unknown container version 2"), "{warnings:?}");
     }
 
     #[test]
@@ -1519,7 +1329,7 @@ mod tests {
         out.extend_from_slice(fatbin);
         sections.push((1, elf::SHT_PROGBITS, fat_off, fatbin.len() as u64));
         if let Some(rel) = relfatbin {
-            while out.len() % 8 != 0 {
+            while !out.len().is_multiple_of(8) {
                 out.push(0);
             }
             let off = out.len() as u64;
@@ -1529,7 +1339,7 @@ mod tests {
         let str_off = out.len() as u64;
         out.extend_from_slice(&shstrtab);
         sections.push((27, elf::SHT_STRTAB, str_off, shstrtab.len() as u64));
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
         let shoff = out.len() as u64;
@@ -1572,31 +1382,19 @@ mod tests {
         assert!(!info.musl);
         assert_eq!(info.cuda.len(), 4);
         assert!(info.cuda[3].relocatable);
-        assert_eq!(
-            info.cuda_code(),
-            [arch("sm_80"), arch("sm_90a"), arch("compute_90")]
-        );
+        assert_eq!(info.cuda_code(), [arch("sm_80"), arch("sm_90a"), arch("compute_90")]);
     }
 
     #[test]
     fn library_errors() {
-        assert!(matches!(
-            inspect_library(b"MZ\x90\0"),
-            Err(InspectError::NotElf)
-        ));
+        assert!(matches!(inspect_library(b"MZ\x90\0"), Err(InspectError::NotElf)));
         assert!(matches!(inspect_library(b""), Err(InspectError::NotElf)));
         let mut bytes = elf_with_fatbin(&liba_container(), None);
         bytes[4] = elf::ELFCLASS32;
-        assert!(matches!(
-            inspect_library(&bytes),
-            Err(InspectError::Unsupported(_))
-        ));
+        assert!(matches!(inspect_library(&bytes), Err(InspectError::Unsupported(_))));
         let mut bytes = elf_with_fatbin(&liba_container(), None);
         bytes[5] = elf::ELFDATA2MSB;
-        assert!(matches!(
-            inspect_library(&bytes),
-            Err(InspectError::Unsupported(_))
-        ));
+        assert!(matches!(inspect_library(&bytes), Err(InspectError::Unsupported(_))));
         let bytes = elf_with_fatbin(&liba_container(), None);
         assert!(matches!(
             inspect_library(&bytes[..bytes.len() - 1]),
@@ -1606,9 +1404,7 @@ mod tests {
         let mut c = liba_container();
         c[16 + 4..16 + 8].copy_from_slice(&0x10u32.to_le_bytes());
         match inspect_library(&elf_with_fatbin(&c, None)) {
-            Err(InspectError::Corrupt {
-                section, offset, ..
-            }) => {
+            Err(InspectError::Corrupt { section, offset, .. }) => {
                 assert_eq!(section, ".nv_fatbin");
                 assert_eq!(offset, 16);
             }
@@ -1664,18 +1460,7 @@ mod tests {
                 }
                 3 => {
                     // Write an interesting 32-bit value at an aligned offset.
-                    let values = [
-                        0u32,
-                        1,
-                        7,
-                        8,
-                        0x3F,
-                        0x40,
-                        0x41,
-                        0xFFFF,
-                        0x8000_0000,
-                        u32::MAX,
-                    ];
+                    let values = [0u32, 1, 7, 8, 0x3F, 0x40, 0x41, 0xFFFF, 0x8000_0000, u32::MAX];
                     let i = rng.below(m.len() / 4) * 4;
                     let v = values[rng.below(values.len())].to_le_bytes();
                     if let Some(s) = m.get_mut(i..i + 4) {
@@ -1715,9 +1500,7 @@ mod tests {
             let m = mutate(&mut rng, &section);
             let mut out = Vec::new();
             let mut warnings = Vec::new();
-            outcomes
-                [usize::from(parse_nv_fatbin(&m, i % 2 == 0, &mut out, &mut warnings).is_ok())] +=
-                1;
+            outcomes[usize::from(parse_nv_fatbin(&m, i % 2 == 0, &mut out, &mut warnings).is_ok())] += 1;
             let m = mutate(&mut rng, &library);
             let _ = inspect_library(&m);
         }

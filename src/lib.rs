@@ -17,13 +17,13 @@ pub mod abi;
 pub mod host;
 pub mod inspect;
 pub mod load;
-pub mod package;
 pub mod manifest;
+pub mod package;
 pub mod platform;
 pub mod resolve;
 pub mod verify;
 
 pub use host::{HostFacts, ProbeOptions};
-pub use manifest::{Manifest, ManifestError};
 pub use load::{Kernel, LoadError, Release};
+pub use manifest::{Manifest, ManifestError};
 pub use resolve::{Preferences, Resolution, resolve};

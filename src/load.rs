@@ -90,7 +90,9 @@ pub enum LoadError {
         actual: u64,
     },
     /// A file's SHA-256 differs from the manifest's.
-    #[error("file `{path}` has sha256 {actual}, the manifest says {expected}: refusing to load it; the release is corrupt or was tampered with")]
+    #[error(
+        "file `{path}` has sha256 {actual}, the manifest says {expected}: refusing to load it; the release is corrupt or was tampered with"
+    )]
     DigestMismatch {
         /// The file.
         path: RelPath,
@@ -119,13 +121,20 @@ pub enum LoadError {
         message: String,
     },
     /// The library does not export the entry symbol.
-    #[error("`{path}` does not export `{}`: it is not a khub kernel (build it against include/khub_kernel.h)", abi::ENTRY_SYMBOL)]
+    #[error(
+        "`{path}` does not export `{}`: it is not a khub kernel (build it against include/khub_kernel.h)",
+        abi::ENTRY_SYMBOL
+    )]
     NoEntry {
         /// The library.
         path: String,
     },
     /// The kernel returned no descriptor for this khub's ABI.
-    #[error("`{path}` refused kernel ABI {}.{} (its entry returned NULL): it was built for another ABI major", abi::ABI_MAJOR, abi::ABI_MINOR)]
+    #[error(
+        "`{path}` refused kernel ABI {}.{} (its entry returned NULL): it was built for another ABI major",
+        abi::ABI_MAJOR,
+        abi::ABI_MINOR
+    )]
     AbiRefused {
         /// The library.
         path: String,
@@ -384,7 +393,10 @@ impl Release {
             source,
         })?;
         let path = root.join("khub.toml");
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::ManifestRead { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::ManifestRead {
+            path: path.clone(),
+            source,
+        })?;
         let manifest = Manifest::from_bytes(&bytes).map_err(|source| LoadError::Manifest { path, source })?;
         Ok(Release { root, manifest })
     }
@@ -651,7 +663,10 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
         return Err(bad(format!("it reports ABI major {major}, khub asked for {}", abi::ABI_MAJOR)));
     }
     if size < std::mem::size_of::<KhubKernelDesc>() as u64 {
-        return Err(bad(format!("struct_size is {size}, smaller than ABI 1.0's {}", std::mem::size_of::<KhubKernelDesc>())));
+        return Err(bad(format!(
+            "struct_size is {size}, smaller than ABI 1.0's {}",
+            std::mem::size_of::<KhubKernelDesc>()
+        )));
     }
     // SAFETY: struct_size covers every v1.0 field, so the whole struct may be read.
     let desc = unsafe { &*desc_ptr };
@@ -679,7 +694,13 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
     for i in 0..desc.function_count as usize {
         // SAFETY: the table has function_count entries function_size bytes apart, and
         // function_size covers the v1.0 khub_function.
-        let f = unsafe { &*(desc.functions.cast::<u8>().add(i * desc.function_size as usize).cast::<KhubFunction>()) };
+        let f = unsafe {
+            &*(desc
+                .functions
+                .cast::<u8>()
+                .add(i * desc.function_size as usize)
+                .cast::<KhubFunction>())
+        };
         // SAFETY: static NUL-terminated strings (ABI contract).
         let fname = unsafe { c_str(f.name, &format!("functions[{i}].name")).map_err(&bad)? };
         // SAFETY: as above.
@@ -820,7 +841,10 @@ pub fn describe_library(path: &Path) -> Result<Description, LoadError> {
         path: shown.clone(),
         source,
     })?;
-    let lib = dlopen(&abs).map_err(|message| LoadError::Dlopen { path: shown.clone(), message })?;
+    let lib = dlopen(&abs).map_err(|message| LoadError::Dlopen {
+        path: shown.clone(),
+        message,
+    })?;
     let lib = ManuallyDrop::new(lib);
     let n = negotiate(&lib, &shown)?;
     Ok(Description {
@@ -993,7 +1017,9 @@ impl Kernel {
     /// Runs a function's self-test on `n` generated elements.
     pub fn selftest(&self, name: &str, seed: u64, n: usize) -> Result<SelftestReport, CallError> {
         let e = self.entry(name).map_err(|e| CallError::NotFound(e.to_string()))?;
-        let test = e.selftest.ok_or_else(|| CallError::NotFound(format!("`{name}` has no self-test")))?;
+        let test = e
+            .selftest
+            .ok_or_else(|| CallError::NotFound(format!("`{name}` has no self-test")))?;
         let mut err = [0 as c_char; ERROR_CAPACITY];
         let call = KhubCall {
             struct_size: std::mem::size_of::<KhubCall>() as u32,

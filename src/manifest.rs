@@ -22,10 +22,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::platform::{
-    AmdTarget, Backend, CpuArch, CudaArch, CudaFeatureSet, CudartLinkage, Libc, MajorMinor, Os,
-    ParseError, X86Level,
-};
+use crate::platform::{AmdTarget, Backend, CpuArch, CudaArch, CudaFeatureSet, CudartLinkage, Libc, MajorMinor, Os, ParseError, X86Level};
 
 /// The schema major this version of khub reads and writes.
 pub const SCHEMA_MAJOR: u32 = 1;
@@ -80,7 +77,9 @@ pub enum ManifestError {
     #[error("manifest is not valid: {0}")]
     Syntax(Box<toml::de::Error>),
     /// A key this schema version does not define.
-    #[error("manifest field `{field}` is not part of schema {SCHEMA_MAJOR}.{SCHEMA_MINOR}; remove it, or set a newer `schema` if a newer khub wrote it")]
+    #[error(
+        "manifest field `{field}` is not part of schema {SCHEMA_MAJOR}.{SCHEMA_MINOR}; remove it, or set a newer `schema` if a newer khub wrote it"
+    )]
     UnknownField {
         /// The dotted path of the key.
         field: String,
@@ -496,9 +495,17 @@ fn schema_version(text: &str) -> Result<(u32, u32), ManifestError> {
     let found = match head.schema {
         Some(toml::Value::String(s)) => s,
         Some(other) => {
-            return Err(invalid("schema", format!("must be a string such as \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\", found {other}")));
+            return Err(invalid(
+                "schema",
+                format!("must be a string such as \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\", found {other}"),
+            ));
         }
-        None => return Err(invalid("schema", format!("is missing; write schema = \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\" at the top"))),
+        None => {
+            return Err(invalid(
+                "schema",
+                format!("is missing; write schema = \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\" at the top"),
+            ));
+        }
     };
     let parsed = found
         .split_once('.')
@@ -506,7 +513,13 @@ fn schema_version(text: &str) -> Result<(u32, u32), ManifestError> {
     match parsed {
         Some((SCHEMA_MAJOR, minor)) => Ok((SCHEMA_MAJOR, minor)),
         Some(_) => Err(ManifestError::UnsupportedSchema { found }),
-        None => Err(invalid("schema", format!("`{}` is not MAJOR.MINOR, e.g. \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\"", found.escape_default()))),
+        None => Err(invalid(
+            "schema",
+            format!(
+                "`{}` is not MAJOR.MINOR, e.g. \"{SCHEMA_MAJOR}.{SCHEMA_MINOR}\"",
+                found.escape_default()
+            ),
+        )),
     }
 }
 
@@ -516,9 +529,7 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge { size: bytes.len() });
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| ManifestError::NotUtf8 {
-            offset: e.valid_up_to(),
-        })?;
+        let text = std::str::from_utf8(bytes).map_err(|e| ManifestError::NotUtf8 { offset: e.valid_up_to() })?;
         Manifest::from_toml_str(text)
     }
 
@@ -531,8 +542,8 @@ impl Manifest {
         let (_, minor) = schema_version(text)?;
         let mut unknown = Vec::new();
         let de = toml::Deserializer::parse(text).map_err(|e| ManifestError::Syntax(Box::new(e)))?;
-        let manifest: Manifest = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
-            .map_err(|e| ManifestError::Syntax(Box::new(e)))?;
+        let manifest: Manifest =
+            serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(|e| ManifestError::Syntax(Box::new(e)))?;
         if minor.cmp(&SCHEMA_MINOR) != std::cmp::Ordering::Greater
             && let Some(field) = unknown.into_iter().next()
         {
@@ -559,17 +570,27 @@ impl Manifest {
         let (major, _) = schema_version(&format!("schema = {:?}", self.schema))?;
         debug_assert_eq!(major, SCHEMA_MAJOR);
         let k = &self.kernel;
-        check_name("kernel.name", &k.name, 96, |b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-        }, "lowercase letters, digits, `-` and `_`")?;
+        check_name(
+            "kernel.name",
+            &k.name,
+            96,
+            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_',
+            "lowercase letters, digits, `-` and `_`",
+        )?;
         if k.abi == 0 {
-            return Err(invalid("kernel.abi", "must be 1 or higher: the kernel ABI major the variants speak"));
+            return Err(invalid(
+                "kernel.abi",
+                "must be 1 or higher: the kernel ABI major the variants speak",
+            ));
         }
         check_text("kernel.description", k.description.as_deref())?;
         check_text("kernel.license", k.license.as_deref())?;
 
         if self.exports.len() > MAX_EXPORTS {
-            return Err(invalid("exports", format!("{} entries; the limit is {MAX_EXPORTS}", self.exports.len())));
+            return Err(invalid(
+                "exports",
+                format!("{} entries; the limit is {MAX_EXPORTS}", self.exports.len()),
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, e) in self.exports.iter().enumerate() {
@@ -589,12 +610,18 @@ impl Manifest {
         }
 
         if self.variants.len() > MAX_VARIANTS {
-            return Err(invalid("variants", format!("{} entries; the limit is {MAX_VARIANTS}", self.variants.len())));
+            return Err(invalid(
+                "variants",
+                format!("{} entries; the limit is {MAX_VARIANTS}", self.variants.len()),
+            ));
         }
         let mut ids = BTreeSet::new();
         for (i, v) in self.variants.iter().enumerate() {
             if !ids.insert(v.id.as_str()) {
-                return Err(invalid(format!("variants[{i}].id"), format!("`{}` is used by an earlier variant; variant ids must be unique", v.id)));
+                return Err(invalid(
+                    format!("variants[{i}].id"),
+                    format!("`{}` is used by an earlier variant; variant ids must be unique", v.id),
+                ));
             }
             v.validate(i)?;
         }
@@ -604,7 +631,10 @@ impl Manifest {
 
 fn check_name(field: &str, s: &str, max: usize, ok: impl Fn(u8) -> bool, allowed: &str) -> Result<(), ManifestError> {
     if s.is_empty() || s.len() > max || !s.bytes().all(ok) {
-        return Err(invalid(field, format!("`{}` is not allowed: use 1 to {max} of {allowed}", s.escape_default())));
+        return Err(invalid(
+            field,
+            format!("`{}` is not allowed: use 1 to {max} of {allowed}", s.escape_default()),
+        ));
     }
     Ok(())
 }
@@ -620,28 +650,52 @@ fn check_text(field: &str, s: Option<&str>) -> Result<(), ManifestError> {
 impl Variant {
     fn validate(&self, i: usize) -> Result<(), ManifestError> {
         let f = |name: &str| format!("variants[{i}].{name}");
-        check_name(&f("id"), &self.id, 128, |b| b.is_ascii_alphanumeric() || b"._+-".contains(&b), "letters, digits, `.`, `_`, `+` and `-`")?;
+        check_name(
+            &f("id"),
+            &self.id,
+            128,
+            |b| b.is_ascii_alphanumeric() || b"._+-".contains(&b),
+            "letters, digits, `.`, `_`, `+` and `-`",
+        )?;
 
         // Platform constraints must make sense together.
         match (self.os, &self.libc) {
             (Os::Linux, None) => {
-                return Err(invalid(f("libc"), "is required for Linux variants: e.g. libc = \"glibc 2.28\" or \"musl 1.2\""));
+                return Err(invalid(
+                    f("libc"),
+                    "is required for Linux variants: e.g. libc = \"glibc 2.28\" or \"musl 1.2\"",
+                ));
             }
             (Os::Linux, Some(_)) => {}
             (os, Some(_)) => return Err(invalid(f("libc"), format!("only applies to Linux variants; this one is for {os}"))),
             _ => {}
         }
         if self.macos_min.is_some() && self.os != Os::MacOs {
-            return Err(invalid(f("macos-min"), format!("only applies to macOS variants; this one is for {}", self.os)));
+            return Err(invalid(
+                f("macos-min"),
+                format!("only applies to macOS variants; this one is for {}", self.os),
+            ));
         }
         if self.cpu_level.is_some() && self.arch != CpuArch::X86_64 {
-            return Err(invalid(f("cpu-level"), format!("x86-64 levels only apply to x86_64 variants; this one is for {}; use cpu-features", self.arch)));
+            return Err(invalid(
+                f("cpu-level"),
+                format!(
+                    "x86-64 levels only apply to x86_64 variants; this one is for {}; use cpu-features",
+                    self.arch
+                ),
+            ));
         }
         if self.cpu_features.len() > 256 {
             return Err(invalid(f("cpu-features"), "more than 256 entries"));
         }
         for feat in &self.cpu_features {
-            check_name(&f("cpu-features"), feat, 32, |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_', "lowercase feature names such as avx512f or sve2")?;
+            check_name(
+                &f("cpu-features"),
+                feat,
+                32,
+                |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_',
+                "lowercase feature names such as avx512f or sve2",
+            )?;
         }
 
         // Exactly the backend's own section, and no other.
@@ -656,7 +710,10 @@ impl Variant {
                 return Err(invalid(f(key), format!("is required when backend = \"{backend}\"")));
             }
             if backend != self.backend && present {
-                return Err(invalid(f(key), format!("does not apply to a {} variant; remove it or set backend = \"{key}\"", self.backend)));
+                return Err(invalid(
+                    f(key),
+                    format!("does not apply to a {} variant; remove it or set backend = \"{key}\"", self.backend),
+                ));
             }
         }
         if self.backend == Backend::Metal && self.os != Os::MacOs {
@@ -667,7 +724,10 @@ impl Variant {
         }
         if let Some(r) = &self.rocm {
             if r.targets.is_empty() {
-                return Err(invalid(f("rocm.targets"), "lists no code object; name at least one target id such as gfx942"));
+                return Err(invalid(
+                    f("rocm.targets"),
+                    "lists no code object; name at least one target id such as gfx942",
+                ));
             }
             if r.targets.len() > 256 || r.compatible.len() > 64 {
                 return Err(invalid(f("rocm"), "too many entries"));
@@ -682,16 +742,32 @@ impl Variant {
         if let Some(m) = &self.metal
             && m.min_macos().is_none()
         {
-            return Err(invalid(f("metal.language"), format!("Metal {} is unknown to this khub; known: 2.x, 3.0, 3.1, 3.2, 4.0, 4.1", m.language)));
+            return Err(invalid(
+                f("metal.language"),
+                format!("Metal {} is unknown to this khub; known: 2.x, 3.0, 3.1, 3.2, 4.0, 4.1", m.language),
+            ));
         }
         if let Some(x) = &self.xpu {
             if x.aot.is_empty() && !x.spirv {
-                return Err(invalid(f("xpu"), "carries no device code: list aot IP versions or set spirv = true"));
+                return Err(invalid(
+                    f("xpu"),
+                    "carries no device code: list aot IP versions or set spirv = true",
+                ));
             }
             for (j, ip) in x.aot.iter().enumerate() {
                 let parts: Vec<&str> = ip.split('.').collect();
-                if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || p.len() > 4 || !p.bytes().all(|b| b.is_ascii_digit())) {
-                    return Err(invalid(format!("{}[{j}]", f("xpu.aot")), format!("`{}` is not an IP version arch.release.revision such as 20.1.4", ip.escape_default())));
+                if parts.len() != 3
+                    || parts
+                        .iter()
+                        .any(|p| p.is_empty() || p.len() > 4 || !p.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    return Err(invalid(
+                        format!("{}[{j}]", f("xpu.aot")),
+                        format!(
+                            "`{}` is not an IP version arch.release.revision such as 20.1.4",
+                            ip.escape_default()
+                        ),
+                    ));
                 }
             }
         }
@@ -704,19 +780,31 @@ impl Variant {
             return Err(invalid(f("files"), "is empty; a variant has at least its library"));
         }
         if self.files.len() > MAX_FILES_PER_VARIANT {
-            return Err(invalid(f("files"), format!("{} entries; the limit is {MAX_FILES_PER_VARIANT}", self.files.len())));
+            return Err(invalid(
+                f("files"),
+                format!("{} entries; the limit is {MAX_FILES_PER_VARIANT}", self.files.len()),
+            ));
         }
         let mut paths = BTreeSet::new();
         for (j, file) in self.files.iter().enumerate() {
             if !paths.insert(&file.path) {
-                return Err(invalid(format!("{}[{j}].path", f("files")), format!("`{}` is listed twice", file.path)));
+                return Err(invalid(
+                    format!("{}[{j}].path", f("files")),
+                    format!("`{}` is listed twice", file.path),
+                ));
             }
             if file.size > MAX_FILE_SIZE {
-                return Err(invalid(format!("{}[{j}].size", f("files")), format!("{} bytes is over the {MAX_FILE_SIZE}-byte limit for one file", file.size)));
+                return Err(invalid(
+                    format!("{}[{j}].size", f("files")),
+                    format!("{} bytes is over the {MAX_FILE_SIZE}-byte limit for one file", file.size),
+                ));
             }
         }
         if !paths.contains(&self.library) {
-            return Err(invalid(f("library"), format!("`{}` is not one of the variant's files", self.library)));
+            return Err(invalid(
+                f("library"),
+                format!("`{}` is not one of the variant's files", self.library),
+            ));
         }
         Ok(())
     }
@@ -736,13 +824,19 @@ impl Variant {
 
 fn validate_cuda(c: &CudaVariant, field: &str) -> Result<(), ManifestError> {
     if c.code.is_empty() {
-        return Err(invalid(format!("{field}.code"), "lists no device code; name at least one of sm_XY[a|f] or compute_XY[a|f]"));
+        return Err(invalid(
+            format!("{field}.code"),
+            "lists no device code; name at least one of sm_XY[a|f] or compute_XY[a|f]",
+        ));
     }
     if c.code.len() > 256 {
         return Err(invalid(format!("{field}.code"), "more than 256 entries"));
     }
     if c.toolkit.major < 9 || c.toolkit.major > 99 {
-        return Err(invalid(format!("{field}.toolkit"), format!("CUDA {} is not a CUDA toolkit version", c.toolkit)));
+        return Err(invalid(
+            format!("{field}.toolkit"),
+            format!("CUDA {} is not a CUDA toolkit version", c.toolkit),
+        ));
     }
     let mut seen = BTreeSet::new();
     for (j, a) in c.code.iter().enumerate() {
@@ -762,7 +856,13 @@ fn validate_cuda(c: &CudaVariant, field: &str) -> Result<(), ManifestError> {
         }
         // §1.1: CUDA 13 dropped Maxwell, Pascal and Volta (compute capability below 7.5).
         if c.toolkit.major >= 13 && a.cc() < (7, 5) {
-            return Err(invalid(f, format!("CUDA {} cannot build `{a}`: CUDA 13 dropped compute capabilities below 7.5", c.toolkit)));
+            return Err(invalid(
+                f,
+                format!(
+                    "CUDA {} cannot build `{a}`: CUDA 13 dropped compute capabilities below 7.5",
+                    c.toolkit
+                ),
+            ));
         }
     }
     Ok(())
@@ -844,13 +944,18 @@ sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
     #[test]
     fn schema_versions_are_checked() {
-        assert!(matches!(with("schema = \"1.0\"", "schema = \"2.0\""), Err(ManifestError::UnsupportedSchema { .. })));
+        assert!(matches!(
+            with("schema = \"1.0\"", "schema = \"2.0\""),
+            Err(ManifestError::UnsupportedSchema { .. })
+        ));
         assert!(err_text(with("schema = \"1.0\"", "schema = \"one\"")).contains("MAJOR.MINOR"));
         assert!(err_text(with("schema = \"1.0\"", "")).contains("missing"));
         // A known minor is strict about unknown keys, a newer one is not.
         let e = err_text(with("abi = 1", "abi = 1\nflavour = \"x\""));
         assert!(e.contains("kernel.flavour"), "{e}");
-        let newer = SMALL.replace("schema = \"1.0\"", "schema = \"1.7\"").replace("abi = 1", "abi = 1\nflavour = \"x\"");
+        let newer = SMALL
+            .replace("schema = \"1.0\"", "schema = \"1.7\"")
+            .replace("abi = 1", "abi = 1\nflavour = \"x\"");
         assert!(Manifest::from_toml_str(&newer).is_ok());
     }
 
@@ -864,20 +969,34 @@ sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         assert!(matches!(Manifest::from_toml_str(&inline), Err(ManifestError::TooDeep { .. })));
         let huge = vec![b'#'; MAX_MANIFEST_BYTES + 1];
         assert!(matches!(Manifest::from_bytes(&huge), Err(ManifestError::TooLarge { .. })));
-        assert!(matches!(Manifest::from_bytes(b"schema = \"1.0\"\n\xff"), Err(ManifestError::NotUtf8 { .. })));
+        assert!(matches!(
+            Manifest::from_bytes(b"schema = \"1.0\"\n\xff"),
+            Err(ManifestError::NotUtf8 { .. })
+        ));
         // Brackets inside strings and comments do not count.
-        let quoted = SMALL.replace("abi = 1", &format!("abi = 1\ndescription = \"{}\" # {}", "[".repeat(100), "{".repeat(100)));
+        let quoted = SMALL.replace(
+            "abi = 1",
+            &format!("abi = 1\ndescription = \"{}\" # {}", "[".repeat(100), "{".repeat(100)),
+        );
         assert!(Manifest::from_toml_str(&quoted).is_ok());
     }
 
     #[test]
     fn field_rules_name_the_field() {
         let cases = [
-            ("code = [\"sm_80\", \"sm_90a\", \"compute_90\"]", "code = []", "variants[0].cuda.code"),
+            (
+                "code = [\"sm_80\", \"sm_90a\", \"compute_90\"]",
+                "code = []",
+                "variants[0].cuda.code",
+            ),
             ("\"sm_90a\", \"compute_90\"", "\"sm_100f\", \"compute_90\"", "12.9"),
             ("\"sm_90a\", \"compute_90\"", "\"sm_90a\", \"sm_90a\"", "twice"),
             ("sha256 = \"e3b0", "sha256 = \"E3B0", "sha256"),
-            ("library = \"variants/cuda128/libactivation.so\"", "library = \"variants/other.so\"", "variants[0].library"),
+            (
+                "library = \"variants/cuda128/libactivation.so\"",
+                "library = \"variants/other.so\"",
+                "variants[0].library",
+            ),
             ("libc = \"glibc 2.28\"\n", "", "variants[0].libc"),
             ("backend = \"cuda\"", "backend = \"rocm\"", "does not apply to a rocm variant"),
             ("backend = \"cuda\"", "backend = \"opencl\"", "backend"),
@@ -896,7 +1015,10 @@ sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
     #[test]
     fn cuda13_cannot_carry_volta() {
-        let e = err_text(with("toolkit = \"12.8\", cudart = \"static\", code = [\"sm_80\"", "toolkit = \"13.0\", cudart = \"static\", code = [\"sm_70\""));
+        let e = err_text(with(
+            "toolkit = \"12.8\", cudart = \"static\", code = [\"sm_80\"",
+            "toolkit = \"13.0\", cudart = \"static\", code = [\"sm_70\"",
+        ));
         assert!(e.contains("7.5"), "{e}");
     }
 }

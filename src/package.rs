@@ -232,8 +232,14 @@ impl PackageConfig {
     /// Reads `kernel.toml` from a kernel directory.
     pub fn read(kernel_dir: &Path) -> Result<Self, PackageError> {
         let path = kernel_dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| PackageError::ConfigRead { path: path.clone(), source })?;
-        let invalid = |message: String| PackageError::ConfigInvalid { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(|source| PackageError::ConfigRead {
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |message: String| PackageError::ConfigInvalid {
+            path: path.clone(),
+            message,
+        };
         let config: PackageConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let mut ids = BTreeSet::new();
         for v in &config.variants {
@@ -245,9 +251,19 @@ impl PackageConfig {
             }
             match (v.backend, &v.cuda) {
                 (Backend::Cpu, None) | (Backend::Cuda, Some(_)) => {}
-                (Backend::Cuda, None) => return Err(invalid(format!("variant `{}`: backend cuda needs a `cuda` table with `code`", v.id))),
+                (Backend::Cuda, None) => {
+                    return Err(invalid(format!(
+                        "variant `{}`: backend cuda needs a `cuda` table with `code`",
+                        v.id
+                    )));
+                }
                 (Backend::Cpu, Some(_)) => return Err(invalid(format!("variant `{}`: a cpu variant cannot have a `cuda` table", v.id))),
-                (b, _) => return Err(invalid(format!("variant `{}`: khub cannot build {b} variants yet; supported: cpu, cuda", v.id))),
+                (b, _) => {
+                    return Err(invalid(format!(
+                        "variant `{}`: khub cannot build {b} variants yet; supported: cpu, cuda",
+                        v.id
+                    )));
+                }
             }
         }
         Ok(config)
@@ -255,7 +271,11 @@ impl PackageConfig {
 }
 
 fn this_arch() -> CpuArch {
-    if cfg!(target_arch = "aarch64") { CpuArch::Aarch64 } else { CpuArch::X86_64 }
+    if cfg!(target_arch = "aarch64") {
+        CpuArch::Aarch64
+    } else {
+        CpuArch::X86_64
+    }
 }
 
 fn this_triple() -> String {
@@ -337,7 +357,15 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
             Ok(())
         };
         if v.arch.is_some_and(|a| a != this_arch()) {
-            skip(&mut report, log, format!("it targets {}, this machine is {} (khub does not cross-compile)", v.arch.map(|a| a.name()).unwrap_or(""), this_arch()))?;
+            skip(
+                &mut report,
+                log,
+                format!(
+                    "it targets {}, this machine is {} (khub does not cross-compile)",
+                    v.arch.map(|a| a.name()).unwrap_or(""),
+                    this_arch()
+                ),
+            )?;
             continue;
         }
         let dir = out_dir.join(&v.id);
@@ -352,10 +380,17 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
                     continue;
                 };
                 let Some(toolkit) = nvcc_version(nvcc) else {
-                    skip(&mut report, log, format!("{} --version did not report a CUDA release", nvcc.display()))?;
+                    skip(
+                        &mut report,
+                        log,
+                        format!("{} --version did not report a CUDA release", nvcc.display()),
+                    )?;
                     continue;
                 };
-                let cuda = v.cuda.as_ref().map_or((Vec::new(), CudartLinkage::Static), |c| (c.code.clone(), c.cudart));
+                let cuda = v
+                    .cuda
+                    .as_ref()
+                    .map_or((Vec::new(), CudartLinkage::Static), |c| (c.code.clone(), c.cudart));
                 let mut cmd = Command::new(nvcc);
                 cmd.args(["-shared", "-Xcompiler", "-fPIC", "-O3", "-cudart"]);
                 cmd.arg(if cuda.1 == CudartLinkage::Static { "static" } else { "shared" });
@@ -383,7 +418,13 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
                 (cmd, None)
             }
         };
-        cmd.arg("-I").arg(&include).arg(&version_define).args(&v.flags).arg("-o").arg(&lib).args(&sources);
+        cmd.arg("-I")
+            .arg(&include)
+            .arg(&version_define)
+            .args(&v.flags)
+            .arg("-o")
+            .arg(&lib)
+            .args(&sources);
         for l in &v.libs {
             cmd.arg(format!("-l{l}"));
         }
@@ -413,7 +454,11 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
     }
     if report.built.is_empty() {
         let why: Vec<String> = report.skipped.iter().map(|(id, w)| format!("{id}: {w}")).collect();
-        return Err(PackageError::NothingBuilt(if why.is_empty() { "the config selects no variant".into() } else { why.join("; ") }));
+        return Err(PackageError::NothingBuilt(if why.is_empty() {
+            "the config selects no variant".into()
+        } else {
+            why.join("; ")
+        }));
     }
     Ok(report)
 }
@@ -443,7 +488,10 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
         source,
     })?;
     if !info.exports.iter().any(|e| e == crate::abi::ENTRY_SYMBOL) {
-        return Err(mismatch(format!("the library does not export `{}`; define it with KHUB_DEFINE_KERNEL", crate::abi::ENTRY_SYMBOL)));
+        return Err(mismatch(format!(
+            "the library does not export `{}`; define it with KHUB_DEFINE_KERNEL",
+            crate::abi::ENTRY_SYMBOL
+        )));
     }
     let description = describe_library(&built.library).map_err(|source| PackageError::Describe {
         variant: v.id.clone(),
@@ -464,14 +512,20 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
                 let a = crate::abi::Signature::parse(sig).map_err(|e| mismatch(e.to_string()))?;
                 let b = crate::abi::Signature::parse(&f.signature).map_err(|e| mismatch(e.to_string()))?;
                 if a != b {
-                    return Err(mismatch(format!("`{name}`: kernel.toml says `{sig}`, the binary says `{}`", f.signature)));
+                    return Err(mismatch(format!(
+                        "`{name}`: kernel.toml says `{sig}`, the binary says `{}`",
+                        f.signature
+                    )));
                 }
             }
         }
     }
     for f in &description.functions {
         if !declared.iter().any(|(n, _)| *n == f.name) {
-            return Err(mismatch(format!("the binary exports `{}`, which kernel.toml does not declare", f.name)));
+            return Err(mismatch(format!(
+                "the binary exports `{}`, which kernel.toml does not declare",
+                f.name
+            )));
         }
     }
     // Device code: exactly what was asked for.
@@ -481,7 +535,11 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
         let have: BTreeSet<CudaArch> = cuda_code.iter().copied().collect();
         if want != have {
             let show = |s: &BTreeSet<CudaArch>| s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            return Err(mismatch(format!("kernel.toml declares device code [{}], the binary embeds [{}]", show(&want), show(&have))));
+            return Err(mismatch(format!(
+                "kernel.toml declares device code [{}], the binary embeds [{}]",
+                show(&want),
+                show(&have)
+            )));
         }
     } else if !cuda_code.is_empty() {
         return Err(mismatch("a cpu variant embeds CUDA device code".into()));
@@ -508,7 +566,12 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
 
 /// Builds, inspects and writes a release directory: `out/khub.toml` and
 /// `out/variants/<id>/…`. Returns the manifest and the build report.
-pub fn package(kernel_dir: &Path, out: &Path, options: &BuildOptions, log: &mut dyn FnMut(&str)) -> Result<(Manifest, BuildReport), PackageError> {
+pub fn package(
+    kernel_dir: &Path,
+    out: &Path,
+    options: &BuildOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Manifest, BuildReport), PackageError> {
     let config = PackageConfig::read(kernel_dir)?;
     let variants_dir = out.join("variants");
     let report = build(kernel_dir, &variants_dir, options, log)?;
@@ -524,7 +587,10 @@ pub fn package(kernel_dir: &Path, out: &Path, options: &BuildOptions, log: &mut 
             if inspected.cuda_code.is_empty() {
                 String::new()
             } else {
-                format!(", device code [{}]", inspected.cuda_code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+                format!(
+                    ", device code [{}]",
+                    inspected.cuda_code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )
             }
         ));
         let from_binary: Vec<Export> = inspected
@@ -597,7 +663,10 @@ mod tests {
 
     #[test]
     fn gencode_pairs_cubins_with_their_virtual_arch() {
-        let code: Vec<CudaArch> = ["sm_80", "sm_90a", "compute_90", "sm_100f"].iter().map(|s| s.parse().unwrap()).collect();
+        let code: Vec<CudaArch> = ["sm_80", "sm_90a", "compute_90", "sm_100f"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert_eq!(
             gencode_args(&code),
             [

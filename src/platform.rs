@@ -33,11 +33,7 @@ pub struct ParseError {
 impl ParseError {
     fn new(what: &'static str, value: &str, expected: &'static str) -> Self {
         let value: String = value.chars().take(80).collect();
-        Self {
-            what,
-            value,
-            expected,
-        }
+        Self { what, value, expected }
     }
 }
 
@@ -195,9 +191,7 @@ impl FromStr for MajorMinor {
         let number = |p: Option<&str>| -> Result<Option<u32>, ParseError> {
             match p {
                 None => Ok(None),
-                Some(p) if !p.is_empty() && p.len() <= 9 && p.bytes().all(|b| b.is_ascii_digit()) => {
-                    p.parse().map(Some).map_err(|_| err())
-                }
+                Some(p) if !p.is_empty() && p.len() <= 9 && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().map(Some).map_err(|_| err()),
                 Some(_) => Err(err()),
             }
         };
@@ -447,14 +441,8 @@ const GENERIC_FAMILIES: &[(&str, &[(&str, u32)])] = &[
             ("gfx90c", 1),
         ],
     ),
-    (
-        "gfx9-4-generic",
-        &[("gfx940", 1), ("gfx941", 1), ("gfx942", 1), ("gfx950", 1)],
-    ),
-    (
-        "gfx10-1-generic",
-        &[("gfx1010", 1), ("gfx1011", 1), ("gfx1012", 1), ("gfx1013", 1)],
-    ),
+    ("gfx9-4-generic", &[("gfx940", 1), ("gfx941", 1), ("gfx942", 1), ("gfx950", 1)]),
+    ("gfx10-1-generic", &[("gfx1010", 1), ("gfx1011", 1), ("gfx1012", 1), ("gfx1013", 1)]),
     (
         "gfx10-3-generic",
         &[
@@ -686,7 +674,15 @@ mod tests {
         let g: AmdTarget = "gfx11-generic".parse().unwrap();
         assert!(g.is_generic());
         assert_eq!(g.generic_version, 1);
-        for bad in ["gfx90a:xnack", "gfx90a:cumode+", "gfx90a:xnack+:xnack-", "gfx99-generic", "nv90", "gfx90a@2", "gfx"] {
+        for bad in [
+            "gfx90a:xnack",
+            "gfx90a:cumode+",
+            "gfx90a:xnack+:xnack-",
+            "gfx99-generic",
+            "nv90",
+            "gfx90a@2",
+            "gfx",
+        ] {
             assert!(bad.parse::<AmdTarget>().is_err(), "{bad} should be rejected");
         }
     }

@@ -423,20 +423,26 @@ impl Rejection {
     pub fn hint(&self) -> &'static str {
         use Rejection::*;
         match self {
-            NotSelected { .. } | BackendNotPreferred { .. } | JitForbidden { .. } => "drop the preference (--prefer) that set this variant aside",
+            NotSelected { .. } | BackendNotPreferred { .. } | JitForbidden { .. } => {
+                "drop the preference (--prefer) that set this variant aside"
+            }
             AbiUnsupported { .. } => "use a khub that speaks this kernel ABI, or a release built for ABI 1",
             OsMismatch { .. } | CpuArchMismatch { .. } => "the publisher needs to build for this platform",
             LibcMismatch { .. } | GlibcTooOld { .. } | MuslTooOld { .. } => {
                 "run on a newer distribution, or ask for a build against an older libc (set KHUB_LIBC to simulate another host)"
             }
             MacOsTooOld { .. } | MslTooNew { .. } => "update macOS, or ask for a build with a lower deployment target",
-            BackendUnavailable { .. } => "run where that GPU is visible, or simulate one with --host FILE or KHUB_CUDA_ARCH / KHUB_AMD_GPU_ARCH",
+            BackendUnavailable { .. } => {
+                "run where that GPU is visible, or simulate one with --host FILE or KHUB_CUDA_ARCH / KHUB_AMD_GPU_ARCH"
+            }
             DriverTooOld { .. } | MvcNeedsSass { .. } => "update the GPU driver, or ask for cubins (sm_XY) for this device",
             RuntimeMissing { .. } | RuntimeMajorMismatch { .. } | RuntimeTooOld { .. } => {
                 "load a matching CUDA runtime in the process (set KHUB_CUDA_RUNTIME to declare it), or use a variant with static cudart"
             }
             RocmVersionUnknown { .. } => "set KHUB_ROCM_VERSION, or install ROCm so /opt/rocm/.info/version exists",
-            RocmMajorMismatch { .. } | RocmMinorNotDeclared { .. } => "install the ROCm release the variant was built for, or ask for a build for yours",
+            RocmMajorMismatch { .. } | RocmMinorNotDeclared { .. } => {
+                "install the ROCm release the variant was built for, or ask for a build for yours"
+            }
             OneApiMismatch { .. } => "install the oneAPI release the variant was built for",
             CpuLevelTooLow { .. } | CpuFeaturesMissing { .. } => "ask for a baseline CPU build",
             DeviceUnknown { .. } => "set KHUB_CUDA_ARCH or KHUB_AMD_GPU_ARCH to the device's architecture",
@@ -470,7 +476,11 @@ impl fmt::Display for Rejection {
             MacOsTooOld { need, have } => write!(f, "needs macOS {need}, host runs {}", opt(have)),
             BackendUnavailable { backend, why } => write!(f, "no {backend} device: {why}"),
             DriverTooOld { need, have } => write!(f, "built with CUDA {need}, driver supports CUDA {have}"),
-            RuntimeMissing { need } => write!(f, "links libcudart.so.{} dynamically ({need}); host has no CUDA runtime", need.major),
+            RuntimeMissing { need } => write!(
+                f,
+                "links libcudart.so.{} dynamically ({need}); host has no CUDA runtime",
+                need.major
+            ),
             RuntimeMajorMismatch { need, have } => write!(f, "links cudart {need}, host runtime is {have} (another major)"),
             RuntimeTooOld { need, have } => write!(f, "links cudart {need}, host runtime is {have}"),
             RocmVersionUnknown { need } => write!(f, "built for ROCm {need}; host ROCm version unknown"),
@@ -481,9 +491,16 @@ impl fmt::Display for Rejection {
             CpuLevelTooLow { need, have } => write!(f, "needs {need}, host is {}", opt(have)),
             CpuFeaturesMissing { missing } => write!(f, "host CPU lacks {}", missing.join(", ")),
             DeviceUnknown { backend } => write!(f, "the {backend} devices' architectures are unknown"),
-            ArchSpecificOnly { device, have } => write!(f, "{device}: arch-specific code runs only on its exact device; variant has {}", list(have)),
+            ArchSpecificOnly { device, have } => write!(
+                f,
+                "{device}: arch-specific code runs only on its exact device; variant has {}",
+                list(have)
+            ),
             MvcNeedsSass { device, toolkit, driver } => {
-                write!(f, "{device}: driver supports CUDA {driver} < toolkit {toolkit}; minor-version compatibility needs a cubin, variant has only PTX")
+                write!(
+                    f,
+                    "{device}: driver supports CUDA {driver} < toolkit {toolkit}; minor-version compatibility needs a cubin, variant has only PTX"
+                )
             }
             FeatureMismatch { device, have } => write!(f, "{device}: xnack/sramecc setting does not match; variant has {}", list(have)),
             NoDeviceCode { device, have } => write!(f, "{device}: no code runs on it; variant has {}", list(have)),
@@ -654,7 +671,9 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
         (Verdict::Accepted { score: x }, Verdict::Accepted { score: y }) => y.cmp(x).then_with(|| a.id.cmp(&b.id)),
         (Verdict::Accepted { .. }, Verdict::Rejected { .. }) => Ordering::Less,
         (Verdict::Rejected { .. }, Verdict::Accepted { .. }) => Ordering::Greater,
-        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => y.closeness().cmp(&x.closeness()).then_with(|| a.id.cmp(&b.id)),
+        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => {
+            y.closeness().cmp(&x.closeness()).then_with(|| a.id.cmp(&b.id))
+        }
     });
     Resolution {
         kernel: manifest.kernel.name.clone(),
@@ -682,7 +701,9 @@ fn judge(manifest: &Manifest, v: &Variant, host: &HostFacts, prefs: &Preferences
     if let Some(selected) = &prefs.variant
         && *selected != v.id
     {
-        return Err(Rejection::NotSelected { selected: selected.clone() });
+        return Err(Rejection::NotSelected {
+            selected: selected.clone(),
+        });
     }
     if let Some(want) = prefs.backend
         && want != v.backend
@@ -721,7 +742,10 @@ fn judge(manifest: &Manifest, v: &Variant, host: &HostFacts, prefs: &Preferences
     if let Some(need) = v.cpu_level
         && host.cpu_level.is_none_or(|have| have < need)
     {
-        return Err(Rejection::CpuLevelTooLow { need, have: host.cpu_level });
+        return Err(Rejection::CpuLevelTooLow {
+            need,
+            have: host.cpu_level,
+        });
     }
     if !v.cpu_features.is_subset(&host.cpu_features) {
         return Err(Rejection::CpuFeaturesMissing {
@@ -798,7 +822,10 @@ fn check_backend_runtime(v: &Variant, host: &HostFacts) -> Result<MajorMinor, Re
             }
             let need_macos = m.min_macos().unwrap_or(MajorMinor::new(u32::MAX, 0));
             if host.macos.is_none_or(|have| have < need_macos) {
-                return Err(Rejection::MslTooNew { need_macos, have: host.macos });
+                return Err(Rejection::MslTooNew {
+                    need_macos,
+                    have: host.macos,
+                });
             }
             Ok(m.language)
         }
@@ -824,7 +851,10 @@ fn check_backend_runtime(v: &Variant, host: &HostFacts) -> Result<MajorMinor, Re
 /// decided later because it needs cubins), and the dynamic runtime's soname.
 fn check_cuda_versions(c: &CudaVariant, driver: MajorMinor, runtime: Option<MajorMinor>) -> Result<(), Rejection> {
     if driver.major < c.toolkit.major {
-        return Err(Rejection::DriverTooOld { need: c.toolkit, have: driver });
+        return Err(Rejection::DriverTooOld {
+            need: c.toolkit,
+            have: driver,
+        });
     }
     if c.cudart == CudartLinkage::Dynamic {
         match runtime {
@@ -983,9 +1013,15 @@ fn cuda_fit(c: &CudaVariant, dev: &CudaDevice, driver: MajorMinor, i: usize) -> 
                 driver,
             }
         } else if arch_specific_elsewhere {
-            Rejection::ArchSpecificOnly { device: device(), have: have() }
+            Rejection::ArchSpecificOnly {
+                device: device(),
+                have: have(),
+            }
         } else {
-            Rejection::NoDeviceCode { device: device(), have: have() }
+            Rejection::NoDeviceCode {
+                device: device(),
+                have: have(),
+            }
         }
     })
 }

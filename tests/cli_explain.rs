@@ -91,7 +91,10 @@ fn blackwell_and_strix_halo_use_family_and_generic_code() {
     assert_eq!(doc["chosen"], "cu129-sm100f-sm120f-x86_64-linux");
     let doc = explain_json("examples/hosts/strix-halo.toml");
     assert_eq!(doc["chosen"], "rocm63-generic-x86_64-linux");
-    assert_eq!(verdict_of(&verdicts(&doc), "rocm63-gfx90a-gfx942-x86_64-linux"), "RocmMinorNotDeclared");
+    assert_eq!(
+        verdict_of(&verdicts(&doc), "rocm63-gfx90a-gfx942-x86_64-linux"),
+        "RocmMinorNotDeclared"
+    );
 }
 
 #[test]
@@ -100,20 +103,38 @@ fn human_output_reads_at_a_glance() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("activation 0.3.1: 17 variants, 5 accepted"), "{text}");
     assert!(text.contains("=>  1. cu128-sm80-sm90a-x86_64-linux"), "{text}");
-    assert!(text.contains("DriverTooOld: built with CUDA 13.0, driver supports CUDA 12.8"), "{text}");
+    assert!(
+        text.contains("DriverTooOld: built with CUDA 13.0, driver supports CUDA 12.8"),
+        "{text}"
+    );
     assert!(text.contains("chosen: cu128-sm80-sm90a-x86_64-linux"), "{text}");
 }
 
 #[test]
 fn preferences_change_the_choice() {
     let out = khub(
-        &["explain", "examples/sample-release", "--host", "examples/hosts/h100.toml", "--prefer", "backend=cpu", "--json"],
+        &[
+            "explain",
+            "examples/sample-release",
+            "--host",
+            "examples/hosts/h100.toml",
+            "--prefer",
+            "backend=cpu",
+            "--json",
+        ],
         &[],
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["chosen"], "cpu-x86_64-v4-linux");
     let out = khub(
-        &["explain", "examples/sample-release", "--host", "examples/hosts/rtx5090.toml", "--prefer", "no-jit,variant=cu128-sm80-sm90a-x86_64-linux"],
+        &[
+            "explain",
+            "examples/sample-release",
+            "--host",
+            "examples/hosts/rtx5090.toml",
+            "--prefer",
+            "no-jit,variant=cu128-sm80-sm90a-x86_64-linux",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(1), "nothing fits: exit 1");
@@ -143,7 +164,11 @@ fn bad_manifests_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("khub.toml");
     let text = std::fs::read_to_string(root().join("examples/sample-release/khub.toml")).unwrap();
-    std::fs::write(&path, text.replacen("variants/cpu-x86_64-v1-linux/libactivation.so\"", "../../etc/passwd\"", 1)).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("variants/cpu-x86_64-v1-linux/libactivation.so\"", "../../etc/passwd\"", 1),
+    )
+    .unwrap();
     let out = khub(&["explain", path.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -154,17 +179,29 @@ fn bad_manifests_are_clear_errors() {
 
 #[test]
 fn host_reports_sources_and_overrides() {
-    let out = khub(&["host", "--host", "examples/hosts/h100.toml", "--json"], &[("KHUB_CUDA_ARCH", "8.0")]);
+    let out = khub(
+        &["host", "--host", "examples/hosts/h100.toml", "--json"],
+        &[("KHUB_CUDA_ARCH", "8.0")],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["facts"]["cuda"]["driver"], "12.8");
     assert_eq!(doc["facts"]["cuda"]["devices"][0]["cc"], "8.0");
     assert_eq!(doc["sources"]["cuda.devices"]["kind"], "env");
     assert_eq!(doc["sources"]["libc"]["kind"], "profile");
-    let out = khub(&["host"], &[("KHUB_LIBCUDA", "/nonexistent/libcuda.so.1"), ("KHUB_LIBNVML", "/nonexistent/libnvml.so")]);
+    let out = khub(
+        &["host"],
+        &[
+            ("KHUB_LIBCUDA", "/nonexistent/libcuda.so.1"),
+            ("KHUB_LIBNVML", "/nonexistent/libnvml.so"),
+        ],
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     if !Path::new("/proc/driver/nvidia/version").exists() {
-        assert!(text.contains("nvidia gpu    none  [none: /nonexistent/libcuda.so.1 not loaded"), "{text}");
+        assert!(
+            text.contains("nvidia gpu    none  [none: /nonexistent/libcuda.so.1 not loaded"),
+            "{text}"
+        );
     }
     assert!(text.contains("os            linux"), "{text}");
 }

@@ -24,7 +24,9 @@ fn cuobjdump(nvcc: &std::path::Path) -> Option<PathBuf> {
     if beside.is_file() {
         return Some(beside);
     }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).map(|d| d.join("cuobjdump")).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("cuobjdump"))
+        .find(|p| p.is_file())
 }
 
 /// Parses `cuobjdump --list-elf --list-ptx` ("ELF file    1: x.1.sm_80.cubin",
@@ -48,7 +50,9 @@ fn cuobjdump_code(out: &str) -> std::collections::BTreeSet<String> {
 #[test]
 fn the_cuda_variant_embeds_exactly_what_the_manifest_declares() {
     let Some(nvcc) = nvcc() else {
-        eprintln!("skipped: nvcc not found (KHUB_NVCC, PATH, CUDA_HOME); `pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cuobjdump` provides one");
+        eprintln!(
+            "skipped: nvcc not found (KHUB_NVCC, PATH, CUDA_HOME); `pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cuobjdump` provides one"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -58,7 +62,10 @@ fn the_cuda_variant_embeds_exactly_what_the_manifest_declares() {
         only: vec![CUDA_VARIANT.into()],
         ..Default::default()
     };
-    let (manifest, _) = khub::package::package(&common::repo().join("kernels-example"), dir.path(), &opts, &mut |l| eprintln!("{l}")).expect("package the CUDA variant");
+    let (manifest, _) = khub::package::package(&common::repo().join("kernels-example"), dir.path(), &opts, &mut |l| {
+        eprintln!("{l}")
+    })
+    .expect("package the CUDA variant");
     let v = manifest.variant(CUDA_VARIANT).unwrap();
     assert_eq!(v.backend, Backend::Cuda);
     let cuda = v.cuda.as_ref().unwrap();
@@ -67,14 +74,23 @@ fn the_cuda_variant_embeds_exactly_what_the_manifest_declares() {
     assert!(cuda.toolkit.major >= 12, "toolkit from nvcc --version: {}", cuda.toolkit);
 
     let lib = dir.path().join(v.library.as_str());
-    let inspected: Vec<String> = khub::inspect::inspect_file(&lib).unwrap().cuda_code().iter().map(CudaArch::to_string).collect();
+    let inspected: Vec<String> = khub::inspect::inspect_file(&lib)
+        .unwrap()
+        .cuda_code()
+        .iter()
+        .map(CudaArch::to_string)
+        .collect();
     assert_eq!(inspected, declared, "khub inspect vs manifest");
 
     let Some(cuobjdump) = cuobjdump(&nvcc) else {
         eprintln!("cuobjdump not found: cross-check skipped (pip install nvidia-cuda-cuobjdump)");
         return;
     };
-    let out = Command::new(&cuobjdump).args(["--list-elf", "--list-ptx"]).arg(&lib).output().unwrap();
+    let out = Command::new(&cuobjdump)
+        .args(["--list-elf", "--list-ptx"])
+        .arg(&lib)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed = cuobjdump_code(&String::from_utf8_lossy(&out.stdout));
     let ours: std::collections::BTreeSet<String> = inspected.into_iter().collect();

@@ -39,7 +39,10 @@ fn data(n: usize, seed: u64) -> impl FnMut(usize) -> f32 {
 
 fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max)
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f64::max)
 }
 
 fn silu(a: f64) -> f64 {
@@ -52,9 +55,14 @@ fn gelu(x: f64) -> f64 {
 
 /// The CPU variants this machine can run.
 fn runnable_variants() -> Vec<String> {
-    let host = HostFacts::detect(&ProbeOptions::with_env(khub::host::Environment::empty()).unwrap()).unwrap().facts;
+    let host = HostFacts::detect(&ProbeOptions::with_env(khub::host::Environment::empty()).unwrap())
+        .unwrap()
+        .facts;
     let r = Release::open(example_release()).unwrap();
-    resolve(r.manifest(), &host, &Preferences::default()).accepted().map(|c| c.id.clone()).collect()
+    resolve(r.manifest(), &host, &Preferences::default())
+        .accepted()
+        .map(|c| c.id.clone())
+        .collect()
 }
 
 #[test]
@@ -93,7 +101,19 @@ fn every_runnable_variant_matches_the_scalar_reference() {
             let w = HostTensor::from_fn(&[d as i64], data(1, 7));
             let mut out = HostTensor::zeros(&[rows as i64, d as i64]);
             // SAFETY: live CPU tensors.
-            unsafe { k.call("rms_norm", &[Arg::TensorMut(out.dl_mut()), Arg::Tensor(xs.dl()), Arg::Tensor(w.dl()), Arg::F32(1e-6)], std::ptr::null_mut()) }.unwrap();
+            unsafe {
+                k.call(
+                    "rms_norm",
+                    &[
+                        Arg::TensorMut(out.dl_mut()),
+                        Arg::Tensor(xs.dl()),
+                        Arg::Tensor(w.dl()),
+                        Arg::F32(1e-6),
+                    ],
+                    std::ptr::null_mut(),
+                )
+            }
+            .unwrap();
             let want: Vec<f64> = (0..rows)
                 .flat_map(|r| {
                     let row: Vec<f64> = xs.data()[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
@@ -121,17 +141,36 @@ fn bad_arguments_are_errors_not_crashes() {
     let x = HostTensor::zeros(&[2, 8]);
     let mut wrong = HostTensor::zeros(&[2, 3]);
     // SAFETY: live tensors with mismatched shapes; the kernel must refuse them.
-    let e = unsafe { k.call("silu_and_mul", &[Arg::TensorMut(wrong.dl_mut()), Arg::Tensor(x.dl())], std::ptr::null_mut()) }.unwrap_err();
+    let e = unsafe {
+        k.call(
+            "silu_and_mul",
+            &[Arg::TensorMut(wrong.dl_mut()), Arg::Tensor(x.dl())],
+            std::ptr::null_mut(),
+        )
+    }
+    .unwrap_err();
     assert!(e.to_string().contains("KHUB_ERR_INVALID_ARGUMENT"), "{e}");
     // SAFETY: NULL tensors; the kernel must refuse them.
-    let e = unsafe { k.call("gelu", &[Arg::TensorMut(std::ptr::null_mut()), Arg::Tensor(std::ptr::null())], std::ptr::null_mut()) }.unwrap_err();
+    let e = unsafe {
+        k.call(
+            "gelu",
+            &[Arg::TensorMut(std::ptr::null_mut()), Arg::Tensor(std::ptr::null())],
+            std::ptr::null_mut(),
+        )
+    }
+    .unwrap_err();
     assert!(e.to_string().contains("KHUB_ERR_INVALID_ARGUMENT"), "{e}");
 }
 
 #[test]
 fn the_resolver_picks_the_level_each_host_supports() {
     let r = Release::open(example_release()).unwrap();
-    for (level, want) in [(X86Level::V1, "cpu-x86_64-v1-linux"), (X86Level::V2, "cpu-x86_64-v1-linux"), (X86Level::V3, "cpu-x86_64-v3-linux"), (X86Level::V4, "cpu-x86_64-v4-linux")] {
+    for (level, want) in [
+        (X86Level::V1, "cpu-x86_64-v1-linux"),
+        (X86Level::V2, "cpu-x86_64-v1-linux"),
+        (X86Level::V3, "cpu-x86_64-v3-linux"),
+        (X86Level::V4, "cpu-x86_64-v4-linux"),
+    ] {
         let env = khub::host::Environment::from_pairs([("KHUB_CPU_LEVEL", level.to_string())]);
         let host = HostFacts::detect(&ProbeOptions::with_env(env).unwrap()).unwrap().facts;
         let res = resolve(r.manifest(), &host, &Preferences::default());
@@ -147,7 +186,10 @@ fn the_manifest_is_derived_from_the_binaries() {
     assert_eq!(names, ["gelu", "rms_norm", "silu_and_mul"]);
     for v in &m.variants {
         let libc = v.libc.unwrap();
-        assert!(libc.version.major == 2 && libc.version.minor >= 2, "glibc floor from symbol versions: {libc}");
+        assert!(
+            libc.version.major == 2 && libc.version.minor >= 2,
+            "glibc floor from symbol versions: {libc}"
+        );
         let bytes = std::fs::read(example_release().join(v.files[0].path.as_str())).unwrap();
         assert_eq!(khub::verify::sha256(&bytes), v.files[0].sha256);
         assert_eq!(bytes.len() as u64, v.files[0].size);
@@ -159,19 +201,31 @@ fn a_declaration_that_differs_from_the_binary_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(kdir.join("src")).unwrap();
-    std::fs::copy(common::repo().join("kernels-example/src/activation.c"), kdir.join("src/activation.c")).unwrap();
+    std::fs::copy(
+        common::repo().join("kernels-example/src/activation.c"),
+        kdir.join("src/activation.c"),
+    )
+    .unwrap();
     let config = std::fs::read_to_string(common::repo().join("kernels-example/kernel.toml")).unwrap();
     // Declare a signature the binary does not have.
-    std::fs::write(kdir.join("kernel.toml"), config.replace("(mut tensor<f32>[n], tensor<f32>[n])", "(mut tensor<f32>[n], tensor<f32>[n], f32)")).unwrap();
+    std::fs::write(
+        kdir.join("kernel.toml"),
+        config.replace("(mut tensor<f32>[n], tensor<f32>[n])", "(mut tensor<f32>[n], tensor<f32>[n], f32)"),
+    )
+    .unwrap();
     let opts = khub::package::BuildOptions {
         only: vec!["cpu-x86_64-v1-linux".into()],
         ..Default::default()
     };
-    let e = khub::package::package(&kdir, &dir.path().join("out"), &opts, &mut |_| {}).unwrap_err().to_string();
+    let e = khub::package::package(&kdir, &dir.path().join("out"), &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`gelu`: kernel.toml says"), "{e}");
     // An undeclared export is refused too.
     std::fs::write(kdir.join("kernel.toml"), config.replace("name = \"gelu\"", "name = \"gelu_fast\"")).unwrap();
-    let e = khub::package::package(&kdir, &dir.path().join("out2"), &opts, &mut |_| {}).unwrap_err().to_string();
+    let e = khub::package::package(&kdir, &dir.path().join("out2"), &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gelu_fast"), "{e}");
     // --strict turns a missing nvcc into an error.
     let strict = khub::package::BuildOptions {
@@ -181,7 +235,9 @@ fn a_declaration_that_differs_from_the_binary_is_refused() {
     };
     std::fs::write(kdir.join("kernel.toml"), &config).unwrap();
     std::fs::write(kdir.join("src/activation.cu"), "").unwrap();
-    let e = khub::package::package(&kdir, &dir.path().join("out3"), &strict, &mut |_| {}).unwrap_err().to_string();
+    let e = khub::package::package(&kdir, &dir.path().join("out3"), &strict, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cuda-sm80-sm90a-x86_64-linux") && e.contains("--strict"), "{e}");
 }
 
@@ -201,7 +257,10 @@ fn cli_load_selftest_bench_and_inspect() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("  pass  ").count(), 3, "{text}");
 
-    let out = khub(&["bench", &rel, "gelu", "--size", "100000", "--iters", "3", "--json"], &[("KHUB_CPU_LEVEL", "x86-64-v1")]);
+    let out = khub(
+        &["bench", &rel, "gelu", "--size", "100000", "--iters", "3", "--json"],
+        &[("KHUB_CPU_LEVEL", "x86-64-v1")],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(doc["gb_per_s"].as_f64().unwrap() > 0.0);
@@ -216,5 +275,9 @@ fn cli_load_selftest_bench_and_inspect() {
 
     // A library that is not a kernel is described as such, without crashing khub.
     let out = khub(&["inspect", "/bin/sh"], &[]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("not a loadable khub kernel"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not a loadable khub kernel"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

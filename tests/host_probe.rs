@@ -70,10 +70,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("khub-host-probe-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("khub-host-probe-").tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("empty-root")).unwrap();
         Fixture { dir }
     }
@@ -104,11 +101,7 @@ impl Fixture {
             .arg(FAKE_SOURCE)
             .status()
             .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
-        assert!(
-            status.success(),
-            "compiling {FAKE_SOURCE} with {} failed: {status}",
-            mode.define()
-        );
+        assert!(status.success(), "compiling {FAKE_SOURCE} with {} failed: {status}", mode.define());
         path_str(&out)
     }
 
@@ -133,8 +126,7 @@ impl Fixture {
 
     /// Options from `pairs` alone, probing in a thread, with the empty root.
     fn options(&self, pairs: &[(&str, &str)]) -> ProbeOptions {
-        let mut o = ProbeOptions::with_env(Environment::from_pairs(pairs.iter().copied()))
-            .expect("valid options");
+        let mut o = ProbeOptions::with_env(Environment::from_pairs(pairs.iter().copied())).expect("valid options");
         o.root = self.empty_root();
         o.timeout = Duration::from_secs(10);
         o.isolation = Isolation::Thread;
@@ -181,10 +173,7 @@ fn mm(major: u32, minor: u32) -> MajorMinor {
 /// The devices as (index, cc, name).
 fn devices(d: &Detected) -> Vec<(u32, MajorMinor, Option<String>)> {
     let cuda = d.facts.cuda.as_ref().expect("an NVIDIA driver was found");
-    cuda.devices
-        .iter()
-        .map(|x| (x.index, x.cc, x.name.clone()))
-        .collect()
+    cuda.devices.iter().map(|x| (x.index, x.cc, x.name.clone())).collect()
 }
 
 /// The expected visible devices, given physical indices in visible order.
@@ -224,18 +213,12 @@ fn libcuda_in_a_thread_reports_the_driver_and_every_device() {
     let d = detect(&fx.options(&[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml)]));
     let cuda = d.facts.cuda.as_ref().unwrap();
     assert_eq!(cuda.driver, mm(12, 8));
-    assert_eq!(
-        cuda.kmd, None,
-        "the empty root has no /proc/driver/nvidia/version"
-    );
+    assert_eq!(cuda.kmd, None, "the empty root has no /proc/driver/nvidia/version");
     assert_eq!(cuda.runtime, None);
     assert_eq!(devices(&d), expected(&[0, 1, 2]));
     for fact in ["cuda.driver", "cuda.devices"] {
         let method = probe_method(&d, fact);
-        assert!(
-            method.contains(&lib) && method.contains("cuDriverGetVersion"),
-            "{fact}: {method}"
-        );
+        assert!(method.contains(&lib) && method.contains("cuDriverGetVersion"), "{fact}: {method}");
     }
 }
 
@@ -256,58 +239,30 @@ fn cuda_visible_devices_reaches_the_driver_in_a_helper_process() {
     let nvml = fx.missing("libnvidia-ml.so.1");
     // The helper's environment is built from the snapshot: each value reaches the driver,
     // which applies it itself (indices; the list ends at the first invalid entry).
-    for (cvd, physical) in [
-        ("2,0", &[2, 0][..]),
-        ("1,7,0", &[1]),
-        ("GPU-cccc,1", &[2, 1]),
-    ] {
-        let d = detect(&fx.subprocess_options(&[
-            ("KHUB_LIBCUDA", &lib),
-            ("KHUB_LIBNVML", &nvml),
-            ("CUDA_VISIBLE_DEVICES", cvd),
-        ]));
-        assert_eq!(
-            devices(&d),
-            expected(physical),
-            "CUDA_VISIBLE_DEVICES={cvd}"
-        );
-        assert!(
-            probe_method(&d, "cuda.devices").contains(&lib),
-            "CUDA_VISIBLE_DEVICES={cvd}"
-        );
+    for (cvd, physical) in [("2,0", &[2, 0][..]), ("1,7,0", &[1]), ("GPU-cccc,1", &[2, 1])] {
+        let d = detect(&fx.subprocess_options(&[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml), ("CUDA_VISIBLE_DEVICES", cvd)]));
+        assert_eq!(devices(&d), expected(physical), "CUDA_VISIBLE_DEVICES={cvd}");
+        assert!(probe_method(&d, "cuda.devices").contains(&lib), "CUDA_VISIBLE_DEVICES={cvd}");
     }
     // Set but empty hides every device; the driver is still known.
-    let d = detect(&fx.subprocess_options(&[
-        ("KHUB_LIBCUDA", &lib),
-        ("KHUB_LIBNVML", &nvml),
-        ("CUDA_VISIBLE_DEVICES", ""),
-    ]));
+    let d = detect(&fx.subprocess_options(&[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml), ("CUDA_VISIBLE_DEVICES", "")]));
     assert_eq!(d.facts.cuda.as_ref().unwrap().driver, mm(12, 8));
     assert_eq!(devices(&d), []);
 }
 
 #[test]
 fn a_snapshot_cuda_visible_devices_is_not_lost_in_thread_mode() {
-    if process_has_cuda_visible_devices(
-        "a_snapshot_cuda_visible_devices_is_not_lost_in_thread_mode",
-    ) {
+    if process_has_cuda_visible_devices("a_snapshot_cuda_visible_devices_is_not_lost_in_thread_mode") {
         return;
     }
     let fx = Fixture::new();
     let lib = fx.lib(Mode::Ok);
     // An in-process driver would apply the process's (unset) CUDA_VISIBLE_DEVICES and
     // report all three devices. The probe declines, and NVML applies the snapshot's.
-    let d = detect(&fx.options(&[
-        ("KHUB_LIBCUDA", &lib),
-        ("KHUB_LIBNVML", &lib),
-        ("CUDA_VISIBLE_DEVICES", "2,0"),
-    ]));
+    let d = detect(&fx.options(&[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &lib), ("CUDA_VISIBLE_DEVICES", "2,0")]));
     assert_eq!(devices(&d), expected(&[2, 0]));
     let method = probe_method(&d, "cuda.devices");
-    assert!(
-        method.contains("nvmlSystemGetCudaDriverVersion_v2"),
-        "{method}"
-    );
+    assert!(method.contains("nvmlSystemGetCudaDriverVersion_v2"), "{method}");
     assert!(
         method.contains("CUDA_VISIBLE_DEVICES"),
         "the reason libcuda was skipped is kept: {method}"
@@ -315,17 +270,10 @@ fn a_snapshot_cuda_visible_devices_is_not_lost_in_thread_mode() {
 
     // With no NVML either, the mismatch is the recorded reason.
     let nvml = fx.missing("libnvidia-ml.so.1");
-    let d = detect(&fx.options(&[
-        ("KHUB_LIBCUDA", &lib),
-        ("KHUB_LIBNVML", &nvml),
-        ("CUDA_VISIBLE_DEVICES", "2,0"),
-    ]));
+    let d = detect(&fx.options(&[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml), ("CUDA_VISIBLE_DEVICES", "2,0")]));
     assert!(d.facts.cuda.is_none());
     let why = absent_why(&d, "cuda");
-    assert!(
-        why.contains("CUDA_VISIBLE_DEVICES") && why.contains("`2,0`"),
-        "{why}"
-    );
+    assert!(why.contains("CUDA_VISIBLE_DEVICES") && why.contains("`2,0`"), "{why}");
 }
 
 #[test]
@@ -333,10 +281,7 @@ fn nvml_answers_when_libcuda_is_missing_and_applies_cuda_visible_devices() {
     let fx = Fixture::new();
     let cuda = fx.missing("libcuda.so.1");
     let nvml = fx.lib(Mode::Ok);
-    let base = [
-        ("KHUB_LIBCUDA", cuda.as_str()),
-        ("KHUB_LIBNVML", nvml.as_str()),
-    ];
+    let base = [("KHUB_LIBCUDA", cuda.as_str()), ("KHUB_LIBNVML", nvml.as_str())];
 
     let d = detect(&fx.subprocess_options(&base));
     let c = d.facts.cuda.as_ref().unwrap();
@@ -396,17 +341,10 @@ fn proc_gives_the_driver_but_not_the_devices() {
     );
     let why = absent_why(&d, "cuda.devices");
     assert!(why.contains("KHUB_CUDA_ARCH"), "{why}");
-    assert!(
-        why.contains(&cuda) && why.contains(&nvml),
-        "both libraries are named: {why}"
-    );
+    assert!(why.contains(&cuda) && why.contains(&nvml), "both libraries are named: {why}");
 
     // The override completes the picture.
-    let mut o = fx.options(&[
-        ("KHUB_LIBCUDA", &cuda),
-        ("KHUB_LIBNVML", &nvml),
-        ("KHUB_CUDA_ARCH", "8.9"),
-    ]);
+    let mut o = fx.options(&[("KHUB_LIBCUDA", &cuda), ("KHUB_LIBNVML", &nvml), ("KHUB_CUDA_ARCH", "8.9")]);
     o.root = fx.proc_root();
     let d = detect(&o);
     assert_eq!(d.facts.cuda.as_ref().unwrap().devices[0].cc, mm(8, 9));
@@ -433,8 +371,7 @@ fn no_driver_at_all_is_absent_with_what_was_tried() {
 
 #[test]
 fn a_hung_driver_in_a_thread_is_abandoned_after_the_timeout() {
-    if process_has_cuda_visible_devices("a_hung_driver_in_a_thread_is_abandoned_after_the_timeout")
-    {
+    if process_has_cuda_visible_devices("a_hung_driver_in_a_thread_is_abandoned_after_the_timeout") {
         return;
     }
     let fx = Fixture::new();
@@ -458,11 +395,7 @@ fn a_hung_driver_in_a_thread_is_abandoned_after_the_timeout() {
     o.timeout = Duration::from_millis(300);
     let start = Instant::now();
     let d = detect(&o);
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "detection took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(2), "detection took {:?}", start.elapsed());
     assert_eq!(devices(&d), expected(&[0, 1, 2]));
     let method = probe_method(&d, "cuda.devices");
     assert!(
@@ -484,26 +417,14 @@ fn a_hung_driver_in_a_helper_process_is_killed() {
     let d = detect(&o);
     let took = start.elapsed();
     assert!(took < Duration::from_secs(2), "detection took {took:?}");
-    assert_eq!(
-        d.facts.cuda.as_ref().unwrap().driver,
-        mm(12, 4),
-        "fell through to /proc"
-    );
+    assert_eq!(d.facts.cuda.as_ref().unwrap().driver, mm(12, 4), "fell through to /proc");
     let why = absent_why(&d, "cuda.devices");
-    assert!(
-        why.contains("did not answer within 300ms") && why.contains("killed"),
-        "{why}"
-    );
+    assert!(why.contains("did not answer within 300ms") && why.contains("killed"), "{why}");
 
     // The helper reached cuInit (it wrote its pid) and is gone: killed and reaped.
-    let pid = std::fs::read_to_string(&pidfile)
-        .expect("the helper reached the hanging cuInit within 300 ms");
+    let pid = std::fs::read_to_string(&pidfile).expect("the helper reached the hanging cuInit within 300 ms");
     let pid: u32 = pid.trim().parse().unwrap();
-    assert_ne!(
-        pid,
-        std::process::id(),
-        "the hang ran in a child, not in the test process"
-    );
+    assert_ne!(pid, std::process::id(), "the hang ran in a child, not in the test process");
     let proc_entry = PathBuf::from(format!("/proc/{pid}"));
     if Path::new("/proc/self").exists() {
         assert!(!proc_entry.exists(), "the hung helper {pid} is still there");
@@ -519,11 +440,7 @@ fn a_crashing_driver_in_a_helper_process_does_not_take_the_host_down() {
     o.root = fx.proc_root();
     let d = detect(&o);
     // Still here: the crash happened in the helper.
-    assert_eq!(
-        d.facts.cuda.as_ref().unwrap().driver,
-        mm(12, 4),
-        "fell through to /proc"
-    );
+    assert_eq!(d.facts.cuda.as_ref().unwrap().driver, mm(12, 4), "fell through to /proc");
     let why = absent_why(&d, "cuda.devices");
     assert!(why.contains("helper failed"), "{why}");
 
@@ -540,14 +457,9 @@ fn a_driver_without_devices_reports_the_driver_and_no_devices() {
     let fx = Fixture::new();
     let nodev = fx.lib(Mode::NoDev);
     let nvml = fx.missing("libnvidia-ml.so.1");
-    let pairs = [
-        ("KHUB_LIBCUDA", nodev.as_str()),
-        ("KHUB_LIBNVML", nvml.as_str()),
-    ];
+    let pairs = [("KHUB_LIBCUDA", nodev.as_str()), ("KHUB_LIBNVML", nvml.as_str())];
     let mut runs = vec![fx.subprocess_options(&pairs)];
-    if !process_has_cuda_visible_devices(
-        "a_driver_without_devices_reports_the_driver_and_no_devices (thread)",
-    ) {
+    if !process_has_cuda_visible_devices("a_driver_without_devices_reports_the_driver_and_no_devices (thread)") {
         runs.push(fx.options(&pairs));
     }
     for o in runs {
@@ -563,10 +475,7 @@ fn a_driver_without_devices_reports_the_driver_and_no_devices() {
     }
 
     // NVML on a machine without devices says the same.
-    let d = detect(&fx.options(&[
-        ("KHUB_LIBCUDA", &fx.missing("libcuda.so.1")),
-        ("KHUB_LIBNVML", &nodev),
-    ]));
+    let d = detect(&fx.options(&[("KHUB_LIBCUDA", &fx.missing("libcuda.so.1")), ("KHUB_LIBNVML", &nodev)]));
     assert_eq!(d.facts.cuda.as_ref().unwrap().driver, mm(12, 8));
     assert!(d.facts.cuda.as_ref().unwrap().devices.is_empty());
 }
@@ -578,14 +487,7 @@ fn khub(args: &[&str], vars: &[(&str, &str)]) -> Output {
     cmd.args(args);
     for (name, _) in std::env::vars_os() {
         let n = name.to_string_lossy();
-        if n.starts_with("KHUB_")
-            || [
-                "CUDA_VISIBLE_DEVICES",
-                "HSA_OVERRIDE_GFX_VERSION",
-                "ROCM_PATH",
-            ]
-            .contains(&n.as_ref())
-        {
+        if n.starts_with("KHUB_") || ["CUDA_VISIBLE_DEVICES", "HSA_OVERRIDE_GFX_VERSION", "ROCM_PATH"].contains(&n.as_ref()) {
             cmd.env_remove(&name);
         }
     }
@@ -601,8 +503,7 @@ fn khub(args: &[&str], vars: &[(&str, &str)]) -> Output {
 }
 
 fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
@@ -610,13 +511,8 @@ fn cli_host_json_reports_the_fake_driver() {
     let fx = Fixture::new();
     let lib = fx.lib(Mode::Ok);
     let nvml = fx.missing("libnvidia-ml.so.1");
-    let v = json(&khub(
-        &["host", "--json"],
-        &[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml)],
-    ));
-    let devs = v["facts"]["cuda"]["devices"]
-        .as_array()
-        .expect("facts.cuda.devices");
+    let v = json(&khub(&["host", "--json"], &[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml)]));
+    let devs = v["facts"]["cuda"]["devices"].as_array().expect("facts.cuda.devices");
     assert_eq!(devs.len(), 3, "{v:#}");
     assert_eq!(v["facts"]["cuda"]["driver"], "12.8");
     let ccs: Vec<&str> = devs.iter().map(|d| d["cc"].as_str().unwrap()).collect();
@@ -626,11 +522,7 @@ fn cli_host_json_reports_the_fake_driver() {
     // The CLI probes in a helper, whose environment carries CUDA_VISIBLE_DEVICES.
     let v = json(&khub(
         &["host", "--json"],
-        &[
-            ("KHUB_LIBCUDA", &lib),
-            ("KHUB_LIBNVML", &nvml),
-            ("CUDA_VISIBLE_DEVICES", "2,0"),
-        ],
+        &[("KHUB_LIBCUDA", &lib), ("KHUB_LIBNVML", &nvml), ("CUDA_VISIBLE_DEVICES", "2,0")],
     ));
     let ccs: Vec<&str> = v["facts"]["cuda"]["devices"]
         .as_array()
@@ -647,30 +539,19 @@ fn cli_host_json_reports_the_fake_driver() {
     ));
     assert_eq!(v["Ok"]["driver"], "12.8", "{v:#}");
     assert_eq!(v["Ok"]["devices"][0]["name"], "NVIDIA H100 80GB HBM3");
-    let v = json(&khub(
-        &["__probe", "cuda"],
-        &[("KHUB_LIBCUDA", &fx.missing("libcuda.so.1"))],
-    ));
-    assert!(
-        v["Err"].as_str().is_some_and(|e| e.contains("not loaded")),
-        "{v:#}"
-    );
+    let v = json(&khub(&["__probe", "cuda"], &[("KHUB_LIBCUDA", &fx.missing("libcuda.so.1"))]));
+    assert!(v["Err"].as_str().is_some_and(|e| e.contains("not loaded")), "{v:#}");
 }
 
 #[test]
 fn cli_host_without_a_driver_says_so_and_why() {
     if Path::new("/proc/driver/nvidia/version").exists() {
-        eprintln!(
-            "cli_host_without_a_driver_says_so_and_why: skipped, this machine has an NVIDIA kernel module"
-        );
+        eprintln!("cli_host_without_a_driver_says_so_and_why: skipped, this machine has an NVIDIA kernel module");
         return;
     }
     let fx = Fixture::new();
     let (cuda, nvml) = (fx.missing("libcuda.so.1"), fx.missing("libnvidia-ml.so.1"));
-    let out = khub(
-        &["host"],
-        &[("KHUB_LIBCUDA", &cuda), ("KHUB_LIBNVML", &nvml)],
-    );
+    let out = khub(&["host"], &[("KHUB_LIBCUDA", &cuda), ("KHUB_LIBNVML", &nvml)]);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -706,10 +587,7 @@ fn cli_host_profile_replaces_probing_and_env_overrides_win() {
     // A fake driver is available, but a profile that does not inherit is not probed.
     let lib = fx.lib(Mode::Ok);
 
-    let v = json(&khub(
-        &["host", "--host", &profile_s, "--json"],
-        &[("KHUB_LIBCUDA", &lib)],
-    ));
+    let v = json(&khub(&["host", "--host", &profile_s, "--json"], &[("KHUB_LIBCUDA", &lib)]));
     let f = &v["facts"];
     assert_eq!(f["os"], "linux");
     assert_eq!(f["arch"], "x86_64");
@@ -761,8 +639,5 @@ fn cli_host_profile_replaces_probing_and_env_overrides_win() {
     assert_eq!(v["sources"]["cuda.driver"]["kind"], "env");
     assert_eq!(v["sources"]["cuda.driver"]["var"], "KHUB_CUDA_DRIVER");
     assert_eq!(v["sources"]["cuda.devices"]["var"], "KHUB_CUDA_ARCH");
-    assert_eq!(
-        v["sources"]["libc"]["kind"], "profile",
-        "untouched facts keep the profile"
-    );
+    assert_eq!(v["sources"]["libc"]["kind"], "profile", "untouched facts keep the profile");
 }

@@ -102,7 +102,11 @@ fn a_good_kernel_loads_and_runs_typed_and_generic() {
     // A wrong Rust type is refused.
     type Wrong = unsafe extern "C" fn(*const KhubCall, *mut DLTensor, *const DLTensor, *const f32) -> Status;
     let e = k.function::<Wrong>("scale").err().unwrap();
-    assert!(e.to_string().contains("does not match the requested type `(mut tensor, tensor, f32)`"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("does not match the requested type `(mut tensor, tensor, f32)`"),
+        "{e}"
+    );
     assert!(k.function::<Scale>("nope").err().unwrap().to_string().contains("it exports: scale"));
 }
 
@@ -127,12 +131,17 @@ fn a_kernel_error_status_comes_back_with_its_message() {
 
 #[test]
 fn abi_failure_modes_are_clear_errors() {
-    let cases: [(&[&str], &[(&str, &str)], &str); 5] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         (&["-DWRONG_MAJOR"], &[("scale", SIG)], "reports ABI major 2"),
         (&["-DNULL_DESC"], &[("scale", SIG)], "refused kernel ABI 1.0"),
         (&["-DNO_ENTRY"], &[("scale", SIG)], "does not export `khub_kernel_entry`"),
         (&[], &[("scale", SIG), ("shift", "(mut tensor)")], "declares `shift`"),
-        (&["-DSIG=\"(mut tensor, tensor, f32)\""], &[("scale", SIG)], "the kernel says `(mut tensor, tensor, f32)`"),
+        (
+            &["-DSIG=\"(mut tensor, tensor, f32)\""],
+            &[("scale", SIG)],
+            "the kernel says `(mut tensor, tensor, f32)`",
+        ),
     ];
     for (defines, exports, needle) in cases {
         let (_d, r) = release(defines, exports);
@@ -155,7 +164,10 @@ fn a_tampered_byte_is_refused_before_dlopen() {
     let e = Release::open(&rel).unwrap().load_variant("v").unwrap_err();
     assert!(matches!(e, LoadError::DigestMismatch { .. }), "{e}");
     assert!(e.to_string().contains("variants/v/libk.so"));
-    assert!(!marker.exists(), "the library's constructor ran: bytes were loaded before verification");
+    assert!(
+        !marker.exists(),
+        "the library's constructor ran: bytes were loaded before verification"
+    );
 
     // Truncated, extended and missing files are refused too.
     std::fs::write(&file, &bytes[..mid]).unwrap();

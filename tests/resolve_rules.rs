@@ -92,9 +92,7 @@ fn rocm_compat(version: &str, compatible: &str, targets: &str) -> String {
 
 /// A Metal variant (macOS, aarch64).
 fn metal(language: &str) -> String {
-    format!(
-        "os = \"macos\"\narch = \"aarch64\"\nbackend = \"metal\"\nmetal = {{ language = \"{language}\" }}"
-    )
+    format!("os = \"macos\"\narch = \"aarch64\"\nbackend = \"metal\"\nmetal = {{ language = \"{language}\" }}")
 }
 
 /// An Intel XPU variant.
@@ -123,18 +121,12 @@ fn nv(driver: &str, runtime: &str, ccs: &str) -> String {
     } else {
         format!("runtime = \"{runtime}\", ")
     };
-    format!(
-        "cuda = {{ driver = \"{driver}\", {runtime}devices = [{}] }}",
-        devices.join(", ")
-    )
+    format!("cuda = {{ driver = \"{driver}\", {runtime}devices = [{}] }}", devices.join(", "))
 }
 
 /// Host: ROCm version ("" = unknown) and devices by target id.
 fn amd(version: &str, targets: &str) -> String {
-    let devices: Vec<String> = strings(targets)
-        .iter()
-        .map(|t| format!("{{ target = \"{t}\" }}"))
-        .collect();
+    let devices: Vec<String> = strings(targets).iter().map(|t| format!("{{ target = \"{t}\" }}")).collect();
     let version = if version.is_empty() {
         String::new()
     } else {
@@ -162,9 +154,7 @@ fn mac(version: &str) -> String {
 /// (`v<i>`), backend `cpu`, os `linux`, arch `x86_64`, libc `glibc 2.17` (Linux only, when
 /// the snippet leaves the os to the default), the library and its file entry.
 fn manifest(abi: u32, variants: &[String]) -> Result<Manifest, String> {
-    let mut text = format!(
-        "schema = \"1.0\"\n\n[kernel]\nname = \"rules\"\nversion = \"1.0.0\"\nabi = {abi}\n"
-    );
+    let mut text = format!("schema = \"1.0\"\n\n[kernel]\nname = \"rules\"\nversion = \"1.0.0\"\nabi = {abi}\n");
     for (i, body) in variants.iter().enumerate() {
         text.push_str("\n[[variants]]\n");
         if !has_key(body, "id") {
@@ -281,12 +271,7 @@ struct Case {
     order: Option<Vec<&'static str>>,
 }
 
-fn case(
-    name: &'static str,
-    variants: impl IntoIterator<Item = String>,
-    host: impl AsRef<str>,
-    expect: Expect,
-) -> Case {
+fn case(name: &'static str, variants: impl IntoIterator<Item = String>, host: impl AsRef<str>, expect: Expect) -> Case {
     Case {
         name,
         variants: variants.into_iter().collect(),
@@ -349,12 +334,7 @@ fn cases() -> Vec<Case> {
 
     vec![
         // ---- §1.1 / §7.5: sm_80 cubin runs on 8.0, 8.6, 8.7, 8.9; not 7.5, not 9.0 ----
-        case(
-            "sm_80 on 8.0: exact",
-            [cuda("12.8", "sm_80")],
-            nv128("8.0"),
-            ok_m(Exact, "sm_80"),
-        ),
+        case("sm_80 on 8.0: exact", [cuda("12.8", "sm_80")], nv128("8.0"), ok_m(Exact, "sm_80")),
         case(
             "sm_80 on 8.6: same major",
             [cuda("12.8", "sm_80")],
@@ -382,18 +362,8 @@ fn cases() -> Vec<Case> {
                 have: strs(&["sm_80"]),
             }),
         ),
-        case(
-            "sm_80 not on 9.0",
-            [cuda("12.8", "sm_80")],
-            nv128("9.0"),
-            no("NoDeviceCode"),
-        ),
-        case(
-            "sm_80 not on 12.0",
-            [cuda("12.8", "sm_80")],
-            nv128("12.0"),
-            no("NoDeviceCode"),
-        ),
+        case("sm_80 not on 9.0", [cuda("12.8", "sm_80")], nv128("9.0"), no("NoDeviceCode")),
+        case("sm_80 not on 12.0", [cuda("12.8", "sm_80")], nv128("12.0"), no("NoDeviceCode")),
         case(
             "sm_89 not on 8.6 (lower minor)",
             [cuda("12.8", "sm_89")],
@@ -532,12 +502,7 @@ fn cases() -> Vec<Case> {
                 have: strs(&["sm_90a"]),
             }),
         ),
-        case(
-            "sm_90a not on 10.0",
-            [cuda("12.8", "sm_90a")],
-            nv128("10.0"),
-            no("NoDeviceCode"),
-        ),
+        case("sm_90a not on 10.0", [cuda("12.8", "sm_90a")], nv128("10.0"), no("NoDeviceCode")),
         case(
             "sm_90a+sm_90 on 9.0 picks sm_90a",
             [cuda("12.8", "sm_90, sm_90a")],
@@ -607,12 +572,7 @@ fn cases() -> Vec<Case> {
             nv("13.0", "", "11.0"),
             no("NoDeviceCode"),
         ),
-        case(
-            "sm_100f not on 12.0",
-            [cuda("12.9", "sm_100f")],
-            nv129("12.0"),
-            no("NoDeviceCode"),
-        ),
+        case("sm_100f not on 12.0", [cuda("12.9", "sm_100f")], nv129("12.0"), no("NoDeviceCode")),
         case(
             "compute_100f on 10.3: jit 3",
             [cuda("12.9", "compute_100f")],
@@ -637,12 +597,7 @@ fn cases() -> Vec<Case> {
             nv129("12.1"),
             ok_m(SameMajorLower, "sm_120f"),
         ),
-        case(
-            "sm_120f not on 10.0",
-            [cuda("12.9", "sm_120f")],
-            nv129("10.0"),
-            no("NoDeviceCode"),
-        ),
+        case("sm_120f not on 10.0", [cuda("12.9", "sm_120f")], nv129("10.0"), no("NoDeviceCode")),
         // Jetson Thor: 10.1 under CUDA 12 is 11.0 under CUDA 13.
         case(
             "Thor: sm_101 on cc 11.0",
@@ -937,10 +892,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "exact beats generic across variants",
-            [
-                id("a-generic", rocm("6.2", "gfx9-4-generic")),
-                id("z-exact", rocm("6.2", "gfx942")),
-            ],
+            [id("a-generic", rocm("6.2", "gfx9-4-generic")), id("z-exact", rocm("6.2", "gfx942"))],
             rocm62("gfx942"),
             ok_m(Exact, "gfx942"),
         )
@@ -1059,9 +1011,7 @@ fn cases() -> Vec<Case> {
             "aarch64 sve2 variant on an sve host",
             [cat!("arch = \"aarch64\"", "cpu-features = [\"sve2\"]")],
             "os = \"linux\"\narch = \"aarch64\"\nlibc = \"glibc 2.35\"\ncpu-features = [\"sve\"]",
-            no_eq(Rejection::CpuFeaturesMissing {
-                missing: strs(&["sve2"]),
-            }),
+            no_eq(Rejection::CpuFeaturesMissing { missing: strs(&["sve2"]) }),
         ),
         case(
             "cpu checks come before device code",
@@ -1085,12 +1035,7 @@ fn cases() -> Vec<Case> {
             "libc = \"glibc 2.28\"",
             ok(Cpu),
         ),
-        case(
-            "glibc 2.17 on glibc 2.35",
-            ["libc = \"glibc 2.17\"".to_owned()],
-            "",
-            ok(Cpu),
-        ),
+        case("glibc 2.17 on glibc 2.35", ["libc = \"glibc 2.17\"".to_owned()], "", ok(Cpu)),
         case(
             "musl variant on a glibc host",
             ["libc = \"musl 1.2\"".to_owned()],
@@ -1174,24 +1119,9 @@ fn cases() -> Vec<Case> {
                 have: Some(mm(15, 0)),
             }),
         ),
-        case(
-            "Metal 4.0 on macOS 26",
-            [metal("4.0")],
-            mac("26.0"),
-            ok_m(Exact, "metal 4.0"),
-        ),
-        case(
-            "Metal 3.2 on macOS 15",
-            [metal("3.2")],
-            mac("15.0"),
-            ok_m(Exact, "metal 3.2"),
-        ),
-        case(
-            "Metal 3.2 on macOS 14: MSL too new",
-            [metal("3.2")],
-            mac("14.6"),
-            no("MslTooNew"),
-        ),
+        case("Metal 4.0 on macOS 26", [metal("4.0")], mac("26.0"), ok_m(Exact, "metal 4.0")),
+        case("Metal 3.2 on macOS 15", [metal("3.2")], mac("15.0"), ok_m(Exact, "metal 3.2")),
+        case("Metal 3.2 on macOS 14: MSL too new", [metal("3.2")], mac("14.6"), no("MslTooNew")),
         case(
             "Metal 4.0 with unknown macOS",
             [metal("4.0")],
@@ -1277,9 +1207,7 @@ fn cases() -> Vec<Case> {
             "forced backend sets the CPU variant aside",
             [id("cpu", ""), id("cuda", cuda("12.8", "sm_90"))],
             nv128("9.0"),
-            no_eq(Rejection::BackendNotPreferred {
-                want: Backend::Cuda,
-            }),
+            no_eq(Rejection::BackendNotPreferred { want: Backend::Cuda }),
         )
         .target("cpu")
         .order(&["cuda", "cpu"])
@@ -1300,14 +1228,9 @@ fn cases() -> Vec<Case> {
         }),
         case(
             "forced variant: the better one is not selected",
-            [
-                id("a", cuda("12.8", "sm_80")),
-                id("b", cuda("12.8", "sm_90a")),
-            ],
+            [id("a", cuda("12.8", "sm_80")), id("b", cuda("12.8", "sm_90a"))],
             nv128("9.0"),
-            no_eq(Rejection::NotSelected {
-                selected: "a".into(),
-            }),
+            no_eq(Rejection::NotSelected { selected: "a".into() }),
         )
         .target("b")
         .prefs(Preferences {
@@ -1316,10 +1239,7 @@ fn cases() -> Vec<Case> {
         }),
         case(
             "forced variant is still checked against the host",
-            [
-                id("a", cuda("12.8", "sm_80")),
-                id("b", cuda("12.8", "sm_90a")),
-            ],
+            [id("a", cuda("12.8", "sm_80")), id("b", cuda("12.8", "sm_90a"))],
             nv128("9.0"),
             no("NoDeviceCode"),
         )
@@ -1344,10 +1264,7 @@ fn cases() -> Vec<Case> {
         .prefs(forbid_jit()),
         case(
             "forbid_jit ranks a cubin variant over the PTX one",
-            [
-                id("ptx", cuda("12.8", "compute_80")),
-                id("sass", cuda("12.6", "sm_90")),
-            ],
+            [id("ptx", cuda("12.8", "compute_80")), id("sass", cuda("12.6", "sm_90"))],
             nv128("9.0"),
             no("JitForbidden"),
         )
@@ -1450,40 +1367,28 @@ fn cases() -> Vec<Case> {
         // ---- §7.3: ranking ----
         case(
             "toolkit tiebreak: newer CUDA first",
-            [
-                id("cu126", cuda("12.6", "sm_90")),
-                id("cu128", cuda("12.8", "sm_90")),
-            ],
+            [id("cu126", cuda("12.6", "sm_90")), id("cu128", cuda("12.8", "sm_90"))],
             nv128("9.0"),
             ok_m(Exact, "sm_90"),
         )
         .order(&["cu128", "cu126"]),
         case(
             "device match outranks toolkit",
-            [
-                id("cu128-ptx", cuda("12.8", "compute_90")),
-                id("cu126-sass", cuda("12.6", "sm_90")),
-            ],
+            [id("cu128-ptx", cuda("12.8", "compute_90")), id("cu126-sass", cuda("12.6", "sm_90"))],
             nv128("9.0"),
             ok_m(Exact, "sm_90"),
         )
         .order(&["cu126-sass", "cu128-ptx"]),
         case(
             "priority tiebreak",
-            [
-                id("a", cuda("12.8", "sm_90")),
-                id("b", cat!(cuda("12.8", "sm_90"), "priority = 5")),
-            ],
+            [id("a", cuda("12.8", "sm_90")), id("b", cat!(cuda("12.8", "sm_90"), "priority = 5"))],
             nv128("9.0"),
             ok(Exact),
         )
         .order(&["b", "a"]),
         case(
             "id tiebreak",
-            [
-                id("beta", cuda("12.8", "sm_90")),
-                id("alpha", cuda("12.8", "sm_90")),
-            ],
+            [id("beta", cuda("12.8", "sm_90")), id("alpha", cuda("12.8", "sm_90"))],
             nv128("9.0"),
             ok(Exact),
         )
@@ -1491,14 +1396,8 @@ fn cases() -> Vec<Case> {
         case(
             "specificity outranks priority",
             [
-                id(
-                    "a-plain",
-                    "os = \"macos\"\narch = \"aarch64\"\npriority = 100",
-                ),
-                id(
-                    "b-min",
-                    "os = \"macos\"\narch = \"aarch64\"\nmacos-min = \"13.0\"",
-                ),
+                id("a-plain", "os = \"macos\"\narch = \"aarch64\"\npriority = 100"),
+                id("b-min", "os = \"macos\"\narch = \"aarch64\"\nmacos-min = \"13.0\""),
             ],
             mac("14.0"),
             ok(Cpu),
@@ -1506,50 +1405,35 @@ fn cases() -> Vec<Case> {
         .order(&["b-min", "a-plain"]),
         case(
             "a GPU match outranks the CPU variant",
-            [
-                id("a-cpu", "cpu-level = \"x86-64-v3\""),
-                id("b-jit", cuda("12.8", "compute_80")),
-            ],
+            [id("a-cpu", "cpu-level = \"x86-64-v3\""), id("b-jit", cuda("12.8", "compute_80"))],
             nv128("9.0"),
             jit("compute_80", 10),
         )
         .order(&["b-jit", "a-cpu"]),
         case(
             "arch-specific outranks exact",
-            [
-                id("a", cuda("12.8", "sm_90")),
-                id("b", cuda("12.8", "sm_90a")),
-            ],
+            [id("a", cuda("12.8", "sm_90")), id("b", cuda("12.8", "sm_90a"))],
             nv128("9.0"),
             ok_m(ArchSpecific, "sm_90a"),
         )
         .order(&["b", "a"]),
         case(
             "exact outranks same major",
-            [
-                id("a", cuda("12.8", "sm_80")),
-                id("b", cuda("12.8", "sm_86")),
-            ],
+            [id("a", cuda("12.8", "sm_80")), id("b", cuda("12.8", "sm_86"))],
             nv128("8.6"),
             ok_m(Exact, "sm_86"),
         )
         .order(&["b", "a"]),
         case(
             "smaller JIT distance first",
-            [
-                id("a", cuda("12.8", "compute_80")),
-                id("b", cuda("12.8", "compute_90")),
-            ],
+            [id("a", cuda("12.8", "compute_80")), id("b", cuda("12.8", "compute_90"))],
             nv128("10.0"),
             jit("compute_90", 10),
         )
         .order(&["b", "a"]),
         case(
             "accepted before rejected",
-            [
-                id("a-bad", cuda("12.8", "sm_80")),
-                id("z-good", cuda("12.8", "sm_90")),
-            ],
+            [id("a-bad", cuda("12.8", "sm_80")), id("z-good", cuda("12.8", "sm_90"))],
             nv128("9.0"),
             ok(Exact),
         )
@@ -1570,10 +1454,7 @@ fn cases() -> Vec<Case> {
         .order(&["c-device", "d-level", "e-runtime", "b-glibc", "a-os"]),
         case(
             "closest miss: JitForbidden beats NoDeviceCode",
-            [
-                id("a", cuda("12.8", "sm_80")),
-                id("b", cuda("12.8", "compute_90")),
-            ],
+            [id("a", cuda("12.8", "sm_80")), id("b", cuda("12.8", "compute_90"))],
             nv128("9.0"),
             no("JitForbidden"),
         )
@@ -1581,10 +1462,7 @@ fn cases() -> Vec<Case> {
         .prefs(forbid_jit()),
         case(
             "closest miss: equal rejections break ties by id",
-            [
-                id("b", "libc = \"glibc 2.40\""),
-                id("a", "libc = \"glibc 2.39\""),
-            ],
+            [id("b", "libc = \"glibc 2.40\""), id("a", "libc = \"glibc 2.39\"")],
             "",
             no_eq(Rejection::GlibcTooOld {
                 need: mm(2, 39),
@@ -1636,33 +1514,22 @@ fn run(case: &Case) -> Vec<String> {
                 Verdict::Accepted { score },
             ) => {
                 if score.device != *tier {
-                    problems.push(format!(
-                        "`{}`: tier {:?}, expected {tier:?}",
-                        cand.id, score.device
-                    ));
+                    problems.push(format!("`{}`: tier {:?}, expected {tier:?}", cand.id, score.device));
                 }
                 if let Some(m) = matched
                     && score.matched.as_deref() != Some(*m)
                 {
-                    problems.push(format!(
-                        "`{}`: matched {:?}, expected {m:?}",
-                        cand.id, score.matched
-                    ));
+                    problems.push(format!("`{}`: matched {:?}, expected {m:?}", cand.id, score.matched));
                 }
                 if let Some(d) = jit_distance
                     && score.jit_distance != *d
                 {
-                    problems.push(format!(
-                        "`{}`: jit distance {}, expected {d}",
-                        cand.id, score.jit_distance
-                    ));
+                    problems.push(format!("`{}`: jit distance {}, expected {d}", cand.id, score.jit_distance));
                 }
             }
             (Expect::Code(code), Verdict::Rejected { reason }) if reason.code() == *code => {}
             (Expect::Exactly(want), Verdict::Rejected { reason }) if reason == want => {}
-            (want, got) => {
-                problems.push(format!("`{}`: {}, expected {want:?}", cand.id, show(got)))
-            }
+            (want, got) => problems.push(format!("`{}`: {}, expected {want:?}", cand.id, show(got))),
         },
     }
 
@@ -1674,22 +1541,12 @@ fn run(case: &Case) -> Vec<String> {
 
     // Closest miss: exists exactly when nothing is accepted, and has the highest stage.
     match (res.best(), res.closest_miss()) {
-        (Some(_), Some(c)) => problems.push(format!(
-            "closest_miss `{}` although a variant was accepted",
-            c.id
-        )),
+        (Some(_), Some(c)) => problems.push(format!("closest_miss `{}` although a variant was accepted", c.id)),
         (None, miss) => {
-            let top = res
-                .candidates
-                .iter()
-                .filter_map(|c| c.rejection())
-                .map(Rejection::stage)
-                .max();
+            let top = res.candidates.iter().filter_map(|c| c.rejection()).map(Rejection::stage).max();
             let got = miss.and_then(|c| c.rejection()).map(Rejection::stage);
             if got != top {
-                problems.push(format!(
-                    "closest_miss stage {got:?}, highest rejection stage {top:?}"
-                ));
+                problems.push(format!("closest_miss stage {got:?}, highest rejection stage {top:?}"));
             }
         }
         (Some(_), None) => {}
@@ -1703,12 +1560,7 @@ fn resolver_follows_the_compatibility_rules() {
         .iter()
         .flat_map(|c| run(c).into_iter().map(move |p| format!("[{}] {p}", c.name)))
         .collect();
-    assert!(
-        failures.is_empty(),
-        "{} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} problem(s):\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -1717,11 +1569,7 @@ fn table_has_at_least_70_cases_with_unique_names() {
     assert!(cases.len() >= 70, "only {} cases", cases.len());
     let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
     names.sort_unstable();
-    let dupes: Vec<&&str> = names
-        .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| &w[0])
-        .collect();
+    let dupes: Vec<&&str> = names.windows(2).filter(|w| w[0] == w[1]).map(|w| &w[0]).collect();
     assert!(dupes.is_empty(), "duplicate case names: {dupes:?}");
 }
 
@@ -1731,18 +1579,13 @@ fn table_has_at_least_70_cases_with_unique_names() {
 fn runs_on_agrees_with_resolve() {
     let mut failures = Vec::new();
     for case in cases() {
-        let (Ok(manifest), Ok(host)) = (manifest(case.abi, &case.variants), host(&case.host))
-        else {
+        let (Ok(manifest), Ok(host)) = (manifest(case.abi, &case.variants), host(&case.host)) else {
             failures.push(format!("[{}] does not build", case.name));
             continue;
         };
         let res = resolve(&manifest, &host, &Preferences::default());
         for v in &manifest.variants {
-            let accepted = res
-                .candidates
-                .iter()
-                .find(|c| c.id == v.id)
-                .is_some_and(|c| c.score().is_some());
+            let accepted = res.candidates.iter().find(|c| c.id == v.id).is_some_and(|c| c.score().is_some());
             let quick = runs_on(&manifest, v, &host);
             if quick != accepted {
                 failures.push(format!(
@@ -1761,8 +1604,7 @@ fn order_is_independent_of_manifest_order() {
     let mut failures = Vec::new();
     let mut multi = 0;
     for case in cases() {
-        let (Ok(manifest), Ok(host)) = (manifest(case.abi, &case.variants), host(&case.host))
-        else {
+        let (Ok(manifest), Ok(host)) = (manifest(case.abi, &case.variants), host(&case.host)) else {
             failures.push(format!("[{}] does not build", case.name));
             continue;
         };
@@ -1771,21 +1613,13 @@ fn order_is_independent_of_manifest_order() {
             continue;
         }
         multi += 1;
-        let key = |r: &Resolution| -> Vec<(String, Verdict)> {
-            r.candidates
-                .iter()
-                .map(|c| (c.id.clone(), c.verdict.clone()))
-                .collect()
-        };
+        let key = |r: &Resolution| -> Vec<(String, Verdict)> { r.candidates.iter().map(|c| (c.id.clone(), c.verdict.clone())).collect() };
         let base = key(&resolve(&manifest, &host, &case.prefs));
         // Reversed, rotated by one, and odd positions before even ones.
         let perms: Vec<Vec<usize>> = vec![
             (0..n).rev().collect(),
             (1..n).chain(0..1).collect(),
-            (0..n)
-                .filter(|i| i % 2 == 1)
-                .chain((0..n).filter(|i| i % 2 == 0))
-                .collect(),
+            (0..n).filter(|i| i % 2 == 1).chain((0..n).filter(|i| i % 2 == 0)).collect(),
         ];
         for perm in perms {
             let mut shuffled = manifest.clone();
@@ -1794,10 +1628,7 @@ fn order_is_independent_of_manifest_order() {
             if got != base {
                 let a: Vec<&str> = base.iter().map(|(id, _)| id.as_str()).collect();
                 let b: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
-                failures.push(format!(
-                    "[{}] permutation {perm:?}: {b:?} != {a:?}",
-                    case.name
-                ));
+                failures.push(format!("[{}] permutation {perm:?}: {b:?} != {a:?}", case.name));
             }
         }
     }

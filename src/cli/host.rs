@@ -42,27 +42,59 @@ fn render(d: &Detected) -> String {
         line("cpu level", l.to_string(), source(d, &["cpu-level"]));
     }
     let features: Vec<&str> = f.cpu_features.iter().map(String::as_str).collect();
-    line("cpu features", if features.is_empty() { "none".into() } else { features.join(" ") }, source(d, &["cpu-features"]));
+    line(
+        "cpu features",
+        if features.is_empty() { "none".into() } else { features.join(" ") },
+        source(d, &["cpu-features"]),
+    );
     match &f.cuda {
         Some(c) => {
-            line("cuda driver", format!("CUDA {}{}", c.driver, c.kmd.as_ref().map(|k| format!(" (kernel module {k})")).unwrap_or_default()), source(d, &["cuda.driver", "cuda"]));
+            line(
+                "cuda driver",
+                format!(
+                    "CUDA {}{}",
+                    c.driver,
+                    c.kmd.as_ref().map(|k| format!(" (kernel module {k})")).unwrap_or_default()
+                ),
+                source(d, &["cuda.driver", "cuda"]),
+            );
             if let Some(r) = &c.runtime {
                 line("cuda runtime", r.to_string(), source(d, &["cuda.runtime", "cuda"]));
             }
             let devs: Vec<String> = c
                 .devices
                 .iter()
-                .map(|x| format!("{}: sm_{}{}{}", x.index, x.cc.major, x.cc.minor, x.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default()))
+                .map(|x| {
+                    format!(
+                        "{}: sm_{}{}{}",
+                        x.index,
+                        x.cc.major,
+                        x.cc.minor,
+                        x.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
+                    )
+                })
                 .collect();
-            line("cuda devices", if devs.is_empty() { "none".into() } else { devs.join("; ") }, source(d, &["cuda.devices", "cuda"]));
+            line(
+                "cuda devices",
+                if devs.is_empty() { "none".into() } else { devs.join("; ") },
+                source(d, &["cuda.devices", "cuda"]),
+            );
         }
         None => line("nvidia gpu", "none".into(), source(d, &["cuda"])),
     }
     match &f.rocm {
         Some(r) => {
-            line("rocm", r.version.map_or("version unknown".into(), |v: MajorMinor| v.to_string()), source(d, &["rocm.version", "rocm"]));
+            line(
+                "rocm",
+                r.version.map_or("version unknown".into(), |v: MajorMinor| v.to_string()),
+                source(d, &["rocm.version", "rocm"]),
+            );
             let devs: Vec<String> = r.devices.iter().enumerate().map(|(i, x)| format!("{i}: {}", x.target)).collect();
-            line("amd devices", if devs.is_empty() { "none".into() } else { devs.join("; ") }, source(d, &["rocm.devices", "rocm"]));
+            line(
+                "amd devices",
+                if devs.is_empty() { "none".into() } else { devs.join("; ") },
+                source(d, &["rocm.devices", "rocm"]),
+            );
         }
         None => line("amd gpu", "none".into(), source(d, &["rocm"])),
     }
@@ -70,7 +102,15 @@ fn render(d: &Detected) -> String {
         line("metal", "available".into(), source(d, &["metal"]));
     }
     if let Some(x) = &f.xpu {
-        line("intel xpu", format!("oneAPI {} [{}]", x.oneapi.map_or("unknown".into(), |v| v.to_string()), x.devices.join(", ")), source(d, &["xpu.devices", "xpu.oneapi"]));
+        line(
+            "intel xpu",
+            format!(
+                "oneAPI {} [{}]",
+                x.oneapi.map_or("unknown".into(), |v| v.to_string()),
+                x.devices.join(", ")
+            ),
+            source(d, &["xpu.devices", "xpu.oneapi"]),
+        );
     }
     out
 }

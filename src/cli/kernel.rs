@@ -72,7 +72,12 @@ pub fn package(kernel_dir: &Path, out: &Path, tc: &Toolchain, json: bool) -> Res
         };
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("packaged {} {} into {}", manifest.kernel.name, manifest.kernel.version, out.display());
+        println!(
+            "packaged {} {} into {}",
+            manifest.kernel.name,
+            manifest.kernel.version,
+            out.display()
+        );
         for v in &manifest.variants {
             let f = &v.files[0];
             println!("  {:<36} {:>9} bytes  sha256 {}", v.id, f.size, f.sha256);
@@ -132,17 +137,34 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
     println!("exports      {}", info.exports.join(", "));
     let code = info.cuda_code();
     if !code.is_empty() {
-        println!("device code  {}", code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        println!(
+            "device code  {}",
+            code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
         for e in &info.cuda {
             println!("  {e:?}");
         }
     }
     match description {
         Ok(d) => {
-            println!("kernel       {} {} ({}), ABI {}", d["name"].as_str().unwrap_or("?"), d["version"].as_str().unwrap_or("?"), d["backend"].as_str().unwrap_or("?"), d["abi"].as_str().unwrap_or("?"));
+            println!(
+                "kernel       {} {} ({}), ABI {}",
+                d["name"].as_str().unwrap_or("?"),
+                d["version"].as_str().unwrap_or("?"),
+                d["backend"].as_str().unwrap_or("?"),
+                d["abi"].as_str().unwrap_or("?")
+            );
             for f in d["functions"].as_array().into_iter().flatten() {
-                let test = if f["selftest"].as_bool() == Some(true) { "  [self-test]" } else { "" };
-                println!("  {:<20} {}{test}", f["name"].as_str().unwrap_or("?"), f["signature"].as_str().unwrap_or("?"));
+                let test = if f["selftest"].as_bool() == Some(true) {
+                    "  [self-test]"
+                } else {
+                    ""
+                };
+                println!(
+                    "  {:<20} {}{test}",
+                    f["name"].as_str().unwrap_or("?"),
+                    f["signature"].as_str().unwrap_or("?")
+                );
             }
         }
         Err(e) => println!("kernel       not a loadable khub kernel: {e:#}"),
@@ -186,7 +208,15 @@ pub fn load(release: &Path, options: &ProbeOptions, prefs: &Preferences, json: b
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("loaded {} {} variant {} ({}), kernel ABI {} in {:.1} ms", report.kernel, report.version, report.variant, report.backend, report.abi, took.as_secs_f64() * 1e3);
+    println!(
+        "loaded {} {} variant {} ({}), kernel ABI {} in {:.1} ms",
+        report.kernel,
+        report.version,
+        report.variant,
+        report.backend,
+        report.abi,
+        took.as_secs_f64() * 1e3
+    );
     for f in &report.files {
         println!("  verified {}  {} bytes  sha256 {}", f.path, f.size, f.sha256);
     }
@@ -208,12 +238,24 @@ pub fn selftest(release: &Path, options: &ProbeOptions, prefs: &Preferences, see
     }
     let all_passed = reports.iter().all(|r| r.passed) && reports.len() == names.len();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "variant": kernel.variant(), "results": reports, "passed": all_passed }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "variant": kernel.variant(), "results": reports, "passed": all_passed }))?
+        );
     } else {
-        println!("self-tests of {} {} variant {} (seed {seed}, {size} elements)", kernel.name(), kernel.version(), kernel.variant());
+        println!(
+            "self-tests of {} {} variant {} (seed {seed}, {size} elements)",
+            kernel.name(),
+            kernel.version(),
+            kernel.variant()
+        );
         for r in &reports {
             let verdict = if r.passed { "pass" } else { "FAIL" };
-            let msg = if r.message.is_empty() { String::new() } else { format!("  {}", r.message) };
+            let msg = if r.message.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", r.message)
+            };
             println!("  {verdict}  {:<20} max error {:.3e}{msg}", r.function, r.max_error);
         }
     }
@@ -230,9 +272,26 @@ struct Generated {
 
 fn generate(sig: &Signature, size: usize, dim: u64) -> Result<Generated> {
     let per_n = |p: &khub::abi::Param| -> u64 {
-        p.shape.as_ref().map_or(1, |s| s.iter().map(|d| if d.name.as_deref() == Some("n") { d.factor } else { d.factor * if d.name.is_some() { dim } else { 1 } }).product())
+        p.shape.as_ref().map_or(1, |s| {
+            s.iter()
+                .map(|d| {
+                    if d.name.as_deref() == Some("n") {
+                        d.factor
+                    } else {
+                        d.factor * if d.name.is_some() { dim } else { 1 }
+                    }
+                })
+                .product()
+        })
     };
-    let largest = sig.params.iter().filter(|p| matches!(p.kind, ParamKind::Tensor | ParamKind::TensorMut)).map(per_n).max().unwrap_or(1).max(1);
+    let largest = sig
+        .params
+        .iter()
+        .filter(|p| matches!(p.kind, ParamKind::Tensor | ParamKind::TensorMut))
+        .map(per_n)
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let n = ((size as u64) / largest).max(1);
     let mut tensors = Vec::new();
     let mut scalars = Vec::new();
@@ -241,10 +300,25 @@ fn generate(sig: &Signature, size: usize, dim: u64) -> Result<Generated> {
         match p.kind {
             ParamKind::Tensor | ParamKind::TensorMut => {
                 if p.dtype.as_deref().is_some_and(|d| d != "f32") {
-                    bail!("khub bench generates f32 tensors; this function takes {}", p.dtype.as_deref().unwrap_or("?"));
+                    bail!(
+                        "khub bench generates f32 tensors; this function takes {}",
+                        p.dtype.as_deref().unwrap_or("?")
+                    );
                 }
                 let shape: Vec<i64> = match &p.shape {
-                    Some(s) => s.iter().map(|d| (d.factor * if d.name.as_deref() == Some("n") { n } else if d.name.is_some() { dim } else { 1 }) as i64).collect(),
+                    Some(s) => s
+                        .iter()
+                        .map(|d| {
+                            (d.factor
+                                * if d.name.as_deref() == Some("n") {
+                                    n
+                                } else if d.name.is_some() {
+                                    dim
+                                } else {
+                                    1
+                                }) as i64
+                        })
+                        .collect(),
                     None => vec![size as i64],
                 };
                 tensors.push(HostTensor::from_fn(&shape, |_| {
@@ -311,14 +385,28 @@ pub struct BenchResult {
 
 pub fn bench_kernel(kernel: &Kernel, function: &str, size: usize, dim: u64, iters: usize) -> Result<BenchResult> {
     if kernel.backend() != "cpu" {
-        bail!("khub bench runs CPU variants; `{}` is a {} variant (use --prefer backend=cpu, or `khub selftest` on the GPU)", kernel.variant(), kernel.backend());
+        bail!(
+            "khub bench runs CPU variants; `{}` is a {} variant (use --prefer backend=cpu, or `khub selftest` on the GPU)",
+            kernel.variant(),
+            kernel.backend()
+        );
     }
-    let sig = kernel.signature(function).with_context(|| format!("kernel has no function `{function}`; it exports: {}", kernel.functions().collect::<Vec<_>>().join(", ")))?.clone();
+    let sig = kernel
+        .signature(function)
+        .with_context(|| {
+            format!(
+                "kernel has no function `{function}`; it exports: {}",
+                kernel.functions().collect::<Vec<_>>().join(", ")
+            )
+        })?
+        .clone();
     let mut g = generate(&sig, size, dim)?;
     let a = args(&sig, &mut g);
     // SAFETY: the tensors are live CPU tensors owned by `g` for the whole loop, of the
     // kinds the signature names.
-    let t = median_time(iters, || unsafe { kernel.call(function, &a, std::ptr::null_mut()) }.map_err(Into::into))?;
+    let t = median_time(iters, || {
+        unsafe { kernel.call(function, &a, std::ptr::null_mut()) }.map_err(Into::into)
+    })?;
     // memcpy of the same number of bytes, read + written, as the floor.
     let src = vec![1u8; g.bytes / 2];
     let mut dst = vec![0u8; g.bytes / 2];
@@ -340,7 +428,15 @@ pub fn bench_kernel(kernel: &Kernel, function: &str, size: usize, dim: u64, iter
     })
 }
 
-pub fn bench(release: &Path, function: &str, options: &ProbeOptions, prefs: &Preferences, size: usize, iters: usize, json: bool) -> Result<ExitCode> {
+pub fn bench(
+    release: &Path,
+    function: &str,
+    options: &ProbeOptions,
+    prefs: &Preferences,
+    size: usize,
+    iters: usize,
+    json: bool,
+) -> Result<ExitCode> {
     let (_, _, kernel) = open_and_load(release, options, prefs)?;
     let r = bench_kernel(&kernel, function, size, 4096, iters)?;
     if json {
@@ -386,13 +482,24 @@ pub fn demo(kernel_dir: &Path, out: &Path, options: &ProbeOptions, tc: &Toolchai
     println!("\n== 3. load (verify every byte, dlopen the sealed copy, negotiate the ABI)");
     let started = Instant::now();
     let kernel = Release::open(out)?.load(&host, &Preferences::default())?;
-    println!("   loaded {} {} variant {} in {:.1} ms", kernel.name(), kernel.version(), kernel.variant(), started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "   loaded {} {} variant {} in {:.1} ms",
+        kernel.name(),
+        kernel.version(),
+        kernel.variant(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
     println!("\n== 4. self-test every function against the kernel's scalar reference");
     let mut ok = true;
     for name in kernel.functions().map(str::to_owned).collect::<Vec<_>>() {
         let r = kernel.selftest(&name, 42, 1 << 16)?;
         ok &= r.passed;
-        println!("   {}  {:<14} max error {:.3e}", if r.passed { "pass" } else { "FAIL" }, name, r.max_error);
+        println!(
+            "   {}  {:<14} max error {:.3e}",
+            if r.passed { "pass" } else { "FAIL" },
+            name,
+            r.max_error
+        );
     }
     println!("\n== 5. benchmark silu_and_mul on 64 MiB of input");
     let r = bench_kernel(&kernel, "silu_and_mul", 16 << 20, 4096, 5)?;

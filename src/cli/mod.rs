@@ -205,17 +205,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             json,
         } => explain::run(&manifest, &probe_options(host)?, &parse_preferences(&prefer)?, json),
-        Command::Build { kernel, out_dir, toolchain } => kernel::build(&kernel, out_dir.as_deref(), &toolchain.into_toolchain()),
-        Command::Package { kernel, out, toolchain, json } => kernel::package(&kernel, &out, &toolchain.into_toolchain(), json),
+        Command::Build {
+            kernel,
+            out_dir,
+            toolchain,
+        } => kernel::build(&kernel, out_dir.as_deref(), &toolchain.into_toolchain()),
+        Command::Package {
+            kernel,
+            out,
+            toolchain,
+            json,
+        } => kernel::package(&kernel, &out, &toolchain.into_toolchain(), json),
         Command::Inspect { library, json } => kernel::inspect(&library, json),
-        Command::Load { release, select, json } => kernel::load(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, json),
+        Command::Load { release, select, json } => {
+            kernel::load(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, json)
+        }
         Command::Selftest {
             release,
             select,
             seed,
             size,
             json,
-        } => kernel::selftest(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, seed, size, json),
+        } => kernel::selftest(
+            &release,
+            &probe_options(select.host)?,
+            &parse_preferences(&select.prefer)?,
+            seed,
+            size,
+            json,
+        ),
         Command::Bench {
             release,
             function,
@@ -223,7 +241,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             size,
             iters,
             json,
-        } => kernel::bench(&release, &function, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, size, iters, json),
+        } => kernel::bench(
+            &release,
+            &function,
+            &probe_options(select.host)?,
+            &parse_preferences(&select.prefer)?,
+            size,
+            iters,
+            json,
+        ),
         Command::Demo { kernel, out, toolchain } => {
             let kernel_dir = kernel.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example"));
             let (_tmp, out) = match out {

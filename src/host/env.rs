@@ -133,7 +133,11 @@ fn parse<T: std::str::FromStr<Err = crate::platform::ParseError>>(var: &'static 
 }
 
 fn list<T: std::str::FromStr<Err = crate::platform::ParseError>>(var: &'static str, v: &str) -> Result<Vec<T>, HostError> {
-    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| parse(var, s)).collect()
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(var, s))
+        .collect()
 }
 
 fn is_none(v: &str) -> bool {
@@ -208,7 +212,11 @@ pub(crate) fn apply_overrides(env: &Environment, d: &mut Detected) -> Result<(),
     if let Some(v) = env.get(CUDA_RUNTIME)
         && let Some(cuda) = f.cuda.as_mut()
     {
-        cuda.runtime = if is_none(v) { None } else { Some(parse::<MajorMinor>(CUDA_RUNTIME, v)?) };
+        cuda.runtime = if is_none(v) {
+            None
+        } else {
+            Some(parse::<MajorMinor>(CUDA_RUNTIME, v)?)
+        };
         touched.push(("cuda.runtime", CUDA_RUNTIME));
     }
 
@@ -246,7 +254,11 @@ pub(crate) fn apply_overrides(env: &Environment, d: &mut Detected) -> Result<(),
         touched.push(("rocm.devices", HSA_OVERRIDE_GFX_VERSION));
     }
     if let Some(v) = env.get(ROCM_VERSION) {
-        let version = if is_none(v) { None } else { Some(parse::<MajorMinor>(ROCM_VERSION, v)?) };
+        let version = if is_none(v) {
+            None
+        } else {
+            Some(parse::<MajorMinor>(ROCM_VERSION, v)?)
+        };
         f.rocm
             .get_or_insert_with(|| RocmHost {
                 version: None,
@@ -262,8 +274,17 @@ pub(crate) fn apply_overrides(env: &Environment, d: &mut Detected) -> Result<(),
         touched.push(("metal", METAL));
     }
     if let Some(v) = env.get(ONEAPI_VERSION) {
-        let oneapi = if is_none(v) { None } else { Some(parse::<MajorMinor>(ONEAPI_VERSION, v)?) };
-        f.xpu.get_or_insert_with(|| XpuHost { oneapi: None, devices: Vec::new() }).oneapi = oneapi;
+        let oneapi = if is_none(v) {
+            None
+        } else {
+            Some(parse::<MajorMinor>(ONEAPI_VERSION, v)?)
+        };
+        f.xpu
+            .get_or_insert_with(|| XpuHost {
+                oneapi: None,
+                devices: Vec::new(),
+            })
+            .oneapi = oneapi;
         touched.push(("xpu.oneapi", ONEAPI_VERSION));
     }
     if let Some(v) = env.get(XPU_IP) {
@@ -271,7 +292,12 @@ pub(crate) fn apply_overrides(env: &Environment, d: &mut Detected) -> Result<(),
             f.xpu = None;
         } else {
             let ips: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
-            f.xpu.get_or_insert_with(|| XpuHost { oneapi: None, devices: Vec::new() }).devices = ips;
+            f.xpu
+                .get_or_insert_with(|| XpuHost {
+                    oneapi: None,
+                    devices: Vec::new(),
+                })
+                .devices = ips;
         }
         touched.push(("xpu.devices", XPU_IP));
     }
@@ -319,7 +345,9 @@ mod tests {
         assert!(e.contains("KHUB_CUDA_ARCH") && e.contains("sm90"), "{e}");
         let e = apply(&[("KHUB_AMD_GPU_ARCH", "gfx11-generic")]).unwrap_err().to_string();
         assert!(e.contains("never a generic"), "{e}");
-        let e = apply(&[("KHUB_AMD_GPU_ARCH", "gfx1100"), ("HSA_OVERRIDE_GFX_VERSION", "11")]).unwrap_err().to_string();
+        let e = apply(&[("KHUB_AMD_GPU_ARCH", "gfx1100"), ("HSA_OVERRIDE_GFX_VERSION", "11")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("HSA_OVERRIDE_GFX_VERSION"), "{e}");
     }
 
@@ -333,7 +361,9 @@ mod tests {
 
     #[test]
     fn none_removes_a_gpu() {
-        let e = apply(&[("KHUB_CUDA_ARCH", "9.0"), ("KHUB_CUDA_DRIVER", "none")]).unwrap_err().to_string();
+        let e = apply(&[("KHUB_CUDA_ARCH", "9.0"), ("KHUB_CUDA_DRIVER", "none")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KHUB_CUDA_DRIVER"), "{e}");
         let d = apply(&[("KHUB_CUDA_ARCH", "9.0"), ("KHUB_CUDA_DRIVER", "12.4")]).unwrap();
         assert_eq!(d.facts.cuda.unwrap().devices[0].cc, MajorMinor::new(9, 0));

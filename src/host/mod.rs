@@ -266,11 +266,15 @@ impl ProbeOptions {
     pub fn with_env(env: Environment) -> Result<Self, HostError> {
         let timeout = match env.get(env::PROBE_TIMEOUT) {
             Some(v) => {
-                let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 3600.0).ok_or_else(|| HostError::InvalidEnv {
-                    var: env::PROBE_TIMEOUT,
-                    value: v.to_owned(),
-                    expected: "a number of seconds between 0 and 3600",
-                })?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                    .ok_or_else(|| HostError::InvalidEnv {
+                        var: env::PROBE_TIMEOUT,
+                        value: v.to_owned(),
+                        expected: "a number of seconds between 0 and 3600",
+                    })?;
                 Duration::from_secs_f64(secs)
             }
             None => Duration::from_secs(20),
@@ -505,7 +509,9 @@ devices = [{ index = 0, cc = "9.0", name = "H100" }]
         let (_dir, path) = profile("os = \"linux\"\narch = \"x86_64\"\ngpu = 1\n");
         let e = HostFacts::detect(&options(&[], Some(path))).unwrap_err().to_string();
         assert!(e.contains("gpu"), "{e}");
-        let e = HostFacts::detect(&options(&[], Some("/nonexistent/host.toml".into()))).unwrap_err().to_string();
+        let e = HostFacts::detect(&options(&[], Some("/nonexistent/host.toml".into())))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/host.toml"), "{e}");
     }
 

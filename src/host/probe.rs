@@ -74,7 +74,12 @@ pub(crate) fn probe_all(options: &ProbeOptions) -> Detected {
         probe_nvidia(options, &mut d);
         probe_amd(options, &mut d);
     } else if !d.sources.contains_key("metal") {
-        d.set_source("cuda", FactSource::Absent { why: format!("GPU probes are implemented for Linux; this is {os}") });
+        d.set_source(
+            "cuda",
+            FactSource::Absent {
+                why: format!("GPU probes are implemented for Linux; this is {os}"),
+            },
+        );
     }
     d
 }
@@ -107,9 +112,33 @@ pub fn cpu_features() -> (Option<X86Level>, BTreeSet<String>) {
             )*};
         }
         detect!(
-            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "cmpxchg16b", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "lzcnt", "movbe",
-            "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512vnni", "avx512bf16", "avx512fp16", "avxvnni", "sha", "aes",
-            "pclmulqdq", "xsave"
+            "sse3",
+            "ssse3",
+            "sse4.1",
+            "sse4.2",
+            "popcnt",
+            "cmpxchg16b",
+            "avx",
+            "avx2",
+            "bmi1",
+            "bmi2",
+            "f16c",
+            "fma",
+            "lzcnt",
+            "movbe",
+            "avx512f",
+            "avx512bw",
+            "avx512cd",
+            "avx512dq",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16",
+            "avx512fp16",
+            "avxvnni",
+            "sha",
+            "aes",
+            "pclmulqdq",
+            "xsave"
         );
         let level = X86Level::highest_supported(|f| set.contains(f));
         (Some(level), set)
@@ -123,7 +152,9 @@ pub fn cpu_features() -> (Option<X86Level>, BTreeSet<String>) {
                 }
             )*};
         }
-        detect!("asimd", "fp16", "dotprod", "sve", "sve2", "i8mm", "bf16", "sha2", "sha3", "aes", "crc", "lse", "rcpc", "fhm", "sme");
+        detect!(
+            "asimd", "fp16", "dotprod", "sve", "sve2", "i8mm", "bf16", "sha2", "sha3", "aes", "crc", "lse", "rcpc", "fhm", "sme"
+        );
         (None, set)
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -181,7 +212,9 @@ fn musl_version() -> Result<MajorMinor, String> {
 
 /// Reads `Version 1.2.4` from the banner the musl loader prints when run bare.
 pub fn parse_musl_banner(text: &str) -> Option<MajorMinor> {
-    text.lines().find_map(|l| l.trim().strip_prefix("Version ")).and_then(|v| v.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Version "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn macos_version() -> Result<MajorMinor, String> {
@@ -189,7 +222,10 @@ fn macos_version() -> Result<MajorMinor, String> {
         .args(["-n", "kern.osproductversion"])
         .output()
         .map_err(|e| format!("sysctl: {e}"))?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| format!("sysctl kern.osproductversion: {e}"))
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("sysctl kern.osproductversion: {e}"))
 }
 
 /// What the CUDA driver reports, as the probe helper prints it in JSON.
@@ -250,11 +286,17 @@ fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
                     runtime: None,
                     devices: Vec::new(),
                 });
-                d.set_source("cuda.driver", probe(format!("{} (kernel module {kmd}; lower bound)", proc_path.display())));
+                d.set_source(
+                    "cuda.driver",
+                    probe(format!("{} (kernel module {kmd}; lower bound)", proc_path.display())),
+                );
                 d.set_source(
                     "cuda.devices",
                     FactSource::Absent {
-                        why: format!("compute capabilities unknown without libcuda or NVML ({}); set KHUB_CUDA_ARCH", tried.join("; ")),
+                        why: format!(
+                            "compute capabilities unknown without libcuda or NVML ({}); set KHUB_CUDA_ARCH",
+                            tried.join("; ")
+                        ),
                     },
                 );
                 return;
@@ -308,7 +350,10 @@ fn run_isolated_cuda_probe(options: &ProbeOptions) -> Result<CudaProbe, String> 
             match rx.recv_timeout(options.timeout) {
                 Ok(r) => r,
                 // The thread is abandoned; it holds nothing of ours.
-                Err(_) => Err(format!("libcuda probe did not answer within {:?} (KHUB_PROBE_TIMEOUT)", options.timeout)),
+                Err(_) => Err(format!(
+                    "libcuda probe did not answer within {:?} (KHUB_PROBE_TIMEOUT)",
+                    options.timeout
+                )),
             }
         }
         Isolation::Subprocess { exe, args } => run_helper(exe, args, &options.env, options.timeout),
@@ -343,7 +388,9 @@ fn run_helper(exe: &Path, args: &[String], env: &Environment, timeout: Duration)
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("libcuda probe did not answer within {timeout:?} and was killed (KHUB_PROBE_TIMEOUT)"));
+                return Err(format!(
+                    "libcuda probe did not answer within {timeout:?} and was killed (KHUB_PROBE_TIMEOUT)"
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(format!("probe helper: {e}")),
@@ -448,7 +495,8 @@ pub fn cuda_driver_probe(lib: &str) -> Result<CudaProbe, String> {
         }
         // SAFETY: as above; the last byte stays 0 so the buffer is always terminated.
         let dev_name = unsafe {
-            (name(buf.as_mut_ptr(), (buf.len() - 1) as c_int, dev) == 0).then(|| CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
+            (name(buf.as_mut_ptr(), (buf.len() - 1) as c_int, dev) == 0)
+                .then(|| CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
         };
         devices.push(CudaDevice {
             index: ordinal as u32,
@@ -521,12 +569,17 @@ pub fn nvml_probe(env: &Environment) -> Result<CudaProbe, String> {
         let mut nbuf = [0 as c_char; 96];
         // SAFETY: valid out-pointers; the handle comes from NVML for an index below its
         // count; string buffers are passed with their length minus the kept final NUL.
-        let ok = unsafe { handle(i, &mut h) == 0 && cc(h, &mut major, &mut minor) == 0 && uuid(h, ubuf.as_mut_ptr(), (ubuf.len() - 1) as c_uint) == 0 };
+        let ok = unsafe {
+            handle(i, &mut h) == 0 && cc(h, &mut major, &mut minor) == 0 && uuid(h, ubuf.as_mut_ptr(), (ubuf.len() - 1) as c_uint) == 0
+        };
         if !ok {
             return Err(format!("{lib}: cannot read device {i}"));
         }
         // SAFETY: as above.
-        let dev_name = unsafe { (name(h, nbuf.as_mut_ptr(), (nbuf.len() - 1) as c_uint) == 0).then(|| CStr::from_ptr(nbuf.as_ptr()).to_string_lossy().into_owned()) };
+        let dev_name = unsafe {
+            (name(h, nbuf.as_mut_ptr(), (nbuf.len() - 1) as c_uint) == 0)
+                .then(|| CStr::from_ptr(nbuf.as_ptr()).to_string_lossy().into_owned())
+        };
         // SAFETY: the buffer's last byte is 0.
         let uuid = unsafe { CStr::from_ptr(ubuf.as_ptr()) }.to_string_lossy().into_owned();
         all.push((uuid, MajorMinor::new(major.max(0) as u32, minor.max(0) as u32), dev_name));
@@ -629,19 +682,37 @@ fn probe_amd(options: &ProbeOptions, d: &mut Detected) {
     let nodes = options.root.join("sys/class/kfd/kfd/topology/nodes");
     match kfd_devices(&nodes) {
         Ok(devices) if devices.is_empty() => {
-            d.set_source("rocm", FactSource::Absent { why: format!("{}: no GPU node", nodes.display()) });
+            d.set_source(
+                "rocm",
+                FactSource::Absent {
+                    why: format!("{}: no GPU node", nodes.display()),
+                },
+            );
         }
         Ok(devices) => {
-            let rocm_path = options.env.get(env::ROCM_PATH).map(PathBuf::from).unwrap_or_else(|| options.root.join("opt/rocm"));
+            let rocm_path = options
+                .env
+                .get(env::ROCM_PATH)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| options.root.join("opt/rocm"));
             let info = rocm_path.join(".info/version");
             let version = std::fs::read_to_string(&info).ok().and_then(|t| parse_rocm_version(&t));
             d.facts.rocm = Some(RocmHost { version, devices });
-            d.set_source("rocm.devices", FactSource::Probe { method: format!("{} gfx_target_version", nodes.display()) });
+            d.set_source(
+                "rocm.devices",
+                FactSource::Probe {
+                    method: format!("{} gfx_target_version", nodes.display()),
+                },
+            );
             d.set_source(
                 "rocm.version",
                 match version {
-                    Some(_) => FactSource::Probe { method: info.display().to_string() },
-                    None => FactSource::Absent { why: format!("{} not readable; set KHUB_ROCM_VERSION", info.display()) },
+                    Some(_) => FactSource::Probe {
+                        method: info.display().to_string(),
+                    },
+                    None => FactSource::Absent {
+                        why: format!("{} not readable; set KHUB_ROCM_VERSION", info.display()),
+                    },
                 },
             );
         }
@@ -728,7 +799,10 @@ mod tests {
         assert_eq!(parse_kfd_properties(gpu).as_deref(), Some("gfx942"));
         assert_eq!(parse_kfd_properties("cpu_cores_count 64\ngfx_target_version 0\n"), None);
         assert_eq!(parse_rocm_version("6.3.1-48\n"), Some(MajorMinor::new(6, 3)));
-        assert_eq!(parse_musl_banner("musl libc (x86_64)\nVersion 1.2.4\nDynamic Program Loader\n"), Some(MajorMinor::new(1, 2)));
+        assert_eq!(
+            parse_musl_banner("musl libc (x86_64)\nVersion 1.2.4\nDynamic Program Loader\n"),
+            Some(MajorMinor::new(1, 2))
+        );
     }
 
     #[test]

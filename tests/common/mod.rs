@@ -19,7 +19,12 @@ pub fn build_c_lib(source: &str, out: &Path, extra: &[&str]) {
     let src = out.with_extension("c");
     std::fs::write(&src, source).unwrap();
     let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let tool = cc::Build::new().target(&triple).host(&triple).opt_level(2).cargo_metadata(false).get_compiler();
+    let tool = cc::Build::new()
+        .target(&triple)
+        .host(&triple)
+        .opt_level(2)
+        .cargo_metadata(false)
+        .get_compiler();
     let status = tool
         .to_command()
         .args(["-shared", "-fPIC", "-std=c11", "-Wall", "-Werror"])
@@ -63,7 +68,11 @@ pub fn release_with(dir: &Path, lib: &Path, name: &str, version: &str, exports: 
             id: "v".into(),
             backend: Backend::Cpu,
             os: Os::Linux,
-            arch: if cfg!(target_arch = "aarch64") { CpuArch::Aarch64 } else { CpuArch::X86_64 },
+            arch: if cfg!(target_arch = "aarch64") {
+                CpuArch::Aarch64
+            } else {
+                CpuArch::X86_64
+            },
             libc: Some(Libc {
                 family: LibcFamily::Glibc,
                 version: MajorMinor::new(2, 17),
@@ -96,7 +105,11 @@ pub fn example_release() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("khub-test-example-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let options = khub::package::BuildOptions {
-            only: vec!["cpu-x86_64-v1-linux".into(), "cpu-x86_64-v3-linux".into(), "cpu-x86_64-v4-linux".into()],
+            only: vec![
+                "cpu-x86_64-v1-linux".into(),
+                "cpu-x86_64-v3-linux".into(),
+                "cpu-x86_64-v4-linux".into(),
+            ],
             ..Default::default()
         };
         khub::package::package(&repo().join("kernels-example"), &dir, &options, &mut |_| {}).expect("package kernels-example");
