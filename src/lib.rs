@@ -14,14 +14,22 @@
 #![warn(missing_docs)]
 
 pub mod abi;
+mod fsx;
 pub mod host;
+pub mod hub;
 pub mod inspect;
 pub mod load;
+pub mod lock;
 pub mod manifest;
 pub mod package;
 pub mod platform;
+pub mod registry;
 pub mod resolve;
+#[cfg(feature = "serve")]
+pub mod serve;
+pub mod store;
 pub mod verify;
+pub mod version;
 
 pub use host::{HostFacts, ProbeOptions};
 pub use load::{Kernel, LoadError, Release};

@@ -428,76 +428,50 @@ impl Release {
     #[doc(hidden)]
     pub fn load_variant_with_hook(&self, id: &str, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
         let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
-        load_verified(&self.root, &self.manifest, variant, after_verify)
+        load_verified(self, &self.manifest, variant, after_verify)
     }
 
     /// Verifies every file of a variant without loading anything.
     pub fn verify_variant(&self, id: &str) -> Result<(), LoadError> {
         let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
         for f in &variant.files {
-            open_verified(&self.root, variant, f)?;
+            open_verified(self, variant, f)?;
         }
         Ok(())
     }
 }
 
-/// Opens a release file without following symlinks anywhere on its path.
-fn open_in_release(root: &Path, variant: &Variant, rel: &RelPath) -> Result<File, LoadError> {
-    let mut p = root.to_path_buf();
-    let parts: Vec<&str> = rel.components().collect();
-    for (i, part) in parts.iter().enumerate() {
-        p.push(part);
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(LoadError::NotRegular {
-                    root: root.to_owned(),
-                    path: parts[..=i].join("/"),
-                    what: "a symlink",
-                });
-            }
-            Ok(m) if i + 1 < parts.len() && !m.is_dir() => {
-                return Err(LoadError::NotRegular {
-                    root: root.to_owned(),
-                    path: parts[..=i].join("/"),
-                    what: "not a directory",
-                });
-            }
-            Ok(m) if i + 1 == parts.len() && !m.is_file() => {
-                return Err(LoadError::NotRegular {
-                    root: root.to_owned(),
-                    path: rel.to_string(),
-                    what: "not a regular file",
-                });
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(LoadError::FileMissing {
-                    variant: variant.id.clone(),
-                    root: root.to_owned(),
-                    path: rel.clone(),
-                });
-            }
-            Err(source) => {
-                return Err(LoadError::Io {
-                    what: "cannot inspect",
-                    path: rel.to_string(),
-                    source,
-                });
-            }
-        }
+/// Where the bytes of a variant's files come from: a release directory, or the store.
+///
+/// The source is not trusted: whatever it returns is copied, sealed and checked against
+/// the manifest before anything is loaded.
+pub trait FileSource {
+    /// Opens the file of `variant` described by `entry`, for reading.
+    fn open(&self, variant: &Variant, entry: &FileEntry) -> Result<File, LoadError>;
+}
+
+impl FileSource for Release {
+    fn open(&self, variant: &Variant, entry: &FileEntry) -> Result<File, LoadError> {
+        crate::fsx::open_under(&self.root, &entry.path).map_err(|e| match e {
+            crate::fsx::OpenError::Missing { root, path } => LoadError::FileMissing {
+                variant: variant.id.clone(),
+                root,
+                path: RelPath::new(path).unwrap_or_else(|_| entry.path.clone()),
+            },
+            crate::fsx::OpenError::NotRegular { root, path, what } => LoadError::NotRegular { root, path, what },
+            crate::fsx::OpenError::Io { path, source, .. } => LoadError::Io {
+                what: "cannot open",
+                path,
+                source,
+            },
+        })
     }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    }
-    opts.open(&p).map_err(|source| LoadError::Io {
-        what: "cannot open",
-        path: rel.to_string(),
-        source,
-    })
+}
+
+/// Verifies and loads `variant_id` of `manifest`, reading its files from `source`.
+pub fn load_from(source: &dyn FileSource, manifest: &Manifest, variant_id: &str) -> Result<Kernel, LoadError> {
+    let variant = manifest.variant(variant_id).ok_or_else(|| LoadError::UnknownVariant(variant_id.to_owned()))?;
+    load_verified(source, manifest, variant, &|| {})
 }
 
 /// A file whose bytes were verified in a place nobody else can change.
@@ -539,8 +513,8 @@ impl Verified {
 
 /// Copies at most `entry.size + 1` bytes of the release file into private storage, makes
 /// it immutable, and hashes what is there.
-fn open_verified(root: &Path, variant: &Variant, entry: &FileEntry) -> Result<Verified, LoadError> {
-    let src = open_in_release(root, variant, &entry.path)?;
+fn open_verified(source: &dyn FileSource, variant: &Variant, entry: &FileEntry) -> Result<Verified, LoadError> {
+    let src = source.open(variant, entry)?;
     let io = |what: &'static str| {
         let path = entry.path.to_string();
         move |source| LoadError::Io { what, path, source }
@@ -726,11 +700,11 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
     })
 }
 
-fn load_verified(root: &Path, manifest: &Manifest, variant: &Variant, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
+fn load_verified(source: &dyn FileSource, manifest: &Manifest, variant: &Variant, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
     // Verify every file first; keep the library's private copy for dlopen.
     let mut library = None;
     for entry in &variant.files {
-        let v = open_verified(root, variant, entry)?;
+        let v = open_verified(source, variant, entry)?;
         if entry.path == variant.library {
             library = Some(v);
         }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use khub::abi::{ParamKind, Signature};
-use khub::host::{HostFacts, ProbeOptions};
+use khub::host::ProbeOptions;
 use khub::load::{Arg, HostTensor, Kernel, Release};
 use khub::package::{self, BuildOptions};
 use khub::resolve::{Preferences, resolve};
@@ -192,17 +192,7 @@ pub fn describe(lib: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_and_load(release: &Path, options: &ProbeOptions, prefs: &Preferences) -> Result<(Release, HostFacts, Kernel)> {
-    let r = Release::open(release)?;
-    let host = super::detect_host(options)?;
-    let kernel = r.load(&host, prefs)?;
-    Ok((r, host, kernel))
-}
-
-pub fn load(release: &Path, options: &ProbeOptions, prefs: &Preferences, json: bool) -> Result<ExitCode> {
-    let started = Instant::now();
-    let (_, _, kernel) = open_and_load(release, options, prefs)?;
-    let took = started.elapsed();
+pub fn load(kernel: &Kernel, took: Duration, json: bool) -> Result<ExitCode> {
     let report = kernel.report();
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -226,8 +216,7 @@ pub fn load(release: &Path, options: &ProbeOptions, prefs: &Preferences, json: b
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn selftest(release: &Path, options: &ProbeOptions, prefs: &Preferences, seed: u64, size: usize, json: bool) -> Result<ExitCode> {
-    let (_, _, kernel) = open_and_load(release, options, prefs)?;
+pub fn selftest(kernel: &Kernel, seed: u64, size: usize, json: bool) -> Result<ExitCode> {
     let names: Vec<String> = kernel.functions().map(str::to_owned).collect();
     let mut reports = Vec::new();
     for name in &names {
@@ -428,17 +417,8 @@ pub fn bench_kernel(kernel: &Kernel, function: &str, size: usize, dim: u64, iter
     })
 }
 
-pub fn bench(
-    release: &Path,
-    function: &str,
-    options: &ProbeOptions,
-    prefs: &Preferences,
-    size: usize,
-    iters: usize,
-    json: bool,
-) -> Result<ExitCode> {
-    let (_, _, kernel) = open_and_load(release, options, prefs)?;
-    let r = bench_kernel(&kernel, function, size, 4096, iters)?;
+pub fn bench(kernel: &Kernel, function: &str, size: usize, iters: usize, json: bool) -> Result<ExitCode> {
+    let r = bench_kernel(kernel, function, size, 4096, iters)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -15,6 +15,7 @@ use khub::resolve::Preferences;
 mod explain;
 mod host;
 mod kernel;
+mod registry;
 
 /// khub: a registry and loader for prebuilt compute kernels.
 #[derive(Parser, Debug)]
@@ -81,22 +82,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resolve, verify and load a release for this host, and report what was loaded.
+    /// Resolve, verify and load a kernel for this host, and report what was loaded.
     Load {
-        /// A release directory.
-        release: PathBuf,
         #[command(flatten)]
-        select: SelectArgs,
+        target: TargetArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Run the chosen variant's self-tests against the kernel's own scalar reference.
     Selftest {
-        /// A release directory.
-        release: PathBuf,
         #[command(flatten)]
-        select: SelectArgs,
+        target: TargetArgs,
         /// The seed for generated data.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -109,12 +106,10 @@ enum Command {
     },
     /// Call a function on tensors generated from its signature and print its throughput.
     Bench {
-        /// A release directory.
-        release: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
         /// The function.
         function: String,
-        #[command(flatten)]
-        select: SelectArgs,
         /// Elements in the largest tensor.
         #[arg(long, default_value_t = 16 << 20)]
         size: usize,
@@ -124,6 +119,68 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Download a release's variant for this host (or all variants) into the store.
+    Fetch {
+        /// The repository, org/name.
+        repo: String,
+        /// A version requirement (^1.2, ~1.2.3, =1.2.0, ">=1, <3", *).
+        #[arg(long, default_value = "*")]
+        version: String,
+        /// Fetch every variant, not only the one for this host.
+        #[arg(long)]
+        all_variants: bool,
+        #[command(flatten)]
+        select: SelectArgs,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve the kernels kernels.toml declares and pin them in khub.lock.
+    Lock {
+        /// The application's declaration file.
+        #[arg(long, default_value = "kernels.toml", value_name = "FILE")]
+        app: PathBuf,
+        /// The lockfile to write.
+        #[arg(long, default_value = "khub.lock", value_name = "FILE")]
+        out: PathBuf,
+        /// A target host profile (repeatable; default: this machine).
+        #[arg(long, value_name = "FILE")]
+        host: Vec<PathBuf>,
+        /// Preferences, as for explain.
+        #[arg(long, value_name = "PREF")]
+        prefer: Vec<String>,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Remove store blobs that no lockfile pins, and stale temporary files.
+    Gc {
+        /// Lockfiles whose files to keep (repeatable; default: ./khub.lock if present).
+        #[arg(long = "keep", value_name = "LOCKFILE")]
+        keep: Vec<PathBuf>,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Serve a directory registry over a Hub-compatible HTTP API.
+    #[cfg(feature = "serve")]
+    Serve {
+        /// The registry directory (<org>/<name>/<version>/khub.toml …).
+        dir: PathBuf,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// A token every read must present (also KHUB_SERVE_READ_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        read_token: Option<String>,
+        /// A token writes must present; without one the server is read-only (also
+        /// KHUB_SERVE_WRITE_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        write_token: Option<String>,
     },
     /// The whole local path on the example kernel: package, explain, load, self-test, bench.
     Demo {
@@ -174,6 +231,47 @@ impl ToolchainArgs {
     }
 }
 
+/// Which kernel to load: a release directory, or a repository from a registry or a lock.
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// A release directory, or a repository `org/name`.
+    target: String,
+    /// For a repository: a version requirement.
+    #[arg(long, default_value = "*")]
+    version: String,
+    /// For a repository: load exactly what khub.lock pins (no version resolution, no
+    /// network).
+    #[arg(long)]
+    locked: bool,
+    /// The lockfile for --locked.
+    #[arg(long, default_value = "khub.lock", value_name = "FILE")]
+    lock: PathBuf,
+    #[command(flatten)]
+    select: SelectArgs,
+    #[command(flatten)]
+    registry: registry::RegistryArgs,
+}
+
+impl TargetArgs {
+    /// Loads the kernel; returns it and how long loading took.
+    fn open(self) -> Result<(khub::Kernel, std::time::Duration)> {
+        let prefs = parse_preferences(&self.select.prefer)?;
+        let started = std::time::Instant::now();
+        let dir = Path::new(&self.target);
+        let kernel = if dir.join("khub.toml").is_file() {
+            let host = detect_host(&probe_options(self.select.host)?)?;
+            khub::Release::open(dir)?.load(&host, &prefs)?
+        } else {
+            if !self.target.contains('/') || dir.exists() {
+                bail!("`{}` is neither a release directory (no khub.toml in it) nor a repository org/name", self.target);
+            }
+            let locked = self.locked.then_some(self.lock.as_path());
+            registry::load_kernel(&self.target, &self.version, locked, &self.registry, self.select.host, prefs)?
+        };
+        Ok((kernel, started.elapsed()))
+    }
+}
+
 /// How to pick the variant to load.
 #[derive(clap::Args, Debug)]
 struct SelectArgs {
@@ -217,39 +315,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => kernel::package(&kernel, &out, &toolchain.into_toolchain(), json),
         Command::Inspect { library, json } => kernel::inspect(&library, json),
-        Command::Load { release, select, json } => {
-            kernel::load(&release, &probe_options(select.host)?, &parse_preferences(&select.prefer)?, json)
+        Command::Load { target, json } => {
+            let (k, took) = target.open()?;
+            kernel::load(&k, took, json)
         }
-        Command::Selftest {
-            release,
-            select,
-            seed,
-            size,
-            json,
-        } => kernel::selftest(
-            &release,
-            &probe_options(select.host)?,
-            &parse_preferences(&select.prefer)?,
-            seed,
-            size,
-            json,
-        ),
+        Command::Selftest { target, seed, size, json } => kernel::selftest(&target.open()?.0, seed, size, json),
         Command::Bench {
-            release,
+            target,
             function,
+            size,
+            iters,
+            json,
+        } => kernel::bench(&target.open()?.0, &function, size, iters, json),
+        Command::Fetch {
+            repo,
+            version,
+            all_variants,
             select,
-            size,
-            iters,
+            registry: reg,
             json,
-        } => kernel::bench(
-            &release,
-            &function,
-            &probe_options(select.host)?,
-            &parse_preferences(&select.prefer)?,
-            size,
-            iters,
-            json,
-        ),
+        } => registry::fetch(&repo, &version, all_variants, &reg, select.host, parse_preferences(&select.prefer)?, json),
+        Command::Lock {
+            app,
+            out,
+            host,
+            prefer,
+            registry: reg,
+        } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
+        Command::Gc { keep, dry_run, registry: reg } => registry::gc(&reg, &keep, dry_run),
+        #[cfg(feature = "serve")]
+        Command::Serve {
+            dir,
+            addr,
+            read_token,
+            write_token,
+        } => registry::serve(&dir, &addr, read_token, write_token),
         Command::Demo { kernel, out, toolchain } => {
             let kernel_dir = kernel.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example"));
             let (_tmp, out) = match out {

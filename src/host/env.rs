@@ -56,6 +56,37 @@ pub const ONEAPI_VERSION: &str = "KHUB_ONEAPI_VERSION";
 /// Override: Intel device IP versions, comma-separated, or `none`.
 pub const XPU_IP: &str = "KHUB_XPU_IP";
 
+/// The store's root (default `$XDG_CACHE_HOME/khub`, then `$HOME/.cache/khub`).
+pub const KHUB_CACHE: &str = "KHUB_CACHE";
+/// How long to wait for a store lock, in seconds (default 600).
+pub const KHUB_LOCK_TIMEOUT: &str = "KHUB_LOCK_TIMEOUT";
+/// The XDG cache directory.
+pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
+/// The home directory.
+pub const HOME: &str = "HOME";
+/// The registry: a Hub-compatible URL or a local directory.
+pub const KHUB_REGISTRY: &str = "KHUB_REGISTRY";
+/// The Hub endpoint, as huggingface_hub reads it.
+pub const HF_ENDPOINT: &str = "HF_ENDPOINT";
+/// A registry token; wins over `HF_TOKEN`.
+pub const KHUB_TOKEN: &str = "KHUB_TOKEN";
+/// The Hub token, as huggingface_hub reads it.
+pub const HF_TOKEN: &str = "HF_TOKEN";
+/// A file holding the Hub token.
+pub const HF_TOKEN_PATH: &str = "HF_TOKEN_PATH";
+/// The Hugging Face home directory.
+pub const HF_HOME: &str = "HF_HOME";
+/// The Hub repository type kernels live in: `kernel` (default) or `model`.
+pub const KHUB_REPO_TYPE: &str = "KHUB_REPO_TYPE";
+/// The HTTP read timeout, in seconds (default 60).
+pub const KHUB_HTTP_TIMEOUT: &str = "KHUB_HTTP_TIMEOUT";
+/// Retries per HTTP request (default 3).
+pub const KHUB_HTTP_RETRIES: &str = "KHUB_HTTP_RETRIES";
+/// Offline mode: resolve from the store and the lock only, never open a socket.
+pub const KHUB_OFFLINE: &str = "KHUB_OFFLINE";
+/// Offline mode, as huggingface_hub reads it.
+pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
+
 /// Every variable khub reads, for the snapshot and the documentation.
 pub const ALL: &[&str] = &[
     HOST_PROFILE,
@@ -80,6 +111,21 @@ pub const ALL: &[&str] = &[
     METAL,
     ONEAPI_VERSION,
     XPU_IP,
+    KHUB_CACHE,
+    KHUB_LOCK_TIMEOUT,
+    XDG_CACHE_HOME,
+    HOME,
+    KHUB_REGISTRY,
+    HF_ENDPOINT,
+    KHUB_TOKEN,
+    HF_TOKEN,
+    HF_TOKEN_PATH,
+    HF_HOME,
+    KHUB_REPO_TYPE,
+    KHUB_HTTP_TIMEOUT,
+    KHUB_HTTP_RETRIES,
+    KHUB_OFFLINE,
+    HF_HUB_OFFLINE,
 ];
 
 /// A snapshot of the environment variables khub reads.

@@ -1,0 +1,231 @@
+//! `khub fetch`, `lock`, `gc`, `serve`, and loading kernels by name from a registry or a
+//! lockfile.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+
+use khub::host::{Environment, HostFacts, ProbeOptions};
+use khub::hub::{Hub, HubOptions, Progress, RegistrySpec};
+use khub::lock::{APP_FILE, AppKernels, LOCK_FILE, Lockfile};
+use khub::registry::RepoId;
+use khub::resolve::Preferences;
+
+/// Where kernels come from, for commands that take a repository.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// A Hub-compatible URL or a directory registry (default: KHUB_REGISTRY, HF_ENDPOINT,
+    /// then https://huggingface.co).
+    #[arg(long, value_name = "URL|DIR")]
+    pub registry: Option<String>,
+    /// Never touch the network: use the store and the lock only (also KHUB_OFFLINE=1,
+    /// HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Builds a hub from the environment, the registry flags, a host profile and preferences.
+pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<Hub> {
+    let env = Environment::capture();
+    let mut probe = super::probe_options(host)?;
+    probe.env = env.clone();
+    let facts = HostFacts::detect(&probe)?.facts;
+    let mut o = HubOptions::from_env(env).map(|mut o| {
+        o.host = facts.clone();
+        o
+    })?;
+    if let Some(r) = &args.registry {
+        o.registry = RegistrySpec::parse(r);
+    }
+    if args.offline {
+        o.offline = true;
+    }
+    if let Some(c) = &args.cache {
+        o.cache = c.clone();
+    }
+    o.preferences = prefs;
+    Ok(Hub::new(o)?)
+}
+
+/// Progress bars on a terminal, nothing otherwise.
+pub struct Bars {
+    multi: Option<indicatif::MultiProgress>,
+    bars: Mutex<std::collections::BTreeMap<String, indicatif::ProgressBar>>,
+}
+
+impl Bars {
+    pub fn new(quiet: bool) -> Self {
+        let multi = (!quiet && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
+        Bars {
+            multi,
+            bars: Mutex::new(Default::default()),
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&self, file: &str, size: u64) {
+        let Some(m) = &self.multi else { return };
+        let bar = m.add(indicatif::ProgressBar::new(size));
+        let style = indicatif::ProgressStyle::with_template("{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_message(file.to_owned());
+        if let Ok(mut b) = self.bars.lock() {
+            b.insert(file.to_owned(), bar);
+        }
+    }
+
+    fn advance(&self, file: &str, bytes: u64) {
+        if let Ok(b) = self.bars.lock()
+            && let Some(bar) = b.get(file)
+        {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&self, file: &str, _downloaded: bool) {
+        if let Ok(b) = self.bars.lock()
+            && let Some(bar) = b.get(file)
+        {
+            bar.finish();
+        }
+    }
+}
+
+pub fn fetch(repo: &str, version: &str, all_variants: bool, args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences, json: bool) -> Result<ExitCode> {
+    let repo: RepoId = repo.parse()?;
+    let hub = hub(args, host, prefs)?;
+    let bars = Bars::new(json);
+    let report = hub.fetch(&repo, version, all_variants, &bars)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "fetched {} {} ({}) variant{} {}: {} file{} downloaded ({} bytes), {} already in the store at {}",
+            report.repo,
+            report.version,
+            &report.commit[..12.min(report.commit.len())],
+            if report.variants.len() == 1 { "" } else { "s" },
+            report.variants.join(", "),
+            report.downloaded,
+            if report.downloaded == 1 { "" } else { "s" },
+            report.downloaded_bytes,
+            report.cached,
+            hub.store().root().display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads a kernel by repository id: from the lock when `locked`, else resolved and fetched.
+pub fn load_kernel(repo: &str, version: &str, locked: Option<&Path>, args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<khub::Kernel> {
+    let id: RepoId = repo.parse()?;
+    let hub = hub(args, host, prefs)?;
+    match locked {
+        Some(path) => {
+            let lock = Lockfile::read(path)?;
+            Ok(hub.load_locked(&lock, path, &id)?)
+        }
+        None => Ok(hub.load(repo, version)?),
+    }
+}
+
+pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, prefs: Preferences) -> Result<ExitCode> {
+    let decl = AppKernels::read(app).with_context(|| format!("the application declares its kernels in {APP_FILE}"))?;
+    if decl.kernels.is_empty() {
+        bail!("{} declares no kernels: add lines like \"org/name\" = \"^1.0\" under [kernels]", app.display());
+    }
+    let mut args = args.clone();
+    if args.registry.is_none()
+        && let Some(r) = &decl.registry
+    {
+        args.registry = Some(r.url.clone());
+    }
+    let hub = hub(&args, None, prefs)?;
+    let mut targets = Vec::new();
+    if hosts.is_empty() {
+        targets.push(("this machine".to_owned(), hub.host().clone()));
+    }
+    for h in hosts {
+        let mut o = ProbeOptions::from_env()?;
+        o.profile = Some(h.clone());
+        targets.push((h.display().to_string(), HostFacts::detect(&o)?.facts));
+    }
+    let existing = if out.exists() { Lockfile::read(out)? } else { Lockfile::new() };
+    let lock = hub.lock(&decl, &targets, existing, &Bars::new(false))?;
+    lock.write(out)?;
+    println!("wrote {} ({} kernel{}, {} target host{})", out.display(), lock.kernels.len(), if lock.kernels.len() == 1 { "" } else { "s" }, targets.len(), if targets.len() == 1 { "" } else { "s" });
+    for k in &lock.kernels {
+        for t in &k.targets {
+            println!("  {} {} {} -> {} [{}]", k.repo, k.requirement, k.version, t.variant, t.host);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<ExitCode> {
+    let env = Environment::capture();
+    let root = match &args.cache {
+        Some(c) => c.clone(),
+        None => khub::store::Store::default_root(&env)?,
+    };
+    let store = khub::store::Store::open(&root)?;
+    let mut locks: Vec<PathBuf> = keep_locks.to_vec();
+    if locks.is_empty() && Path::new(LOCK_FILE).exists() {
+        locks.push(PathBuf::from(LOCK_FILE));
+    }
+    let mut keep = std::collections::BTreeSet::new();
+    for l in &locks {
+        let lock = Lockfile::read(l)?;
+        for k in &lock.kernels {
+            keep.insert(k.manifest_sha256);
+            for t in &k.targets {
+                keep.extend(t.files.iter().map(|f| f.sha256));
+            }
+        }
+    }
+    let report = store.gc(&keep, dry_run)?;
+    println!(
+        "{} {} blob{} ({} bytes), kept {}, removed {} temporary file{} (pinned by: {})",
+        if dry_run { "would remove" } else { "removed" },
+        report.removed,
+        if report.removed == 1 { "" } else { "s" },
+        report.removed_bytes,
+        report.kept,
+        report.tmp_removed,
+        if report.tmp_removed == 1 { "" } else { "s" },
+        if locks.is_empty() { "no lockfile".to_owned() } else { locks.iter().map(|l| l.display().to_string()).collect::<Vec<_>>().join(", ") }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "serve")]
+pub fn serve(dir: &Path, addr: &str, read_token: Option<String>, write_token: Option<String>) -> Result<ExitCode> {
+    let env = Environment::capture();
+    let _ = env;
+    let read_token = read_token.or_else(|| std::env::var("KHUB_SERVE_READ_TOKEN").ok().filter(|s| !s.is_empty()));
+    let write_token = write_token.or_else(|| std::env::var("KHUB_SERVE_WRITE_TOKEN").ok().filter(|s| !s.is_empty()));
+    let options = khub::serve::ServeOptions {
+        read_token,
+        write_token,
+        ..Default::default()
+    };
+    let writable = options.write_token.is_some();
+    let server = khub::serve::Server::start(dir, addr, options)?;
+    eprintln!(
+        "khub serve: {} on {} ({}; HF_ENDPOINT={} works for huggingface_hub)",
+        dir.display(),
+        server.url(),
+        if writable { "read-write with the write token" } else { "read-only" },
+        server.url()
+    );
+    server.wait();
+    Ok(ExitCode::SUCCESS)
+}

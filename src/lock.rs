@@ -1,0 +1,292 @@
+//! `khub.lock`: what a host application loads, pinned, and `kernels.toml`, where the
+//! application declares what it needs.
+//!
+//! An application lists its kernels in `kernels.toml`:
+//!
+//! ```toml
+//! [registry]                 # optional; else --registry, KHUB_REGISTRY or HF_ENDPOINT
+//! url = "http://127.0.0.1:8080"
+//!
+//! [kernels]
+//! "kernels-community/activation" = "^0.1"
+//! ```
+//!
+//! `khub lock` resolves each requirement once, for one or more target hosts, and writes
+//! `khub.lock`: the release (version, commit, SHA-256 of the manifest) and, per target
+//! host, the chosen variant and the digest of every file. A locked load reads only the lock
+//! and the store: no refs request, no version resolution, no network.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{FileEntry, Sha256Digest};
+use crate::registry::RepoId;
+
+/// The lockfile format version this khub writes and reads.
+pub const LOCK_VERSION: u32 = 1;
+/// The default name of the application's declaration file.
+pub const APP_FILE: &str = "kernels.toml";
+/// The default name of the lockfile.
+pub const LOCK_FILE: &str = "khub.lock";
+
+/// A lockfile or declaration file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The file could not be read or written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{} is not valid: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The lock has no entry for this repository.
+    #[error("{} has no entry for {repo}; add it to kernels.toml and run `khub lock`", path.display())]
+    NotLocked {
+        /// The lockfile.
+        path: PathBuf,
+        /// The repository.
+        repo: RepoId,
+    },
+}
+
+/// `kernels.toml`: the kernels an application declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppKernels {
+    /// Where to fetch from, if the application pins it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<AppRegistry>,
+    /// Repository → version requirement.
+    #[serde(default)]
+    pub kernels: BTreeMap<RepoId, String>,
+}
+
+/// `[registry]` of `kernels.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRegistry {
+    /// A Hub-compatible URL or a local directory.
+    pub url: String,
+}
+
+impl AppKernels {
+    /// Reads and checks `kernels.toml` (every requirement must parse).
+    pub fn read(path: &Path) -> Result<Self, LockError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LockError::Io {
+            what: "cannot read",
+            path: path.to_owned(),
+            source,
+        })?;
+        let app: AppKernels = toml::from_str(&text).map_err(|e| LockError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for (repo, req) in &app.kernels {
+            crate::version::parse_requirement(req).map_err(|e| LockError::Invalid {
+                path: path.to_owned(),
+                message: format!("{repo}: {e}"),
+            })?;
+        }
+        Ok(app)
+    }
+}
+
+/// `khub.lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Lockfile {
+    /// The format version.
+    pub version: u32,
+    /// One entry per kernel, sorted by repository.
+    #[serde(default, rename = "kernel")]
+    pub kernels: Vec<LockedKernel>,
+}
+
+/// One locked kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LockedKernel {
+    /// The repository.
+    pub repo: RepoId,
+    /// The requirement it was locked from.
+    pub requirement: String,
+    /// Where it was resolved (informational; a locked load does not contact it).
+    pub registry: String,
+    /// The resolved version.
+    pub version: semver::Version,
+    /// The commit of the release.
+    pub commit: String,
+    /// The SHA-256 of the release's `khub.toml`.
+    pub manifest_sha256: Sha256Digest,
+    /// The chosen variant per target host.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<LockedTarget>,
+}
+
+/// The variant chosen for one target host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LockedTarget {
+    /// The host: `this machine` or the host-profile file it was resolved for.
+    pub host: String,
+    /// The variant id.
+    pub variant: String,
+    /// Every file of the variant.
+    pub files: Vec<FileEntry>,
+}
+
+impl Lockfile {
+    /// An empty lockfile.
+    pub fn new() -> Self {
+        Lockfile {
+            version: LOCK_VERSION,
+            kernels: Vec::new(),
+        }
+    }
+
+    /// Reads and checks a lockfile.
+    pub fn read(path: &Path) -> Result<Self, LockError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LockError::Io {
+            what: "cannot read",
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| LockError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses lockfile text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > 16 << 20 {
+            return Err("larger than 16 MiB".into());
+        }
+        let lock: Lockfile = toml::from_str(text).map_err(|e| e.to_string())?;
+        if lock.version != LOCK_VERSION {
+            return Err(format!("lock format {} is not supported: this khub reads format {LOCK_VERSION}; run `khub lock` again", lock.version));
+        }
+        for k in &lock.kernels {
+            if k.commit.len() != 40 || !k.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("{}: commit `{}` is not 40 hex digits", k.repo, k.commit));
+            }
+            if k.targets.is_empty() {
+                return Err(format!("{}: no target host", k.repo));
+            }
+        }
+        Ok(lock)
+    }
+
+    /// Writes the lockfile atomically (temp file, fsync, rename).
+    pub fn write(&self, path: &Path) -> Result<(), LockError> {
+        let mut text = String::from("# khub.lock: generated by `khub lock`. Do not edit; commit it with the application.\n");
+        text.push_str(&toml::to_string_pretty(self).map_err(|e| LockError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?);
+        let io = |what| {
+            let path = path.to_owned();
+            move |source| LockError::Io { what, path, source }
+        };
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a temporary file beside"))?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(io("cannot write"))?;
+        tmp.as_file().sync_all().map_err(io("cannot sync"))?;
+        tmp.persist(path).map_err(|e| LockError::Io {
+            what: "cannot replace",
+            path: path.to_owned(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+
+    /// The entry for `repo`.
+    pub fn get(&self, repo: &RepoId) -> Option<&LockedKernel> {
+        self.kernels.iter().find(|k| &k.repo == repo)
+    }
+
+    /// Inserts or replaces the entry for its repository, keeping entries sorted.
+    pub fn upsert(&mut self, k: LockedKernel) {
+        self.kernels.retain(|e| e.repo != k.repo);
+        self.kernels.push(k);
+        self.kernels.sort_by(|a, b| a.repo.cmp(&b.repo));
+    }
+}
+
+impl Default for Lockfile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::RelPath;
+
+    fn sample() -> Lockfile {
+        let mut l = Lockfile::new();
+        l.upsert(LockedKernel {
+            repo: "acme/act".parse().unwrap(),
+            requirement: "^0.1".into(),
+            registry: "http://127.0.0.1:1".into(),
+            version: "0.1.2".parse().unwrap(),
+            commit: "a".repeat(40),
+            manifest_sha256: crate::verify::sha256(b"m"),
+            targets: vec![LockedTarget {
+                host: "this machine".into(),
+                variant: "cpu".into(),
+                files: vec![FileEntry {
+                    path: RelPath::new("variants/cpu/lib.so").unwrap(),
+                    size: 3,
+                    sha256: crate::verify::sha256(b"abc"),
+                }],
+            }],
+        });
+        l
+    }
+
+    #[test]
+    fn lockfiles_round_trip_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("khub.lock");
+        let l = sample();
+        l.write(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with("# khub.lock"), "{text}");
+        assert!(text.contains("[[kernel.target]]"), "{text}");
+        assert_eq!(Lockfile::read(&p).unwrap(), l);
+        let e = Lockfile::parse(&text.replace("version = 1", "version = 9")).unwrap_err();
+        assert!(e.contains("run `khub lock` again"), "{e}");
+        let e = Lockfile::parse(&text.replace(&"a".repeat(40), "HEAD")).unwrap_err();
+        assert!(e.contains("40 hex"), "{e}");
+        assert!(Lockfile::parse(&text.replace("variants/cpu/lib.so", "../lib.so")).is_err());
+    }
+
+    #[test]
+    fn app_declarations_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kernels.toml");
+        std::fs::write(&p, "[kernels]\n\"acme/act\" = \"^0.1\"\n").unwrap();
+        assert_eq!(AppKernels::read(&p).unwrap().kernels.len(), 1);
+        std::fs::write(&p, "[kernels]\n\"acme/act\" = \"latest\"\n").unwrap();
+        assert!(AppKernels::read(&p).unwrap_err().to_string().contains("acme/act"));
+        std::fs::write(&p, "[kernels]\n\"act\" = \"^1\"\n").unwrap();
+        assert!(AppKernels::read(&p).unwrap_err().to_string().contains("org/name"));
+    }
+}

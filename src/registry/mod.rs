@@ -1,0 +1,246 @@
+//! Where releases come from. One small trait, [`Registry`], and its implementations:
+//!
+//! - [`dir::DirRegistry`]: a directory of releases on disk, no network;
+//! - `hf::HubRegistry` (feature `hub`): a Hugging Face Hub or any Hub-compatible server
+//!   (`khub serve`), through `hf-hub`.
+//!
+//! A registry moves bytes and never loads code. Nothing it returns is trusted: manifests
+//! are parsed as hostile input, and every file is checked against the manifest's digest
+//! as it streams into the store.
+
+use std::fmt;
+use std::io::Write;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::RelPath;
+
+pub mod dir;
+#[cfg(feature = "hub")]
+pub mod hf;
+
+/// The largest manifest a registry may return.
+pub const MAX_MANIFEST_BYTES: u64 = crate::manifest::MAX_MANIFEST_BYTES as u64;
+
+/// A repository id, `org/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RepoId {
+    org: String,
+    name: String,
+}
+
+impl RepoId {
+    /// The organisation (or user).
+    pub fn org(&self) -> &str {
+        &self.org
+    }
+
+    /// The repository name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A repository id that is not `org/name`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("repository `{0}` is not valid: write org/name, each 1-96 of letters, digits, `-`, `_`, `.`, not starting with `.` or `-`")]
+pub struct RepoIdError(pub String);
+
+fn valid_part(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 96
+        && !p.starts_with(['.', '-'])
+        && !p.contains("..")
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl FromStr for RepoId {
+    type Err = RepoIdError;
+    fn from_str(s: &str) -> Result<Self, RepoIdError> {
+        let err = || RepoIdError(s.chars().take(200).collect());
+        let (org, name) = s.split_once('/').ok_or_else(err)?;
+        if !valid_part(org) || !valid_part(name) {
+            return Err(err());
+        }
+        Ok(RepoId {
+            org: org.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl TryFrom<String> for RepoId {
+    type Error = RepoIdError;
+    fn try_from(s: String) -> Result<Self, RepoIdError> {
+        s.parse()
+    }
+}
+
+impl From<RepoId> for String {
+    fn from(r: RepoId) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for RepoId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.org, self.name)
+    }
+}
+
+/// A named ref and the commit it points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitRef {
+    /// The short name (`v1.2.0`, `v1`, `main`).
+    pub name: String,
+    /// The 40-hex commit id.
+    pub commit: String,
+}
+
+/// The refs of a repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refs {
+    /// Tags.
+    pub tags: Vec<GitRef>,
+    /// Branches.
+    pub branches: Vec<GitRef>,
+}
+
+/// A registry operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The repository does not exist (or is not visible with these credentials).
+    #[error("repository {repo} not found on {registry}")]
+    RepoNotFound {
+        /// The repository.
+        repo: RepoId,
+        /// The registry.
+        registry: String,
+    },
+    /// The commit or file does not exist.
+    #[error("{what} not found in {repo} on {registry}")]
+    NotFound {
+        /// The repository.
+        repo: RepoId,
+        /// The registry.
+        registry: String,
+        /// What was looked for.
+        what: String,
+    },
+    /// The registry wants credentials, or refused the ones given.
+    #[error("{registry} refused access to {repo}: {message}; set HF_TOKEN (or KHUB_TOKEN) to a token that can read it")]
+    Unauthorized {
+        /// The repository.
+        repo: RepoId,
+        /// The registry.
+        registry: String,
+        /// What it said.
+        message: String,
+    },
+    /// The registry asked us to slow down, and retries ran out.
+    #[error("{registry} is rate-limiting requests{}; try again later", retry_after.map(|s| format!(" (retry after {s} s)")).unwrap_or_default())]
+    RateLimited {
+        /// The registry.
+        registry: String,
+        /// Seconds it asked to wait.
+        retry_after: Option<u64>,
+    },
+    /// A response was larger than allowed.
+    #[error("{what} from {registry} is larger than {limit} bytes")]
+    TooLarge {
+        /// The registry.
+        registry: String,
+        /// What.
+        what: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// Offline mode is on, and this needs the network.
+    #[error("offline mode is on (KHUB_OFFLINE / HF_HUB_OFFLINE / --offline): cannot {what}")]
+    Offline {
+        /// What was attempted.
+        what: String,
+    },
+    /// A transport or server error.
+    #[error("{registry}: {message}")]
+    Transport {
+        /// The registry.
+        registry: String,
+        /// What happened.
+        message: String,
+    },
+    /// Local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A source of releases.
+pub trait Registry: Send + Sync {
+    /// A short description for messages: a URL or a directory.
+    fn describe(&self) -> String;
+
+    /// The refs of a repository (one request on a remote registry).
+    fn refs(&self, repo: &RepoId) -> Result<Refs, RegistryError>;
+
+    /// The raw bytes of `khub.toml` at `commit`, at most [`MAX_MANIFEST_BYTES`].
+    fn manifest(&self, repo: &RepoId, commit: &str) -> Result<Vec<u8>, RegistryError>;
+
+    /// Streams the file at `path` in `commit` into `sink`; returns the byte count. At most
+    /// `limit` bytes are written: a longer file is an error, so a hostile server cannot fill
+    /// the disk.
+    fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError>;
+}
+
+/// Copies at most `limit` bytes from `r` into `w`, failing if `r` has more.
+pub(crate) fn copy_limited(r: &mut dyn std::io::Read, w: &mut dyn Write, limit: u64, what: &str, registry: &str) -> Result<u64, RegistryError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(RegistryError::Transport {
+                    registry: registry.to_owned(),
+                    message: format!("reading {what}: {e}"),
+                });
+            }
+        };
+        n += k as u64;
+        if n > limit {
+            return Err(RegistryError::TooLarge {
+                registry: registry.to_owned(),
+                what: what.to_owned(),
+                limit,
+            });
+        }
+        w.write_all(&buf[..k]).map_err(|source| RegistryError::Io {
+            what: format!("writing {what}"),
+            source,
+        })?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_are_checked() {
+        let r: RepoId = "kernels-community/activation".parse().unwrap();
+        assert_eq!((r.org(), r.name()), ("kernels-community", "activation"));
+        for bad in ["activation", "a/b/c", "../x", "a/..", "a/.hidden", "a/-x", "", "a/", "a/b c", "a/b\0"] {
+            assert!(bad.parse::<RepoId>().is_err(), "{bad}");
+        }
+    }
+}

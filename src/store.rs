@@ -1,0 +1,1575 @@
+//! The content-addressed store: verified file bytes on disk, named by their SHA-256.
+//!
+//! This module alone writes to the cache directory. Nothing else in khub creates, renames
+//! or deletes files there.
+//!
+//! # Layout
+//!
+//! ```text
+//! <cache>/store-v1/                     cache: KHUB_CACHE, else $XDG_CACHE_HOME/khub, else $HOME/.cache/khub
+//!   blobs/<first 2 hex>/<64 hex>        immutable, mode 0444, named by the SHA-256 of their bytes
+//!   tmp/<64 hex>.<pid>.<random>.partial partial writes
+//!   locks/<64 hex>.lock                 one lock file per entry
+//!   gc.lock                             shared by writers and pinning readers, exclusive for gc
+//! ```
+//!
+//! The layout version is in the directory name: a future layout gets `store-v2/` next to
+//! this one, and the two never share a file.
+//!
+//! # Invariants
+//!
+//! - Only complete, verified bytes are ever renamed into `blobs/`: a writer streams into
+//!   `tmp/` while hashing, and renames only when both the byte count and the digest match.
+//!   Readers therefore never see a partial blob. The temp file sits on the same file system
+//!   as `blobs/` (both are under `store-v1/`), so the rename is atomic.
+//! - Nothing follows a symlink out of the store: every component below `store-v1/` is
+//!   checked with `lstat`, blobs are opened with `O_NOFOLLOW`, lock files too, and temp
+//!   files are created with `O_EXCL`. (`store-v1/` itself, and the cache directory above
+//!   it, may be symlinks: that is the user's choice, not an attacker's.)
+//! - The store is a cache, not a source of truth: [`crate::load`] re-verifies every byte it
+//!   loads against the manifest, so a blob damaged after it was written is caught there.
+//!   [`Store::verify_blob`] rehashes a blob and evicts it when damaged.
+//!
+//! # Locks
+//!
+//! Two kinds, both advisory (`flock` on Unix, `LockFileEx` on Windows, through std's
+//! [`File::lock`]), always taken in this order:
+//!
+//! 1. `gc.lock`, **shared** by every writer ([`Store::insert_with`], [`Store::verify_blob`])
+//!    and by readers that need blobs to stay put across several steps ([`Store::pin`]);
+//!    **exclusive** for [`Store::gc`]. While gc holds it, nobody is writing, so every temp
+//!    file is an orphan and every entry lock is free.
+//! 2. `locks/<hex>.lock`, **exclusive**, held while one entry is written or evicted. A
+//!    writer re-checks presence after taking it: two processes fetching the same file
+//!    download it once.
+//!
+//! Each lock is tried first; when busy, khub polls every 10–50 ms up to the lock timeout
+//! (default 10 minutes, `KHUB_LOCK_TIMEOUT`), then fails with [`StoreError::LockTimeout`]
+//! naming the lock file and the variable. Guards ([`StoreLock`]) unlock on drop; closing the
+//! descriptor would release the lock anyway, so a crashed process never leaves one held.
+//! Lock files are never deleted while anybody may hold them: only gc removes them, under the
+//! exclusive `gc.lock`.
+//!
+//! # Durability (fsync policy)
+//!
+//! A blob is durable before [`Store::insert_with`] returns: the temp file is `fsync`ed
+//! before the rename (so a crash can never leave a renamed but empty or short blob, as
+//! delayed allocation allows), and the shard directory is `fsync`ed after it (and `blobs/`
+//! when the shard was new), so the name survives a crash too. Callers may record the digest
+//! elsewhere (a lock file) as soon as the call returns. Nothing else is synced: temp files
+//! that lose their data in a crash are garbage that gc removes; lock files carry no data;
+//! a removal by gc that a crash undoes merely leaves a blob behind. Directory `fsync` is
+//! Unix-only; Windows has no portable equivalent through std.
+//!
+//! Readers hold no lock by default: an open descriptor survives a later unlink on Unix, and
+//! the loader copies and verifies what it reads.
+
+use std::collections::BTreeSet;
+use std::fs::{File, Metadata, OpenOptions, TryLockError};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::host::env::{self, Environment};
+use crate::load::{FileSource, LoadError};
+use crate::manifest::{FileEntry, Sha256Digest, Variant};
+
+/// The name of the store's directory inside the cache directory; the suffix is the layout
+/// version.
+pub const LAYOUT_DIR: &str = "store-v1";
+
+/// How long khub waits for a store lock unless `KHUB_LOCK_TIMEOUT` says otherwise.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The age after which a temp file counts as abandoned even while writers may be active
+/// (only a dry-run gc, which does not exclude writers, uses it).
+pub const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
+
+/// The longest `KHUB_LOCK_TIMEOUT` may ask for: a year. Keeps `Duration` arithmetic sane.
+const MAX_LOCK_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// The first and the longest pause between two lock attempts.
+const POLL_FIRST: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The write buffer between a `fill` callback and the temp file.
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// A store operation failed. Every variant names the path involved and what to do next.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file-system call failed.
+    #[error("{what} {}: {source}; check that the cache directory is writable, or point KHUB_CACHE at one that is", path.display())]
+    Io {
+        /// What was being done (`"cannot create"`).
+        what: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The bytes offered for an entry hash differently from the digest they were announced
+    /// with. Nothing was stored.
+    #[error(
+        "`{path}` has sha256 {actual}, expected {expected}: refusing to store it; the download is corrupt or was tampered with, fetch it again"
+    )]
+    DigestMismatch {
+        /// What was being stored (a release-relative path, or a label).
+        path: String,
+        /// The announced digest.
+        expected: Sha256Digest,
+        /// The digest of the bytes received.
+        actual: Sha256Digest,
+    },
+    /// The bytes offered for an entry are more or fewer than announced. Nothing was stored.
+    #[error(
+        "`{path}` is {actual} bytes, expected {expected}: refusing to store it; the download was truncated or replaced, fetch it again"
+    )]
+    SizeMismatch {
+        /// What was being stored.
+        path: String,
+        /// The announced size.
+        expected: u64,
+        /// The bytes received (when too many: at least this many).
+        actual: u64,
+    },
+    /// Something in the store is a symlink, or not the kind of file the layout puts there.
+    #[error("{} is {what}; the store holds only regular files and directories: remove it, or run `khub gc`", path.display())]
+    NotRegular {
+        /// The offending path.
+        path: PathBuf,
+        /// What was found (`"a symlink"`).
+        what: &'static str,
+    },
+    /// Another process held a store lock for longer than the lock timeout.
+    #[error(
+        "gave up after {waited:?} waiting for {}: another khub process is using the store; let it finish, or set {} (seconds) to wait longer",
+        path.display(),
+        env::KHUB_LOCK_TIMEOUT
+    )]
+    LockTimeout {
+        /// The lock file.
+        path: PathBuf,
+        /// How long khub waited.
+        waited: Duration,
+    },
+    /// The `fill` callback of [`Store::insert_with`] failed (a download, typically).
+    /// Nothing was stored.
+    #[error("cannot get `{path}`: {message}; nothing was stored, try again")]
+    Fill {
+        /// What was being stored.
+        path: String,
+        /// The callback's error, with its sources.
+        message: String,
+    },
+    /// A blob is not in the store.
+    #[error("blob {digest} is not in the store ({}); run `khub fetch` to download it", path.display())]
+    Missing {
+        /// The digest looked for.
+        digest: Sha256Digest,
+        /// Where it would be.
+        path: PathBuf,
+    },
+    /// No cache directory could be derived from the environment.
+    #[error(
+        "cannot choose a cache directory: none of {}, {} (absolute) or {} is set; set {} to a writable directory",
+        env::KHUB_CACHE,
+        env::XDG_CACHE_HOME,
+        env::HOME,
+        env::KHUB_CACHE
+    )]
+    NoCacheDir,
+    /// An environment variable the store reads holds a value it cannot use.
+    #[error("{var}={value:?} is not valid: expected {expected}")]
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+impl StoreError {
+    fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { what, path, source }
+    }
+}
+
+/// How a [`Store`] behaves, apart from where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The longest to wait for a lock another process holds.
+    pub lock_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Options from an environment snapshot: `KHUB_LOCK_TIMEOUT`, in seconds (fractions
+    /// allowed; `0` means "fail at once when busy").
+    pub fn from_env(env: &Environment) -> Result<Self, StoreError> {
+        let lock_timeout = match env.get(env::KHUB_LOCK_TIMEOUT) {
+            None => DEFAULT_LOCK_TIMEOUT,
+            Some(v) => {
+                let secs: f64 = v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && (0.0..=MAX_LOCK_TIMEOUT_SECS).contains(s))
+                    .ok_or_else(|| StoreError::InvalidEnv {
+                        var: env::KHUB_LOCK_TIMEOUT,
+                        value: v.to_owned(),
+                        expected: "a number of seconds, 0 (fail at once) up to 31536000",
+                    })?;
+                Duration::from_secs_f64(secs)
+            }
+        };
+        Ok(StoreOptions { lock_timeout })
+    }
+}
+
+/// What a `fill` callback of [`Store::insert_with`] may fail with: any error, boxed, since
+/// callers stream from a network registry, a directory or memory.
+pub type FillError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The outcome of [`Store::insert_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The blob was written: this many bytes.
+    Written(u64),
+    /// The blob was already there (perhaps written by another process meanwhile); the
+    /// `fill` callback was not called.
+    Present,
+}
+
+/// What [`Store::gc`] removed, or would remove on a dry run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// Blobs removed: those not in the keep set, and symlinks found among blobs.
+    pub removed: usize,
+    /// The bytes of the removed blobs.
+    pub removed_bytes: u64,
+    /// Blobs kept.
+    pub kept: usize,
+    /// Abandoned temp files removed.
+    pub tmp_removed: usize,
+}
+
+/// A held store lock; released when dropped.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct StoreLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // Nothing to report to: khub has no logger, and closing the descriptor, right after
+        // this, releases the lock whatever `unlock` says.
+        let _ = self.file.unlock();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// The content-addressed store under one cache directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// `<cache>/store-v1`.
+    root: PathBuf,
+    options: StoreOptions,
+}
+
+impl Store {
+    /// Opens (creating it if needed) the store in the cache directory `root`, with default
+    /// options.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, StoreOptions::default())
+    }
+
+    /// Opens (creating it if needed) the store in the cache directory `root`.
+    pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let store = Store {
+            root: root.join(LAYOUT_DIR),
+            options,
+        };
+        std::fs::create_dir_all(&store.root).map_err(StoreError::io("cannot create", &store.root))?;
+        for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        what: "cannot create",
+                        path: dir,
+                        source,
+                    });
+                }
+            }
+            expect_dir(&dir)?;
+        }
+        Ok(store)
+    }
+
+    /// Opens the store where the environment says: [`Store::default_root`] and
+    /// [`StoreOptions::from_env`].
+    pub fn from_env(env: &Environment) -> Result<Store, StoreError> {
+        Self::open_with(&Self::default_root(env)?, StoreOptions::from_env(env)?)
+    }
+
+    /// The cache directory the environment designates, in this order: `KHUB_CACHE`;
+    /// `$XDG_CACHE_HOME/khub` when that is absolute (the XDG Base Directory specification
+    /// says to ignore a relative one); `$HOME/.cache/khub`. Empty values count as unset.
+    pub fn default_root(env: &Environment) -> Result<PathBuf, StoreError> {
+        if let Some(dir) = env.get(env::KHUB_CACHE) {
+            return Ok(PathBuf::from(dir));
+        }
+        if let Some(xdg) = env.get(env::XDG_CACHE_HOME).map(Path::new).filter(|p| p.is_absolute()) {
+            return Ok(xdg.join("khub"));
+        }
+        if let Some(home) = env.get(env::HOME) {
+            return Ok(Path::new(home).join(".cache").join("khub"));
+        }
+        Err(StoreError::NoCacheDir)
+    }
+
+    /// The store directory, `<cache>/store-v1`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// Where the blob named `d` lives: `blobs/<first 2 hex>/<64 hex>`. Pure: nothing is
+    /// checked.
+    pub fn blob_path(&self, d: &Sha256Digest) -> PathBuf {
+        let hex = d.to_string();
+        self.blobs_dir().join(shard_of(&hex)).join(hex)
+    }
+
+    /// The lock file of the entry `d`: `locks/<64 hex>.lock`.
+    pub fn entry_lock_path(&self, d: &Sha256Digest) -> PathBuf {
+        self.locks_dir().join(format!("{d}.lock"))
+    }
+
+    /// The lock file gc takes exclusively and writers share: `gc.lock`.
+    pub fn gc_lock_path(&self) -> PathBuf {
+        self.root.join("gc.lock")
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
+    /// Whether the blob `d` is present as a regular file (not a symlink) of `size` bytes.
+    /// Its bytes are not rehashed; see [`Store::verify_blob`].
+    pub fn contains(&self, d: &Sha256Digest, size: u64) -> bool {
+        matches!(self.blob_metadata(d), Ok(Some(m)) if m.is_file() && m.len() == size)
+    }
+
+    /// Opens the blob `d` for reading. Refuses symlinks and anything but a regular file, at
+    /// the blob and at every directory between it and the store root.
+    pub fn open_blob(&self, d: &Sha256Digest) -> Result<File, StoreError> {
+        let path = self.blob_path(d);
+        let missing = || StoreError::Missing {
+            digest: *d,
+            path: path.clone(),
+        };
+        if self.blob_metadata(d)?.is_none() {
+            return Err(missing());
+        }
+        let file = open_nofollow(OpenOptions::new().read(true), &path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => missing(),
+            _ if is_symlink_refusal(&e) => StoreError::NotRegular {
+                path: path.clone(),
+                what: "a symlink",
+            },
+            _ => StoreError::Io {
+                what: "cannot open",
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        // The checks above are by path; this one is on what was actually opened.
+        let meta = file.metadata().map_err(StoreError::io("cannot inspect", &path))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotRegular {
+                path,
+                what: "not a regular file",
+            });
+        }
+        Ok(file)
+    }
+
+    /// `lstat`s the blob and the directories above it inside the store: `Ok(None)` when
+    /// any is missing, an error when any is a symlink or of the wrong kind.
+    fn blob_metadata(&self, d: &Sha256Digest) -> Result<Option<Metadata>, StoreError> {
+        let blob = self.blob_path(d);
+        let shard = blob.parent().map(Path::to_path_buf).unwrap_or_default();
+        for dir in [self.blobs_dir(), shard] {
+            match lstat(&dir)? {
+                None => return Ok(None),
+                Some(m) if m.file_type().is_symlink() => {
+                    return Err(StoreError::NotRegular {
+                        path: dir,
+                        what: "a symlink",
+                    });
+                }
+                Some(m) if !m.is_dir() => {
+                    return Err(StoreError::NotRegular {
+                        path: dir,
+                        what: "not a directory",
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        match lstat(&blob)? {
+            Some(m) if m.file_type().is_symlink() => Err(StoreError::NotRegular {
+                path: blob,
+                what: "a symlink",
+            }),
+            Some(m) if !m.is_file() => Err(StoreError::NotRegular {
+                path: blob,
+                what: "not a regular file",
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Holds `gc.lock` shared: while the guard lives, [`Store::gc`] waits, so blobs seen
+    /// present stay present (for a fetch followed by a load, say). Writers share it too.
+    pub fn pin(&self) -> Result<StoreLock, StoreError> {
+        acquire(&self.gc_lock_path(), LockMode::Shared, self.options.lock_timeout)
+    }
+
+    /// Takes the exclusive lock of entry `d`. The `_pin` argument proves the caller holds
+    /// `gc.lock` shared, as the lock order requires.
+    fn lock_entry(&self, _pin: &StoreLock, d: &Sha256Digest) -> Result<StoreLock, StoreError> {
+        acquire(&self.entry_lock_path(d), LockMode::Exclusive, self.options.lock_timeout)
+    }
+
+    /// Stores a blob whose digest and size are known in advance.
+    ///
+    /// Takes `gc.lock` shared and the entry's lock, then re-checks presence: when the blob
+    /// is there (another process may just have written it), `fill` is **not** called and
+    /// [`Inserted::Present`] is returned. Otherwise `fill` gets a writer that streams into a
+    /// temp file in `tmp/` while hashing; more than `size` bytes are refused at once. If the
+    /// bytes count or hash differently from `size` and `d`, or `fill` fails, the temp file
+    /// is deleted and nothing is stored. Otherwise the file is `fsync`ed, made read-only
+    /// (0444), renamed into `blobs/`, and the directory `fsync`ed.
+    ///
+    /// `label` names what is being stored in errors (a release-relative path, typically).
+    /// The count `fill` returns is informational: the store counts the bytes itself.
+    pub fn insert_with(
+        &self,
+        label: &str,
+        d: &Sha256Digest,
+        size: u64,
+        fill: &mut dyn FnMut(&mut dyn Write) -> Result<u64, FillError>,
+    ) -> Result<Inserted, StoreError> {
+        let pin = self.pin()?;
+        let _entry = self.lock_entry(&pin, d)?;
+        if self.contains(d, size) {
+            return Ok(Inserted::Present);
+        }
+        // Holding the entry lock, any temp file of this entry belongs to a writer that died.
+        self.remove_orphan_temps(d)?;
+
+        let hex = d.to_string();
+        let tmp_dir = self.tmp_dir();
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!("{hex}.{}.", std::process::id()))
+            .suffix(".partial")
+            .rand_bytes(8)
+            .tempfile_in(&tmp_dir)
+            .map_err(StoreError::io("cannot create a temp file in", &tmp_dir))?;
+        let tmp_path = tmp.path().to_path_buf();
+
+        let mut w = HashingWriter {
+            out: BufWriter::with_capacity(WRITE_BUFFER, tmp.as_file_mut()),
+            hasher: Sha256::new(),
+            written: 0,
+            limit: size,
+            overflow: None,
+            write_error: None,
+        };
+        let filled = fill(&mut w);
+        if let Some(attempted) = w.overflow {
+            return Err(StoreError::SizeMismatch {
+                path: label.to_owned(),
+                expected: size,
+                actual: attempted,
+            });
+        }
+        if let Some((kind, message)) = w.write_error.take() {
+            return Err(StoreError::Io {
+                what: "cannot write",
+                path: tmp_path,
+                source: io::Error::new(kind, message),
+            });
+        }
+        if let Err(e) = filled {
+            return Err(StoreError::Fill {
+                path: label.to_owned(),
+                message: error_chain(e.as_ref()),
+            });
+        }
+        if w.written != size {
+            return Err(StoreError::SizeMismatch {
+                path: label.to_owned(),
+                expected: size,
+                actual: w.written,
+            });
+        }
+        let actual = Sha256Digest(w.hasher.finalize_reset().into());
+        if actual != *d {
+            return Err(StoreError::DigestMismatch {
+                path: label.to_owned(),
+                expected: *d,
+                actual,
+            });
+        }
+        let flushed = w.out.flush();
+        drop(w);
+        flushed.map_err(StoreError::io("cannot write", &tmp_path))?;
+
+        let file = tmp.as_file();
+        file.sync_all().map_err(StoreError::io("cannot sync", &tmp_path))?;
+        make_read_only(file).map_err(StoreError::io("cannot make read-only", &tmp_path))?;
+
+        let blob = self.blob_path(d);
+        let shard = self.blobs_dir().join(shard_of(&hex));
+        let new_shard = match std::fs::create_dir(&shard) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "cannot create",
+                    path: shard,
+                    source,
+                });
+            }
+        };
+        expect_dir(&shard)?;
+        // `rename` replaces a damaged blob of the wrong size, or a symlink, in one step.
+        tmp.persist(&blob).map_err(|e| StoreError::Io {
+            what: "cannot rename a verified temp file to",
+            path: blob.clone(),
+            source: e.error,
+        })?;
+        sync_dir(&shard)?;
+        if new_shard {
+            sync_dir(&self.blobs_dir())?;
+        }
+        Ok(Inserted::Written(size))
+    }
+
+    /// Stores `bytes`, computing their digest; returns it. Present blobs are left alone.
+    pub fn insert_bytes(&self, label: &str, bytes: &[u8]) -> Result<Sha256Digest, StoreError> {
+        let d = crate::verify::sha256(bytes);
+        let len = bytes.len() as u64;
+        self.insert_with(label, &d, len, &mut |w| {
+            w.write_all(bytes)?;
+            Ok(len)
+        })?;
+        Ok(d)
+    }
+
+    /// Rehashes the blob `d`: `Ok(true)` when it is a regular file of `size` bytes with
+    /// that digest. A damaged blob (or a symlink in its place) is evicted and `Ok(false)`
+    /// returned, as for a missing one, so that the next fetch writes it afresh.
+    pub fn verify_blob(&self, d: &Sha256Digest, size: u64) -> Result<bool, StoreError> {
+        let pin = self.pin()?;
+        let _entry = self.lock_entry(&pin, d)?;
+        let path = self.blob_path(d);
+        let file = match self.open_blob(d) {
+            Ok(f) => f,
+            Err(StoreError::Missing { .. }) => return Ok(false),
+            Err(StoreError::NotRegular { path: bad, .. }) if bad == path => {
+                remove_file(&path)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let (actual, n) = crate::verify::sha256_reader(file.take(size + 1)).map_err(StoreError::io("cannot read", &path))?;
+        if n == size && actual == *d {
+            return Ok(true);
+        }
+        remove_file(&path)?;
+        if let Some(shard) = path.parent() {
+            sync_dir(shard)?;
+        }
+        Ok(false)
+    }
+
+    /// Every blob in the store, with its size, sorted by digest. Symlinks and names that
+    /// are not digests (in the right shard) are skipped.
+    pub fn list(&self) -> Result<Vec<(Sha256Digest, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for shard in self.shards()? {
+            for entry in read_dir(&shard.path)? {
+                let Some(d) = blob_name(&shard.name, &entry.name) else { continue };
+                if entry.meta.is_file() {
+                    out.push((d, entry.meta.len()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes every blob whose digest is not in `keep`, abandoned temp files, entry lock
+    /// files and empty shard directories; with `dry_run`, removes nothing and reports what
+    /// it would remove.
+    ///
+    /// A real gc holds `gc.lock` exclusively, so no writer is active: every temp file is
+    /// abandoned and every entry lock file free. A dry run does not wait for writers: it
+    /// takes the exclusive lock if free, else shares it, and then counts only temp files
+    /// older than [`STALE_TMP_AGE`]. Symlinks among blobs are never valid and are removed
+    /// (counted in `removed`, with no bytes); directories and foreign names are left alone.
+    pub fn gc(&self, keep: &BTreeSet<Sha256Digest>, dry_run: bool) -> Result<GcReport, StoreError> {
+        let gc_lock = self.gc_lock_path();
+        let (_lock, writers_may_be_active) = if dry_run {
+            match try_acquire(&gc_lock, LockMode::Exclusive)? {
+                Some(lock) => (lock, false),
+                None => (acquire(&gc_lock, LockMode::Shared, self.options.lock_timeout)?, true),
+            }
+        } else {
+            (acquire(&gc_lock, LockMode::Exclusive, self.options.lock_timeout)?, false)
+        };
+        let remove = |path: &Path| if dry_run { Ok(()) } else { remove_file(path) };
+
+        let mut report = GcReport::default();
+        for shard in self.shards_and_strays(&mut report, &remove)? {
+            let entries = read_dir(&shard.path)?;
+            let mut left = entries.len();
+            for entry in &entries {
+                let Some(d) = blob_name(&shard.name, &entry.name) else { continue };
+                let kind = entry.meta.file_type();
+                if kind.is_symlink() || (kind.is_file() && !keep.contains(&d)) {
+                    remove(&entry.path)?;
+                    report.removed += 1;
+                    report.removed_bytes += if kind.is_file() { entry.meta.len() } else { 0 };
+                    left -= 1;
+                } else if kind.is_file() {
+                    report.kept += 1;
+                }
+            }
+            if left == 0 && !dry_run {
+                match std::fs::remove_dir(&shard.path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StoreError::Io {
+                            what: "cannot remove",
+                            path: shard.path,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+
+        let now = SystemTime::now();
+        for entry in read_dir(&self.tmp_dir())? {
+            if entry.meta.is_dir() {
+                continue;
+            }
+            let age = entry
+                .meta
+                .modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            if !writers_may_be_active || age > STALE_TMP_AGE {
+                remove(&entry.path)?;
+                report.tmp_removed += 1;
+            }
+        }
+
+        // Safe only because nobody holds or waits for an entry lock without holding
+        // `gc.lock` shared, which this exclusive hold rules out.
+        if !dry_run {
+            for entry in read_dir(&self.locks_dir())? {
+                if !entry.meta.is_dir() && entry.name.ends_with(".lock") {
+                    remove_file(&entry.path)?;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The shard directories under `blobs/`.
+    fn shards(&self) -> Result<Vec<DirItem>, StoreError> {
+        Ok(read_dir(&self.blobs_dir())?
+            .into_iter()
+            .filter(|e| e.meta.is_dir() && is_shard_name(&e.name))
+            .collect())
+    }
+
+    /// The shard directories, after removing (through `remove`) any symlink sitting
+    /// directly in `blobs/`.
+    fn shards_and_strays(
+        &self,
+        report: &mut GcReport,
+        remove: &dyn Fn(&Path) -> Result<(), StoreError>,
+    ) -> Result<Vec<DirItem>, StoreError> {
+        let mut shards = Vec::new();
+        for entry in read_dir(&self.blobs_dir())? {
+            if entry.meta.file_type().is_symlink() {
+                remove(&entry.path)?;
+                report.removed += 1;
+            } else if entry.meta.is_dir() && is_shard_name(&entry.name) {
+                shards.push(entry);
+            }
+        }
+        Ok(shards)
+    }
+
+    /// Removes `tmp/<hex>.*` files: called with the entry lock held, when they can only be
+    /// left over from a writer that died.
+    fn remove_orphan_temps(&self, d: &Sha256Digest) -> Result<(), StoreError> {
+        let prefix = format!("{d}.");
+        for entry in read_dir(&self.tmp_dir())? {
+            if entry.name.starts_with(&prefix) && !entry.meta.is_dir() {
+                remove_file(&entry.path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads verified files from the store, for [`crate::load::load_from`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSource<'a> {
+    /// The store.
+    pub store: &'a Store,
+}
+
+impl FileSource for StoreSource<'_> {
+    fn open(&self, variant: &Variant, entry: &FileEntry) -> Result<File, LoadError> {
+        self.store.open_blob(&entry.sha256).map_err(|e| match e {
+            StoreError::Missing { digest, .. } => LoadError::Io {
+                what: "the store has no copy of",
+                path: entry.path.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "blob {digest} (variant `{}`) is not in the store at {}; run `khub fetch` to download it",
+                        variant.id,
+                        self.store.root().display()
+                    ),
+                ),
+            },
+            StoreError::NotRegular { path, what } => LoadError::NotRegular {
+                root: self.store.root().to_path_buf(),
+                path: path.strip_prefix(self.store.root()).unwrap_or(&path).display().to_string(),
+                what,
+            },
+            StoreError::Io { source, .. } => LoadError::Io {
+                what: "cannot open the store's copy of",
+                path: entry.path.to_string(),
+                source,
+            },
+            other => LoadError::Io {
+                what: "cannot open the store's copy of",
+                path: entry.path.to_string(),
+                source: io::Error::other(other.to_string()),
+            },
+        })
+    }
+}
+
+/// Counts, hashes and forwards what a `fill` callback writes, refusing bytes past `limit`.
+struct HashingWriter<'a> {
+    out: BufWriter<&'a mut File>,
+    hasher: Sha256,
+    written: u64,
+    limit: u64,
+    /// Set when `fill` tried to write past `limit`: the count it reached.
+    overflow: Option<u64>,
+    /// Set when the temp file could not be written: the callback may swallow or rewrap the
+    /// error, and this is what gets reported.
+    write_error: Option<(io::ErrorKind, String)>,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let attempted = self.written.saturating_add(buf.len() as u64);
+        if attempted > self.limit {
+            self.overflow = Some(self.overflow.map_or(attempted, |o| o.max(attempted)));
+            return Err(io::Error::other(format!("more than the {} bytes announced", self.limit)));
+        }
+        match self.out.write(buf) {
+            Ok(n) => {
+                self.hasher.update(&buf[..n]);
+                self.written += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.write_error = Some((e.kind(), e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush().inspect_err(|e| self.write_error = Some((e.kind(), e.to_string())))
+    }
+}
+
+/// One entry of a directory, `lstat`ed.
+struct DirItem {
+    name: String,
+    path: PathBuf,
+    meta: Metadata,
+}
+
+/// The entries of `dir` (an absent directory has none), `lstat`ed, names that are not
+/// UTF-8 skipped: the store never writes such names.
+fn read_dir(dir: &Path) -> Result<Vec<DirItem>, StoreError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                what: "cannot list",
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(StoreError::io("cannot list", dir))?;
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        let path = entry.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => out.push(DirItem { name, path, meta }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "cannot inspect",
+                    path,
+                    source,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The shard directory name of a digest's hex form: its first two digits.
+fn shard_of(hex: &str) -> &str {
+    hex.get(..2).unwrap_or("00")
+}
+
+/// Whether `name` can be a shard directory: two lowercase hex digits.
+fn is_shard_name(name: &str) -> bool {
+    name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The digest a file named `name` in shard `shard` stands for, if it is a blob name.
+fn blob_name(shard: &str, name: &str) -> Option<Sha256Digest> {
+    let d: Sha256Digest = name.parse().ok()?;
+    (shard_of(name) == shard).then_some(d)
+}
+
+/// `lstat`, with "absent" as `None`.
+fn lstat(path: &Path) -> Result<Option<Metadata>, StoreError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            what: "cannot inspect",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Fails unless `path` is a real directory (not a symlink to one).
+fn expect_dir(path: &Path) -> Result<(), StoreError> {
+    match lstat(path)? {
+        Some(m) if m.is_dir() => Ok(()),
+        Some(m) => Err(StoreError::NotRegular {
+            path: path.to_path_buf(),
+            what: if m.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "not a directory"
+            },
+        }),
+        None => Err(StoreError::Io {
+            what: "cannot find",
+            path: path.to_path_buf(),
+            source: io::ErrorKind::NotFound.into(),
+        }),
+    }
+}
+
+/// Opens `path` with `opts`, refusing to follow a symlink at its last component.
+fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    }
+    #[cfg(not(unix))]
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(io::Error::other("refusing to follow a symlink"));
+    }
+    opts.open(path)
+}
+
+/// Whether an `open` error is `O_NOFOLLOW` meeting a symlink.
+fn is_symlink_refusal(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        e.raw_os_error() == Some(libc::ELOOP)
+    }
+    #[cfg(not(unix))]
+    {
+        e.kind() == io::ErrorKind::Other
+    }
+}
+
+/// Takes a lock on `path` (created if needed), polling while another process holds it.
+fn acquire(path: &Path, mode: LockMode, timeout: Duration) -> Result<StoreLock, StoreError> {
+    let file = open_lock_file(path)?;
+    let start = Instant::now();
+    let mut pause = POLL_FIRST;
+    loop {
+        if try_lock(&file, mode).map_err(StoreError::io("cannot lock", path))? {
+            return Ok(StoreLock {
+                file,
+                path: path.to_path_buf(),
+            });
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(StoreError::LockTimeout {
+                path: path.to_path_buf(),
+                waited,
+            });
+        }
+        std::thread::sleep(pause.min(timeout - waited));
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// Takes a lock on `path` if nobody holds a conflicting one; `None` when busy.
+fn try_acquire(path: &Path, mode: LockMode) -> Result<Option<StoreLock>, StoreError> {
+    let file = open_lock_file(path)?;
+    Ok(try_lock(&file, mode)
+        .map_err(StoreError::io("cannot lock", path))?
+        .then(|| StoreLock {
+            file,
+            path: path.to_path_buf(),
+        }))
+}
+
+/// One lock attempt: `Ok(false)` when another holder conflicts.
+fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
+    let r = match mode {
+        LockMode::Shared => file.try_lock_shared(),
+        LockMode::Exclusive => file.try_lock(),
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, StoreError> {
+    open_nofollow(OpenOptions::new().read(true).write(true).create(true).truncate(false), path).map_err(|e| {
+        if is_symlink_refusal(&e) {
+            StoreError::NotRegular {
+                path: path.to_path_buf(),
+                what: "a symlink",
+            }
+        } else {
+            StoreError::Io {
+                what: "cannot open lock file",
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })
+}
+
+/// Makes a directory entry durable (Unix; a no-op elsewhere).
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("cannot sync directory", dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Removes a file (or a symlink, never its target); an absent one is fine.
+fn remove_file(path: &Path) -> Result<(), StoreError> {
+    // Windows refuses to delete read-only files; Unix only needs the directory writable.
+    #[cfg(not(unix))]
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let mut p = m.permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        p.set_readonly(false);
+        let _ = std::fs::set_permissions(path, p);
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io {
+            what: "cannot remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Makes an open file read-only: mode 0444 on Unix, the read-only attribute elsewhere.
+fn make_read_only(file: &File) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444))
+    }
+    #[cfg(not(unix))]
+    {
+        let mut p = file.metadata()?.permissions();
+        p.set_readonly(true);
+        file.set_permissions(p)
+    }
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn digest(hex: &str) -> Sha256Digest {
+        hex.parse().unwrap()
+    }
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(dir.path()).unwrap()
+    }
+
+    /// Every file under `dir`, relative, sorted; directories are not listed.
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn fill_with(bytes: &[u8]) -> impl FnMut(&mut dyn Write) -> Result<u64, FillError> + '_ {
+        move |w| {
+            w.write_all(bytes)?;
+            Ok(bytes.len() as u64)
+        }
+    }
+
+    const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn paths_are_sharded_by_the_first_two_hex_digits() {
+        let s = Store {
+            root: PathBuf::from("/cache/store-v1"),
+            options: StoreOptions::default(),
+        };
+        let d = digest(ABC);
+        assert_eq!(s.blob_path(&d), Path::new("/cache/store-v1/blobs/ba").join(ABC));
+        assert_eq!(
+            s.entry_lock_path(&d),
+            Path::new("/cache/store-v1/locks").join(format!("{ABC}.lock"))
+        );
+        assert_eq!(s.gc_lock_path(), Path::new("/cache/store-v1/gc.lock"));
+        assert_eq!(blob_name("ba", ABC), Some(d));
+        assert_eq!(blob_name("bb", ABC), None, "a blob in the wrong shard is not a blob");
+        assert_eq!(blob_name("ba", &ABC.to_uppercase()), None);
+        assert_eq!(blob_name("ba", &format!("{ABC}.partial")), None);
+        assert!(is_shard_name("0f") && !is_shard_name("0F") && !is_shard_name("tmp") && !is_shard_name("g0"));
+    }
+
+    #[test]
+    fn open_creates_the_versioned_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        assert_eq!(s.root(), dir.path().join("store-v1"));
+        for sub in ["blobs", "tmp", "locks"] {
+            assert!(s.root().join(sub).is_dir(), "{sub}");
+        }
+        // Opening again is fine.
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn default_root_prefers_khub_cache_then_absolute_xdg_then_home() {
+        let root = |pairs: &[(&str, &str)]| Store::default_root(&Environment::from_pairs(pairs.iter().copied()));
+        let all = [("KHUB_CACHE", "/k"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
+        assert_eq!(root(&all).unwrap(), Path::new("/k"));
+        assert_eq!(root(&all[1..]).unwrap(), Path::new("/x/khub"));
+        assert_eq!(root(&all[2..]).unwrap(), Path::new("/h/.cache/khub"));
+        // Empty means unset; a relative XDG_CACHE_HOME is ignored, as the spec says.
+        assert_eq!(
+            root(&[("KHUB_CACHE", ""), ("XDG_CACHE_HOME", "rel"), ("HOME", "/h")]).unwrap(),
+            Path::new("/h/.cache/khub")
+        );
+        let e = root(&[("KHUB_CACHE", " ")]).unwrap_err();
+        assert!(matches!(e, StoreError::NoCacheDir));
+        assert!(e.to_string().contains("set KHUB_CACHE to a writable directory"), "{e}");
+    }
+
+    #[test]
+    fn lock_timeout_comes_from_the_environment() {
+        let opts = |v: &str| StoreOptions::from_env(&Environment::from_pairs([("KHUB_LOCK_TIMEOUT", v)]));
+        assert_eq!(
+            StoreOptions::from_env(&Environment::empty()).unwrap().lock_timeout,
+            DEFAULT_LOCK_TIMEOUT
+        );
+        assert_eq!(opts("0").unwrap().lock_timeout, Duration::ZERO);
+        assert_eq!(opts(" 2.5 ").unwrap().lock_timeout, Duration::from_millis(2500));
+        for bad in ["-1", "soon", "inf", "1e12"] {
+            let e = opts(bad).unwrap_err().to_string();
+            assert!(e.contains("KHUB_LOCK_TIMEOUT") && e.contains(bad) && e.contains("seconds"), "{e}");
+        }
+    }
+
+    #[test]
+    fn inserted_blobs_are_present_read_only_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = s.insert_bytes("lib/abc.so", b"abc").unwrap();
+        assert_eq!(d, digest(ABC));
+        assert!(s.contains(&d, 3));
+        assert!(!s.contains(&d, 4), "the size is part of presence");
+        assert!(!s.contains(&crate::verify::sha256(b"abd"), 3));
+        let mut got = String::new();
+        s.open_blob(&d).unwrap().read_to_string(&mut got).unwrap();
+        assert_eq!(got, "abc");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(s.blob_path(&d)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o444);
+        }
+        assert_eq!(s.list().unwrap(), vec![(d, 3)]);
+        assert!(files_under(&s.tmp_dir()).is_empty());
+        assert!(s.verify_blob(&d, 3).unwrap());
+    }
+
+    #[test]
+    fn missing_blobs_say_to_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let e = s.open_blob(&digest(ABC)).unwrap_err();
+        assert!(matches!(e, StoreError::Missing { .. }));
+        let e = e.to_string();
+        assert!(e.contains(ABC) && e.contains("khub fetch"), "{e}");
+    }
+
+    #[test]
+    fn bad_bytes_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = digest(ABC);
+        let nothing_left = |s: &Store| {
+            assert!(!s.contains(&d, 3));
+            assert!(files_under(&s.root().join("blobs")).is_empty());
+            assert!(files_under(&s.tmp_dir()).is_empty());
+        };
+
+        // Right size, wrong bytes.
+        let e = s.insert_with("lib/x.so", &d, 3, &mut fill_with(b"abd")).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::DigestMismatch { path, expected, .. } if path == "lib/x.so" && *expected == d),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("fetch it again"), "{e}");
+        nothing_left(&s);
+
+        // Too few bytes.
+        let e = s.insert_with("lib/x.so", &d, 3, &mut fill_with(b"ab")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::SizeMismatch {
+                    expected: 3,
+                    actual: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        nothing_left(&s);
+
+        // Too many: refused at the first byte past the announced size.
+        let mut calls = 0;
+        let e = s
+            .insert_with("lib/x.so", &d, 3, &mut |w| {
+                calls += 1;
+                for _ in 0..1000 {
+                    w.write_all(b"ab")?;
+                }
+                Ok(2000)
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::SizeMismatch {
+                    expected: 3,
+                    actual: 4,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(calls, 1);
+        nothing_left(&s);
+
+        // The callback fails: its message, with sources, is kept.
+        let e = s
+            .insert_with("lib/x.so", &d, 3, &mut |w| {
+                w.write_all(b"a")?;
+                Err(Box::new(io::Error::new(io::ErrorKind::ConnectionReset, "connection reset by peer")))
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Fill { message, .. } if message.contains("connection reset")),
+            "{e:?}"
+        );
+        nothing_left(&s);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_in_the_store_are_refused_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = digest(ABC);
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"abc").unwrap();
+
+        // A symlink at the blob path, pointing at the right bytes.
+        let blob = s.blob_path(&d);
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, &blob).unwrap();
+        assert!(!s.contains(&d, 3));
+        let e = s.open_blob(&d).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::NotRegular { path, what: "a symlink" } if *path == blob),
+            "{e:?}"
+        );
+        assert!(s.list().unwrap().is_empty());
+
+        // Inserting replaces the link itself, never writing through it.
+        assert_eq!(s.insert_with("x", &d, 3, &mut fill_with(b"abc")).unwrap(), Inserted::Written(3));
+        assert!(std::fs::symlink_metadata(&blob).unwrap().is_file());
+        assert!(s.contains(&d, 3));
+        assert_eq!(std::fs::read(&outside).unwrap(), b"abc");
+
+        // A symlinked shard directory.
+        let other = crate::verify::sha256(b"other");
+        let shard = s.blob_path(&other).parent().unwrap().to_path_buf();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join(other.to_string()), b"other").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &shard).unwrap();
+        assert!(!s.contains(&other, 5));
+        let e = s.open_blob(&other).unwrap_err();
+        assert!(matches!(&e, StoreError::NotRegular { path, .. } if *path == shard), "{e:?}");
+        assert!(e.to_string().contains("khub gc"), "{e}");
+    }
+
+    #[test]
+    fn present_blobs_are_not_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = s.insert_bytes("x", b"abc").unwrap();
+        let mut calls = 0;
+        let r = s
+            .insert_with("x", &d, 3, &mut |_| {
+                calls += 1;
+                Ok(0)
+            })
+            .unwrap();
+        assert_eq!((r, calls), (Inserted::Present, 0));
+        assert_eq!(s.insert_bytes("x", b"abc").unwrap(), d);
+    }
+
+    #[test]
+    fn orphaned_temp_files_of_an_entry_are_removed_when_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = digest(ABC);
+        std::fs::write(s.tmp_dir().join(format!("{ABC}.1.deadbeef.partial")), b"ab").unwrap();
+        std::fs::write(s.tmp_dir().join("unrelated.partial"), b"").unwrap();
+        s.insert_with("x", &d, 3, &mut fill_with(b"abc")).unwrap();
+        assert_eq!(files_under(&s.tmp_dir()), ["unrelated.partial"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn damaged_blobs_are_evicted_by_verify() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let d = s.insert_bytes("x", b"abc").unwrap();
+        let blob = s.blob_path(&d);
+        std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&blob, b"abd").unwrap();
+        assert!(s.contains(&d, 3), "presence is by size only");
+        assert!(!s.verify_blob(&d, 3).unwrap());
+        assert!(!blob.exists());
+        assert!(!s.verify_blob(&d, 3).unwrap(), "missing");
+        assert_eq!(s.insert_bytes("x", b"abc").unwrap(), d);
+        assert!(s.verify_blob(&d, 3).unwrap());
+    }
+
+    #[test]
+    fn gc_removes_what_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let a = s.insert_bytes("a", b"aaaa").unwrap();
+        let b = s.insert_bytes("b", b"bbbbbb").unwrap();
+        let c = s.insert_bytes("c", b"c").unwrap();
+        std::fs::write(s.tmp_dir().join("dead.1.x.partial"), b"zz").unwrap();
+        let keep: BTreeSet<_> = [a].into();
+
+        let before = files_under(s.root());
+        let dry = s.gc(&keep, true).unwrap();
+        let expected = GcReport {
+            removed: 2,
+            removed_bytes: 7,
+            kept: 1,
+            tmp_removed: 1,
+        };
+        assert_eq!(dry, expected);
+        assert_eq!(files_under(s.root()), before, "a dry run removes nothing");
+
+        assert_eq!(s.gc(&keep, false).unwrap(), expected);
+        assert_eq!(s.list().unwrap(), vec![(a, 4)]);
+        assert!(!s.contains(&b, 6) && !s.contains(&c, 1));
+        for gone in [b, c] {
+            let shard = s.blob_path(&gone).parent().unwrap().to_path_buf();
+            if shard != s.blob_path(&a).parent().unwrap() {
+                assert!(!shard.exists(), "empty shard {} left", shard.display());
+            }
+        }
+        assert!(files_under(&s.tmp_dir()).is_empty());
+        assert!(files_under(&s.locks_dir()).is_empty(), "entry lock files are removed");
+        // The store still works afterwards.
+        assert_eq!(s.insert_bytes("b", b"bbbbbb").unwrap(), b);
+        assert_eq!(
+            s.gc(&BTreeSet::new(), false).unwrap(),
+            GcReport {
+                removed: 2,
+                removed_bytes: 10,
+                kept: 0,
+                tmp_removed: 0
+            }
+        );
+        assert!(files_under(&s.root().join("blobs")).is_empty());
+    }
+
+    #[test]
+    fn a_dry_run_beside_writers_counts_only_old_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let fresh = s.tmp_dir().join("fresh.partial");
+        let old = s.tmp_dir().join("old.partial");
+        std::fs::write(&fresh, b"").unwrap();
+        let f = File::create(&old).unwrap();
+        f.set_modified(SystemTime::now() - 2 * STALE_TMP_AGE).unwrap();
+        drop(f);
+
+        let pin = s.pin().unwrap();
+        assert_eq!(s.gc(&BTreeSet::new(), true).unwrap().tmp_removed, 1);
+        drop(pin);
+        assert_eq!(s.gc(&BTreeSet::new(), true).unwrap().tmp_removed, 2);
+        assert!(fresh.exists() && old.exists());
+    }
+
+    #[test]
+    fn gc_waits_for_pinned_readers_and_gives_up_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(
+            dir.path(),
+            StoreOptions {
+                lock_timeout: Duration::from_millis(60),
+            },
+        )
+        .unwrap();
+        let _pin = s.pin().unwrap();
+        let e = s.gc(&BTreeSet::new(), false).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::LockTimeout { path, waited } if *path == s.gc_lock_path() && *waited >= Duration::from_millis(60))
+        );
+        // Writers share the lock with readers.
+        s.insert_bytes("x", b"abc").unwrap();
+    }
+
+    #[test]
+    fn a_held_entry_lock_times_out_naming_the_lock_and_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(
+            dir.path(),
+            StoreOptions {
+                lock_timeout: Duration::from_millis(50),
+            },
+        )
+        .unwrap();
+        let d = digest(ABC);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let pin = s.pin().unwrap();
+                let guard = s.lock_entry(&pin, &d).unwrap();
+                held_tx.send(()).unwrap();
+                done_rx.recv().unwrap();
+                drop(guard);
+            })
+        };
+        held_rx.recv().unwrap();
+        let calls = AtomicUsize::new(0);
+        let e = s
+            .insert_with("x", &d, 3, &mut |w| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                w.write_all(b"abc")?;
+                Ok(3)
+            })
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        let lock = s.entry_lock_path(&d);
+        assert!(matches!(&e, StoreError::LockTimeout { path, .. } if *path == lock), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&lock.display().to_string()) && msg.contains("KHUB_LOCK_TIMEOUT"),
+            "{msg}"
+        );
+
+        // Released on drop: the next try succeeds.
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(s.insert_with("x", &d, 3, &mut fill_with(b"abc")).unwrap(), Inserted::Written(3));
+    }
+
+    const MANIFEST: &str = r#"
+schema = "1.0"
+
+[kernel]
+name = "activation"
+version = "0.1.0"
+abi = 1
+
+[[exports]]
+name = "silu_and_mul"
+signature = "status(tensor out, tensor in, stream)"
+
+[[variants]]
+id = "cuda128-x86_64-linux"
+backend = "cuda"
+os = "linux"
+arch = "x86_64"
+libc = "glibc 2.28"
+library = "variants/cuda128/libactivation.so"
+cuda = { toolkit = "12.8", cudart = "static", code = ["sm_80", "sm_90a", "compute_90"] }
+
+[[variants.files]]
+path = "variants/cuda128/libactivation.so"
+size = 3
+sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+"#;
+
+    #[test]
+    fn store_source_opens_blobs_and_says_how_to_fetch_missing_ones() {
+        let m = crate::manifest::Manifest::from_toml_str(MANIFEST).unwrap();
+        let variant = &m.variants[0];
+        let entry = &variant.files[0];
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let src = StoreSource { store: &s };
+
+        let e = src.open(variant, entry).unwrap_err().to_string();
+        for part in ["variants/cuda128/libactivation.so", ABC, "cuda128-x86_64-linux", "khub fetch"] {
+            assert!(e.contains(part), "{part} missing from: {e}");
+        }
+
+        s.insert_bytes(entry.path.as_str(), b"abc").unwrap();
+        let mut got = Vec::new();
+        src.open(variant, entry).unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abc");
+    }
+}
