@@ -23,7 +23,7 @@
 //! The files are staged in a hidden directory inside the repository and renamed into place
 //! in one step, so readers never see half a release.
 //!
-//! Every file is opened with [`crate::fsx::open_under`]: nothing outside a release
+//! Every file is opened with `fsx::open_under`: nothing outside a release
 //! directory, and no symlink, is ever served.
 //!
 //! The server closes every connection after one response, so stopping it leaves no
@@ -196,6 +196,7 @@ impl Server {
             digests: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             commit_lock: Mutex::new(()),
+            threads,
             log_stderr: std::env::var("KHUB_SERVE_LOG").is_ok_and(|v| v == "1"),
         });
         let http = Arc::new(http);
@@ -252,7 +253,8 @@ impl Server {
         drop(self);
     }
 
-    /// Serves until the process ends.
+    /// Serves until the process ends (or until accepting connections fails, which is
+    /// reported on stderr).
     pub fn wait(mut self) {
         for w in std::mem::take(&mut self.workers) {
             let _ = w.join();
@@ -300,8 +302,19 @@ fn worker(http: &tiny_http::Server, state: &State) {
     while !state.stop.load(Ordering::SeqCst) {
         match http.recv() {
             Ok(rq) => handle(state, rq),
-            // Unblocked (stopping) or the accept loop failed: look at the flag again.
-            Err(_) => continue,
+            // Woken by `shutdown`: the flag is set.
+            Err(_) if state.stop.load(Ordering::SeqCst) => {}
+            // tiny_http's accept loop hit an error (such as too many open files) and ended:
+            // no connection will come any more, so stop every worker and let `wait` return
+            // rather than keep a deaf server running.
+            Err(e) => {
+                if !state.stop.swap(true, Ordering::SeqCst) {
+                    eprintln!("khub serve: accepting connections failed: {e}; stopping");
+                    for _ in 0..state.threads {
+                        http.unblock();
+                    }
+                }
+            }
         }
     }
 }
@@ -322,6 +335,7 @@ struct State {
     digests: Mutex<HashMap<DigestKey, [u8; 32]>>,
     stop: AtomicBool,
     commit_lock: Mutex<()>,
+    threads: usize,
     log_stderr: bool,
 }
 

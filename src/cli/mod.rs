@@ -19,7 +19,7 @@ mod registry;
 
 /// khub: a registry and loader for prebuilt compute kernels.
 #[derive(Parser, Debug)]
-#[command(name = "khub", version, about, long_about = None, propagate_version = true)]
+#[command(name = "khub", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

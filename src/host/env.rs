@@ -87,6 +87,11 @@ pub const KHUB_OFFLINE: &str = "KHUB_OFFLINE";
 /// Offline mode, as huggingface_hub reads it.
 pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
 
+/// `khub serve`: the token every read must present.
+pub const KHUB_SERVE_READ_TOKEN: &str = "KHUB_SERVE_READ_TOKEN";
+/// `khub serve`: the token writes must present.
+pub const KHUB_SERVE_WRITE_TOKEN: &str = "KHUB_SERVE_WRITE_TOKEN";
+
 /// Every variable khub reads, for the snapshot and the documentation.
 pub const ALL: &[&str] = &[
     HOST_PROFILE,
@@ -126,6 +131,8 @@ pub const ALL: &[&str] = &[
     KHUB_HTTP_RETRIES,
     KHUB_OFFLINE,
     HF_HUB_OFFLINE,
+    KHUB_SERVE_READ_TOKEN,
+    KHUB_SERVE_WRITE_TOKEN,
 ];
 
 /// A snapshot of the environment variables khub reads.

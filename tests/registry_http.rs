@@ -1,0 +1,247 @@
+//! The Hub client (hf-hub) against `khub serve` on 127.0.0.1: request counts from the
+//! server's log, loads through HTTP, concurrent processes into one empty store, offline
+//! mode with a connection counter, 429 + Retry-After and timeouts against raw sockets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use khub::host::{Environment, HostFacts, ProbeOptions};
+use khub::hub::{Hub, HubOptions, Quiet, RegistrySpec};
+use khub::registry::{Registry, RepoId};
+use khub::serve::{ServeOptions, Server};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A registry with `acme/activation` (kernels-example, 3 CPU variants) and `acme/wide`
+/// (the same release plus 60 aarch64 variants that never fit this host).
+fn registry() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(common::example_release(), &dir.path().join("acme/activation/0.1.0"));
+    let wide = dir.path().join("acme/wide/0.1.0");
+    copy_dir(common::example_release(), &wide);
+    let mut m = khub::Manifest::from_bytes(&std::fs::read(wide.join("khub.toml")).unwrap()).unwrap();
+    let template = m.variants[0].clone();
+    for i in 0..60 {
+        let mut v = template.clone();
+        v.id = format!("cpu-aarch64-{i}");
+        v.arch = khub::platform::CpuArch::Aarch64;
+        v.cpu_level = None;
+        m.variants.push(v);
+    }
+    std::fs::write(wide.join("khub.toml"), m.to_toml_string().unwrap()).unwrap();
+    let root = dir.path().to_owned();
+    (dir, root)
+}
+
+fn hub_for(url: &str, cache: &Path, env: &[(&str, &str)]) -> Hub {
+    let env = Environment::from_pairs(env.iter().copied());
+    let host = HostFacts::detect(&ProbeOptions::with_env(env.clone()).unwrap()).unwrap().facts;
+    Hub::new(HubOptions {
+        env,
+        registry: RegistrySpec::Url(url.to_owned()),
+        cache: cache.to_owned(),
+        offline: false,
+        host,
+        preferences: Default::default(),
+        jobs: 4,
+    })
+    .unwrap()
+}
+
+/// Requests the server answered since `from`, as "METHOD path" lines.
+fn log_since(server: &Server, from: usize) -> Vec<String> {
+    server.requests()[from..].iter().map(|r| format!("{} {} {}", r.method, r.path, r.status)).collect()
+}
+
+#[test]
+fn request_count_does_not_depend_on_the_number_of_variants() {
+    let (_d, root) = registry();
+    let server = Server::start(&root, "127.0.0.1:0", ServeOptions::default()).unwrap();
+    let mut counts = Vec::new();
+    for repo in ["acme/activation", "acme/wide"] {
+        let cache = tempfile::tempdir().unwrap();
+        let hub = hub_for(&server.url(), cache.path(), &[("KHUB_CPU_LEVEL", "x86-64-v3")]);
+        let before = server.requests().len();
+        let report = hub.fetch(&repo.parse().unwrap(), "^0.1", false, &Quiet).unwrap();
+        assert_eq!(report.downloaded, 1);
+        let log = log_since(&server, before);
+        // 1 refs + manifest (HEAD, GET) + the one library (HEAD, GET).
+        assert_eq!(log.len(), 5, "{repo}: {log:#?}");
+        assert_eq!(log.iter().filter(|l| l.contains("/refs")).count(), 1, "{log:#?}");
+        assert!(log.iter().all(|l| l.ends_with(" 200")), "{log:#?}");
+        counts.push(log.len());
+        // A second fetch: refs only (the manifest and the file are in the store).
+        let before = server.requests().len();
+        hub.fetch(&repo.parse().unwrap(), "^0.1", false, &Quiet).unwrap();
+        assert_eq!(log_since(&server, before).len(), 1);
+    }
+    assert_eq!(counts[0], counts[1], "3 variants and 63 variants cost the same requests");
+}
+
+#[test]
+fn load_through_http_and_the_cli() {
+    let (_d, root) = registry();
+    let server = Server::start(&root, "127.0.0.1:0", ServeOptions::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let hub = hub_for(&server.url(), cache.path(), &[("KHUB_CPU_LEVEL", "x86-64-v1")]);
+    let k = hub.load("acme/activation", "^0.1").unwrap();
+    assert_eq!(k.variant(), "cpu-x86_64-v1-linux");
+    assert!(k.selftest("silu_and_mul", 3, 4096).unwrap().passed);
+
+    let cache2 = tempfile::tempdir().unwrap();
+    let c = cache2.path().to_str().unwrap();
+    let out = common::khub(&["fetch", "acme/activation", "--version", "^0.1", "--registry", &server.url(), "--json"], &[("KHUB_CACHE", c)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["downloaded"], 1);
+    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url(), "--json"], &[("KHUB_CACHE", c)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["kernel"], "activation");
+    let out = common::khub(&["load", "acme/nothing", "--registry", &server.url()], &[("KHUB_CACHE", c)]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("repository acme/nothing not found"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn concurrent_processes_share_one_download() {
+    let (_d, root) = registry();
+    let server = Server::start(&root, "127.0.0.1:0", ServeOptions::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap().to_owned();
+    let before = server.requests().len();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_khub"));
+            cmd.args(["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()]);
+            for var in khub::host::env::ALL {
+                cmd.env_remove(var);
+            }
+            cmd.env("KHUB_CACHE", &c).env("KHUB_CPU_LEVEL", "x86-64-v4");
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let log = log_since(&server, before);
+    let lib_gets = log.iter().filter(|l| l.starts_with("GET ") && l.contains("libactivation.so")).count();
+    assert_eq!(lib_gets, 1, "the library is downloaded once: {log:#?}");
+}
+
+#[test]
+fn offline_makes_no_connection() {
+    let (_d, root) = registry();
+    let server = Server::start(&root, "127.0.0.1:0", ServeOptions::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap().to_owned();
+    let app_dir = tempfile::tempdir().unwrap();
+    let app = app_dir.path().join("kernels.toml");
+    std::fs::write(&app, format!("[registry]\nurl = \"{}\"\n\n[kernels]\n\"acme/activation\" = \"^0.1\"\n", server.url())).unwrap();
+    let lock = app_dir.path().join("khub.lock");
+    let env = [("KHUB_CACHE", c.as_str()), ("KHUB_CPU_LEVEL", "x86-64-v3")];
+    let out = common::khub(&["lock", "--app", app.to_str().unwrap(), "--out", lock.to_str().unwrap()], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let seen = server.connections();
+    for args in [
+        vec!["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap(), "--registry", &server.url()],
+        vec!["load", "acme/activation", "--version", "^0.1", "--offline", "--registry", &server.url()],
+    ] {
+        let out = common::khub(&args, &env);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()], &[("KHUB_CACHE", c.as_str()), ("KHUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()], &[("KHUB_CACHE", c.as_str()), ("HF_HUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.connections(), seen, "offline and locked loads opened no connection");
+
+    // With the server gone, locked and offline loads still work; an online load fails.
+    let url = server.url();
+    server.stop();
+    let out = common::khub(&["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap()], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &url], &[("KHUB_CACHE", c.as_str()), ("KHUB_HTTP_RETRIES", "0")]);
+    assert!(!out.status.success());
+    // An offline miss names the file and the command.
+    let empty = tempfile::tempdir().unwrap();
+    let out = common::khub(&["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap()], &[("KHUB_CACHE", empty.path().to_str().unwrap())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in the store") && err.contains("khub fetch acme/activation"), "{err}");
+}
+
+/// A one-route HTTP server on a raw socket: answers each connection with the next canned
+/// response, counting requests.
+fn canned(responses: Vec<String>, delay_first: Option<Duration>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i == 0
+                && let Some(d) = delay_first
+            {
+                std::thread::sleep(d);
+            }
+            let r = responses.get(i).or(responses.last()).cloned().unwrap_or_default();
+            let _ = s.write_all(r.as_bytes());
+        }
+    });
+    (url, count)
+}
+
+fn http(status: &str, headers: &str, body: &str) -> String {
+    format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}\r\n{body}", body.len())
+}
+
+#[test]
+fn rate_limits_honour_retry_after() {
+    let refs = r#"{"branches":[],"tags":[{"name":"v1.0.0","ref":"refs/tags/v1.0.0","targetCommit":"0123456789012345678901234567890123456789"}],"converts":[]}"#;
+    let (url, count) = canned(vec![http("429 Too Many Requests", "Retry-After: 1\r\n", "{}"), http("200 OK", "", refs)], None);
+    let reg = khub::registry::hf::HubRegistry::new(khub::registry::hf::HubConfig::new(&url)).unwrap();
+    let started = Instant::now();
+    let r = reg.refs(&"acme/k".parse::<RepoId>().unwrap()).unwrap();
+    assert_eq!(r.tags[0].name, "v1.0.0");
+    assert!(started.elapsed() >= Duration::from_millis(950), "waited {:?}", started.elapsed());
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // Out of attempts: the error says so and when to retry.
+    let (url, _) = canned(vec![http("429 Too Many Requests", "Retry-After: 1\r\n", "{}")], None);
+    let mut config = khub::registry::hf::HubConfig::new(&url);
+    config.attempts = 1;
+    let e = khub::registry::hf::HubRegistry::new(config).unwrap().refs(&"acme/k".parse().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("rate-limiting") && e.contains("retry after 1 s"), "{e}");
+}
+
+#[test]
+fn a_silent_server_times_out() {
+    let (url, _) = canned(vec![http("200 OK", "", "{}")], Some(Duration::from_secs(30)));
+    let mut config = khub::registry::hf::HubConfig::new(&url);
+    config.read_timeout = Duration::from_millis(500);
+    config.attempts = 1;
+    let started = Instant::now();
+    let e = khub::registry::hf::HubRegistry::new(config).unwrap().refs(&"acme/k".parse().unwrap()).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(e.to_string().contains(&url), "{e}");
+}
