@@ -107,13 +107,15 @@ pub enum HubError {
         repo: RepoId,
         /// The file.
         path: String,
-        /// The lock's digest.
-        locked: Sha256Digest,
-        /// The manifest's digest.
-        manifest: Sha256Digest,
+        /// The lock's digest, hex.
+        locked: String,
+        /// The manifest's digest, hex.
+        manifest: String,
     },
     /// None of the locked variants runs on this host.
-    #[error("none of the variants khub.lock pins for {repo} ({variants}) runs on this host: {why}; lock for this host with `khub lock --host …`")]
+    #[error(
+        "none of the variants khub.lock pins for {repo} ({variants}) runs on this host: {why}; lock for this host with `khub lock --host …`"
+    )]
     LockedVariantUnfit {
         /// The repository.
         repo: RepoId,
@@ -147,7 +149,11 @@ pub enum RegistrySpec {
 impl RegistrySpec {
     /// A URL when it has a scheme, a directory otherwise.
     pub fn parse(s: &str) -> Self {
-        if s.contains("://") { RegistrySpec::Url(s.trim_end_matches('/').to_owned()) } else { RegistrySpec::Dir(PathBuf::from(s)) }
+        if s.contains("://") {
+            RegistrySpec::Url(s.trim_end_matches('/').to_owned())
+        } else {
+            RegistrySpec::Dir(PathBuf::from(s))
+        }
     }
 
     /// The registry from the environment: `KHUB_REGISTRY`, else `HF_ENDPOINT`, else the
@@ -194,7 +200,9 @@ impl HubOptions {
     pub fn from_env(env: Environment) -> Result<Self, HubError> {
         use crate::host::env as vars;
         let host = HostFacts::detect(&ProbeOptions::with_env(env.clone())?)?.facts;
-        let offline = [vars::KHUB_OFFLINE, vars::HF_HUB_OFFLINE].iter().any(|v| env.get(v).is_some_and(|v| !matches!(v.trim(), "0" | "false" | "no")));
+        let offline = [vars::KHUB_OFFLINE, vars::HF_HUB_OFFLINE]
+            .iter()
+            .any(|v| env.get(v).is_some_and(|v| !matches!(v.trim(), "0" | "false" | "no")));
         Ok(HubOptions {
             registry: RegistrySpec::from_env(&env),
             cache: Store::default_root(&env)?,
@@ -300,7 +308,10 @@ impl Hub {
             Some(match &options.registry {
                 RegistrySpec::Dir(d) => Box::new(DirRegistry::new(d)?),
                 #[cfg(feature = "hub")]
-                RegistrySpec::Url(u) => Box::new(crate::registry::hf::HubRegistry::new(crate::registry::hf::HubConfig::from_env(&options.env, Some(u))?)?),
+                RegistrySpec::Url(u) => Box::new(crate::registry::hf::HubRegistry::new(crate::registry::hf::HubConfig::from_env(
+                    &options.env,
+                    Some(u),
+                )?)?),
                 #[cfg(not(feature = "hub"))]
                 RegistrySpec::Url(u) => {
                     return Err(HubError::Registry(RegistryError::Transport {
@@ -329,17 +340,27 @@ impl Hub {
     }
 
     fn registry(&self, what: &str) -> Result<&dyn Registry, HubError> {
-        self.registry.as_deref().ok_or_else(|| HubError::Registry(RegistryError::Offline { what: what.to_owned() }))
+        self.registry
+            .as_deref()
+            .ok_or_else(|| HubError::Registry(RegistryError::Offline { what: what.to_owned() }))
     }
 
     /// The file holding the releases this machine knows of `repo` on the current registry.
     fn index_path(&self, repo: &RepoId) -> PathBuf {
         let key = crate::verify::sha256(self.options.registry.describe().as_bytes()).to_string();
-        self.options.cache.join("index-v1").join(&key[..16]).join(repo.org()).join(format!("{}.json", repo.name()))
+        self.options
+            .cache
+            .join("index-v1")
+            .join(&key[..16])
+            .join(repo.org())
+            .join(format!("{}.json", repo.name()))
     }
 
     fn read_index(&self, repo: &RepoId) -> KnownReleases {
-        std::fs::read(self.index_path(repo)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        std::fs::read(self.index_path(repo))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     fn remember(&self, repo: &RepoId, version: &semver::Version, commit: &str, manifest: Sha256Digest) -> Result<(), HubError> {
@@ -359,7 +380,8 @@ impl Hub {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io("cannot create"))?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot write"))?;
-        tmp.write_all(&serde_json::to_vec_pretty(&known).unwrap_or_default()).map_err(io("cannot write"))?;
+        tmp.write_all(&serde_json::to_vec_pretty(&known).unwrap_or_default())
+            .map_err(io("cannot write"))?;
         tmp.persist(&path).map_err(|e| HubError::Io {
             what: "cannot replace",
             path: path.clone(),
@@ -462,14 +484,20 @@ impl Hub {
 
     /// Downloads `variants` of `release` into the store (files already there are skipped),
     /// in parallel, each streamed through SHA-256.
-    pub fn fetch_variants(&self, release: &ResolvedRelease, variants: &[&Variant], progress: &dyn Progress) -> Result<FetchReport, HubError> {
+    pub fn fetch_variants(
+        &self,
+        release: &ResolvedRelease,
+        variants: &[&Variant],
+        progress: &dyn Progress,
+    ) -> Result<FetchReport, HubError> {
         let mut wanted: BTreeMap<Sha256Digest, &crate::manifest::FileEntry> = BTreeMap::new();
         for v in variants {
             for f in &v.files {
                 wanted.entry(f.sha256).or_insert(f);
             }
         }
-        let (present, missing): (Vec<&crate::manifest::FileEntry>, Vec<&crate::manifest::FileEntry>) = wanted.values().copied().partition(|f| self.store.contains(&f.sha256, f.size));
+        let (present, missing): (Vec<&crate::manifest::FileEntry>, Vec<&crate::manifest::FileEntry>) =
+            wanted.values().copied().partition(|f| self.store.contains(&f.sha256, f.size));
         for f in &present {
             progress.finish(f.path.as_str(), false);
         }
@@ -526,10 +554,20 @@ impl Hub {
         Ok(report)
     }
 
-    fn fetch_one(&self, registry: &dyn Registry, release: &ResolvedRelease, f: &crate::manifest::FileEntry, progress: &dyn Progress) -> Result<(bool, u64), HubError> {
+    fn fetch_one(
+        &self,
+        registry: &dyn Registry,
+        release: &ResolvedRelease,
+        f: &crate::manifest::FileEntry,
+        progress: &dyn Progress,
+    ) -> Result<(bool, u64), HubError> {
         progress.start(f.path.as_str(), f.size);
         let mut fill = |w: &mut dyn Write| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-            let mut counting = Counting { inner: w, progress, file: f.path.as_str() };
+            let mut counting = Counting {
+                inner: w,
+                progress,
+                file: f.path.as_str(),
+            };
             Ok(registry.fetch(&release.repo, &release.commit, &f.path, f.size, &mut counting)?)
         };
         let inserted = self.store.insert_with(f.path.as_str(), &f.sha256, f.size, &mut fill)?;
@@ -541,7 +579,11 @@ impl Hub {
     /// Resolves `requirement` and fetches the variant for this host (or every variant).
     pub fn fetch(&self, repo: &RepoId, requirement: &str, all_variants: bool, progress: &dyn Progress) -> Result<FetchReport, HubError> {
         let release = self.resolve_release(repo, requirement)?;
-        let variants: Vec<&Variant> = if all_variants { release.manifest.variants.iter().collect() } else { vec![self.choose_variant(&release)?] };
+        let variants: Vec<&Variant> = if all_variants {
+            release.manifest.variants.iter().collect()
+        } else {
+            vec![self.choose_variant(&release)?]
+        };
         self.fetch_variants(&release, &variants, progress)
     }
 
@@ -562,7 +604,13 @@ impl Hub {
     /// Locks every kernel `app` declares for each target host (`(label, facts)`), fetching
     /// the chosen variants so a locked load works offline. Existing entries for other
     /// repositories are kept.
-    pub fn lock(&self, app: &crate::lock::AppKernels, targets: &[(String, HostFacts)], mut lock: Lockfile, progress: &dyn Progress) -> Result<Lockfile, HubError> {
+    pub fn lock(
+        &self,
+        app: &crate::lock::AppKernels,
+        targets: &[(String, HostFacts)],
+        mut lock: Lockfile,
+        progress: &dyn Progress,
+    ) -> Result<Lockfile, HubError> {
         for (repo, requirement) in &app.kernels {
             let release = self.resolve_release(repo, requirement)?;
             let mut locked_targets = Vec::new();
@@ -612,15 +660,17 @@ impl Hub {
         // The lock's file digests must be the manifest's (the manifest is pinned by digest,
         // so this only catches a hand-edited lock).
         for t in &entry.targets {
-            let v = manifest.variant(&t.variant).ok_or_else(|| LoadError::UnknownVariant(t.variant.clone()))?;
+            let v = manifest
+                .variant(&t.variant)
+                .ok_or_else(|| LoadError::UnknownVariant(t.variant.clone()))?;
             for f in &t.files {
                 let m = v.files.iter().find(|m| m.path == f.path);
                 if m.is_none_or(|m| m.sha256 != f.sha256 || m.size != f.size) {
                     return Err(HubError::LockDigestMismatch {
                         repo: repo.clone(),
                         path: f.path.to_string(),
-                        locked: f.sha256,
-                        manifest: m.map_or(f.sha256, |m| m.sha256),
+                        locked: f.sha256.to_string(),
+                        manifest: m.map_or_else(|| "nothing (no such file)".to_owned(), |m| m.sha256.to_string()),
                     });
                 }
             }
@@ -635,7 +685,9 @@ impl Hub {
             variants: locked.join(", "),
             why: e.to_string(),
         })?;
-        let variant = manifest.variant(&chosen.id).ok_or_else(|| LoadError::UnknownVariant(chosen.id.clone()))?;
+        let variant = manifest
+            .variant(&chosen.id)
+            .ok_or_else(|| LoadError::UnknownVariant(chosen.id.clone()))?;
         for f in &variant.files {
             if !self.store.contains(&f.sha256, f.size) {
                 return Err(HubError::OfflineMiss {
@@ -660,7 +712,11 @@ fn choose<'a>(manifest: &'a Manifest, host: &HostFacts, prefs: &Preferences) -> 
 fn read_blob(store: &Store, d: &Sha256Digest) -> Result<Vec<u8>, HubError> {
     let mut f = store.open_blob(d)?;
     let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, crate::manifest::MAX_MANIFEST_BYTES as u64 + 1), &mut buf).map_err(|source| HubError::Io {
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut f, crate::manifest::MAX_MANIFEST_BYTES as u64 + 1),
+        &mut buf,
+    )
+    .map_err(|source| HubError::Io {
         what: "cannot read",
         path: store.blob_path(d),
         source,

@@ -470,7 +470,9 @@ impl FileSource for Release {
 
 /// Verifies and loads `variant_id` of `manifest`, reading its files from `source`.
 pub fn load_from(source: &dyn FileSource, manifest: &Manifest, variant_id: &str) -> Result<Kernel, LoadError> {
-    let variant = manifest.variant(variant_id).ok_or_else(|| LoadError::UnknownVariant(variant_id.to_owned()))?;
+    let variant = manifest
+        .variant(variant_id)
+        .ok_or_else(|| LoadError::UnknownVariant(variant_id.to_owned()))?;
     load_verified(source, manifest, variant, &|| {})
 }
 

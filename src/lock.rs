@@ -179,7 +179,10 @@ impl Lockfile {
         }
         let lock: Lockfile = toml::from_str(text).map_err(|e| e.to_string())?;
         if lock.version != LOCK_VERSION {
-            return Err(format!("lock format {} is not supported: this khub reads format {LOCK_VERSION}; run `khub lock` again", lock.version));
+            return Err(format!(
+                "lock format {} is not supported: this khub reads format {LOCK_VERSION}; run `khub lock` again",
+                lock.version
+            ));
         }
         for k in &lock.kernels {
             if k.commit.len() != 40 || !k.commit.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -667,7 +667,9 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
             },
         })
         .collect();
-    candidates.sort_by(|a, b| match (&a.verdict, &b.verdict) {
+    // Ids are unique (manifest validation), so the order is total and an unstable sort is
+    // deterministic.
+    candidates.sort_unstable_by(|a, b| match (&a.verdict, &b.verdict) {
         (Verdict::Accepted { score: x }, Verdict::Accepted { score: y }) => y.cmp(x).then_with(|| a.id.cmp(&b.id)),
         (Verdict::Accepted { .. }, Verdict::Rejected { .. }) => Ordering::Less,
         (Verdict::Rejected { .. }, Verdict::Accepted { .. }) => Ordering::Greater,

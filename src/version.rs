@@ -101,7 +101,7 @@ pub fn select(refs: &Refs, req: &VersionReq) -> Option<Selected> {
         })
         .filter(|(major, _, _)| major_admitted(req, *major))
         .collect();
-    branches.sort_by(|a, b| b.0.cmp(&a.0));
+    branches.sort_by_key(|b| std::cmp::Reverse(b.0));
     branches.first().map(|(major, branch, commit)| Selected::Branch {
         branch: (*branch).to_owned(),
         major: *major,
@@ -150,7 +150,10 @@ mod tests {
 
     #[test]
     fn requirements_pick_the_highest_matching_tag() {
-        let r = refs(&["v1.0.0", "v1.2.0", "v1.2.5", "v1.3.0-rc.1", "v2.0.0", "v2.1.0", "latest", "vnext"], &["main", "v1", "v2"]);
+        let r = refs(
+            &["v1.0.0", "v1.2.0", "v1.2.5", "v1.3.0-rc.1", "v2.0.0", "v2.1.0", "latest", "vnext"],
+            &["main", "v1", "v2"],
+        );
         let cases = [
             ("^1.2", Some("v1.2.5")),
             ("~1.2.3", Some("v1.2.5")),

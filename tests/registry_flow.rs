@@ -19,7 +19,9 @@ fn registry() -> (tempfile::TempDir, PathBuf) {
     copy_dir(common::example_release(), &repo.join("0.1.0"));
     copy_dir(common::example_release(), &repo.join("0.2.0-rc.1"));
     let m = repo.join("0.2.0-rc.1/khub.toml");
-    let text = std::fs::read_to_string(&m).unwrap().replace("version = \"0.1.0\"", "version = \"0.2.0-rc.1\"");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("version = \"0.1.0\"", "version = \"0.2.0-rc.1\"");
     std::fs::write(&m, text).unwrap();
     let root = dir.path().to_owned();
     (dir, root)
@@ -63,7 +65,10 @@ fn fetch_downloads_only_the_chosen_variant_then_nothing() {
     let cache = tempfile::tempdir().unwrap();
     let h = hub(&reg, cache.path(), false, &[("KHUB_CPU_LEVEL", "x86-64-v3")]);
     let r = h.fetch(&repo(), "^0.1", false, &Quiet).unwrap();
-    assert_eq!((r.version.as_str(), r.variants.as_slice()), ("0.1.0", &["cpu-x86_64-v3-linux".to_owned()][..]));
+    assert_eq!(
+        (r.version.as_str(), r.variants.as_slice()),
+        ("0.1.0", &["cpu-x86_64-v3-linux".to_owned()][..])
+    );
     assert_eq!((r.downloaded, r.cached), (1, 0));
     // The store holds the manifest and exactly that variant's library.
     assert_eq!(h.store().list().unwrap().len(), 2);
@@ -80,7 +85,10 @@ fn pre_releases_only_when_asked() {
     let cache = tempfile::tempdir().unwrap();
     let h = hub(&reg, cache.path(), false, &[]);
     assert_eq!(h.resolve_release(&repo(), "*").unwrap().version.to_string(), "0.1.0");
-    assert_eq!(h.resolve_release(&repo(), ">=0.2.0-rc.1").unwrap().version.to_string(), "0.2.0-rc.1");
+    assert_eq!(
+        h.resolve_release(&repo(), ">=0.2.0-rc.1").unwrap().version.to_string(),
+        "0.2.0-rc.1"
+    );
     let e = h.resolve_release(&repo(), "^1").unwrap_err();
     assert!(matches!(e, HubError::NoMatchingRelease { .. }), "{e}");
     assert!(e.to_string().contains("it has: 0.2.0-rc.1, 0.1.0"), "{e}");
@@ -117,16 +125,25 @@ fn lock_then_load_locked_offline_for_several_hosts() {
     let cache = tempfile::tempdir().unwrap();
     let h = hub(&reg, cache.path(), false, &[]);
     let app: AppKernels = toml::from_str("[kernels]\n\"acme/activation\" = \"^0.1\"\n").unwrap();
-    let v3 = HostFacts::detect(&ProbeOptions::with_env(Environment::from_pairs([("KHUB_CPU_LEVEL", "x86-64-v3")])).unwrap()).unwrap().facts;
-    let v1 = HostFacts::detect(&ProbeOptions::with_env(Environment::from_pairs([("KHUB_CPU_LEVEL", "x86-64-v1")])).unwrap()).unwrap().facts;
-    let lock = h.lock(&app, &[("v3 host".into(), v3), ("v1 host".into(), v1)], Lockfile::new(), &Quiet).unwrap();
+    let v3 = HostFacts::detect(&ProbeOptions::with_env(Environment::from_pairs([("KHUB_CPU_LEVEL", "x86-64-v3")])).unwrap())
+        .unwrap()
+        .facts;
+    let v1 = HostFacts::detect(&ProbeOptions::with_env(Environment::from_pairs([("KHUB_CPU_LEVEL", "x86-64-v1")])).unwrap())
+        .unwrap()
+        .facts;
+    let lock = h
+        .lock(&app, &[("v3 host".into(), v3), ("v1 host".into(), v1)], Lockfile::new(), &Quiet)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("khub.lock");
     lock.write(&path).unwrap();
     let lock = Lockfile::read(&path).unwrap();
     let k = &lock.kernels[0];
     assert_eq!(k.version.to_string(), "0.1.0");
-    assert_eq!(k.targets.iter().map(|t| t.variant.as_str()).collect::<Vec<_>>(), ["cpu-x86_64-v3-linux", "cpu-x86_64-v1-linux"]);
+    assert_eq!(
+        k.targets.iter().map(|t| t.variant.as_str()).collect::<Vec<_>>(),
+        ["cpu-x86_64-v3-linux", "cpu-x86_64-v1-linux"]
+    );
 
     // Offline, with the registry gone: the locked load needs nothing but the store.
     std::fs::remove_dir_all(&reg).unwrap();
@@ -143,7 +160,10 @@ fn lock_then_load_locked_offline_for_several_hosts() {
     let empty = tempfile::tempdir().unwrap();
     let off2 = hub(&reg, empty.path(), true, &[]);
     let e = off2.load_locked(&lock, &path, &repo()).unwrap_err().to_string();
-    assert!(e.contains("locked manifest of acme/activation 0.1.0") && e.contains("run `khub fetch acme/activation"), "{e}");
+    assert!(
+        e.contains("locked manifest of acme/activation 0.1.0") && e.contains("run `khub fetch acme/activation"),
+        "{e}"
+    );
     // A lock with an edited digest is refused, naming the file.
     let edited = std::fs::read_to_string(&path).unwrap();
     let digest = lock.kernels[0].targets[0].files[0].sha256.to_string();
@@ -159,5 +179,8 @@ fn offline_mode_never_constructs_a_registry() {
     let cache = tempfile::tempdir().unwrap();
     let off = hub(&reg, cache.path(), true, &[]);
     let e = off.fetch(&repo(), "^0.1", false, &Quiet).unwrap_err().to_string();
-    assert!(e.contains("offline") && e.contains("khub fetch acme/activation --version '^0.1'"), "{e}");
+    assert!(
+        e.contains("offline") && e.contains("khub fetch acme/activation --version '^0.1'"),
+        "{e}"
+    );
 }

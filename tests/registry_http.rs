@@ -65,7 +65,10 @@ fn hub_for(url: &str, cache: &Path, env: &[(&str, &str)]) -> Hub {
 
 /// Requests the server answered since `from`, as "METHOD path" lines.
 fn log_since(server: &Server, from: usize) -> Vec<String> {
-    server.requests()[from..].iter().map(|r| format!("{} {} {}", r.method, r.path, r.status)).collect()
+    server.requests()[from..]
+        .iter()
+        .map(|r| format!("{} {} {}", r.method, r.path, r.status))
+        .collect()
 }
 
 #[test]
@@ -105,16 +108,42 @@ fn load_through_http_and_the_cli() {
 
     let cache2 = tempfile::tempdir().unwrap();
     let c = cache2.path().to_str().unwrap();
-    let out = common::khub(&["fetch", "acme/activation", "--version", "^0.1", "--registry", &server.url(), "--json"], &[("KHUB_CACHE", c)]);
+    let out = common::khub(
+        &[
+            "fetch",
+            "acme/activation",
+            "--version",
+            "^0.1",
+            "--registry",
+            &server.url(),
+            "--json",
+        ],
+        &[("KHUB_CACHE", c)],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["downloaded"], 1);
-    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url(), "--json"], &[("KHUB_CACHE", c)]);
+    let out = common::khub(
+        &[
+            "load",
+            "acme/activation",
+            "--version",
+            "^0.1",
+            "--registry",
+            &server.url(),
+            "--json",
+        ],
+        &[("KHUB_CACHE", c)],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["kernel"], "activation");
     let out = common::khub(&["load", "acme/nothing", "--registry", &server.url()], &[("KHUB_CACHE", c)]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("repository acme/nothing not found"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("repository acme/nothing not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -132,7 +161,10 @@ fn concurrent_processes_share_one_download() {
                 cmd.env_remove(var);
             }
             cmd.env("KHUB_CACHE", &c).env("KHUB_CPU_LEVEL", "x86-64-v4");
-            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
     for child in children {
@@ -140,7 +172,10 @@ fn concurrent_processes_share_one_download() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let log = log_since(&server, before);
-    let lib_gets = log.iter().filter(|l| l.starts_with("GET ") && l.contains("libactivation.so")).count();
+    let lib_gets = log
+        .iter()
+        .filter(|l| l.starts_with("GET ") && l.contains("libactivation.so"))
+        .count();
     assert_eq!(lib_gets, 1, "the library is downloaded once: {log:#?}");
 }
 
@@ -152,7 +187,14 @@ fn offline_makes_no_connection() {
     let c = cache.path().to_str().unwrap().to_owned();
     let app_dir = tempfile::tempdir().unwrap();
     let app = app_dir.path().join("kernels.toml");
-    std::fs::write(&app, format!("[registry]\nurl = \"{}\"\n\n[kernels]\n\"acme/activation\" = \"^0.1\"\n", server.url())).unwrap();
+    std::fs::write(
+        &app,
+        format!(
+            "[registry]\nurl = \"{}\"\n\n[kernels]\n\"acme/activation\" = \"^0.1\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
     let lock = app_dir.path().join("khub.lock");
     let env = [("KHUB_CACHE", c.as_str()), ("KHUB_CPU_LEVEL", "x86-64-v3")];
     let out = common::khub(&["lock", "--app", app.to_str().unwrap(), "--out", lock.to_str().unwrap()], &env);
@@ -160,15 +202,37 @@ fn offline_makes_no_connection() {
 
     let seen = server.connections();
     for args in [
-        vec!["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap(), "--registry", &server.url()],
-        vec!["load", "acme/activation", "--version", "^0.1", "--offline", "--registry", &server.url()],
+        vec![
+            "load",
+            "acme/activation",
+            "--locked",
+            "--lock",
+            lock.to_str().unwrap(),
+            "--registry",
+            &server.url(),
+        ],
+        vec![
+            "load",
+            "acme/activation",
+            "--version",
+            "^0.1",
+            "--offline",
+            "--registry",
+            &server.url(),
+        ],
     ] {
         let out = common::khub(&args, &env);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()], &[("KHUB_CACHE", c.as_str()), ("KHUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")]);
+    let out = common::khub(
+        &["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()],
+        &[("KHUB_CACHE", c.as_str()), ("KHUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()], &[("KHUB_CACHE", c.as_str()), ("HF_HUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")]);
+    let out = common::khub(
+        &["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()],
+        &[("KHUB_CACHE", c.as_str()), ("HF_HUB_OFFLINE", "1"), ("KHUB_CPU_LEVEL", "x86-64-v3")],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(server.connections(), seen, "offline and locked loads opened no connection");
 
@@ -177,13 +241,22 @@ fn offline_makes_no_connection() {
     server.stop();
     let out = common::khub(&["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap()], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = common::khub(&["load", "acme/activation", "--version", "^0.1", "--registry", &url], &[("KHUB_CACHE", c.as_str()), ("KHUB_HTTP_RETRIES", "0")]);
+    let out = common::khub(
+        &["load", "acme/activation", "--version", "^0.1", "--registry", &url],
+        &[("KHUB_CACHE", c.as_str()), ("KHUB_HTTP_RETRIES", "0")],
+    );
     assert!(!out.status.success());
     // An offline miss names the file and the command.
     let empty = tempfile::tempdir().unwrap();
-    let out = common::khub(&["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap()], &[("KHUB_CACHE", empty.path().to_str().unwrap())]);
+    let out = common::khub(
+        &["load", "acme/activation", "--locked", "--lock", lock.to_str().unwrap()],
+        &[("KHUB_CACHE", empty.path().to_str().unwrap())],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not in the store") && err.contains("khub fetch acme/activation"), "{err}");
+    assert!(
+        err.contains("not in the store") && err.contains("khub fetch acme/activation"),
+        "{err}"
+    );
 }
 
 /// A one-route HTTP server on a raw socket: answers each connection with the next canned
@@ -212,13 +285,19 @@ fn canned(responses: Vec<String>, delay_first: Option<Duration>) -> (String, std
 }
 
 fn http(status: &str, headers: &str, body: &str) -> String {
-    format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}\r\n{body}", body.len())
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}\r\n{body}",
+        body.len()
+    )
 }
 
 #[test]
 fn rate_limits_honour_retry_after() {
     let refs = r#"{"branches":[],"tags":[{"name":"v1.0.0","ref":"refs/tags/v1.0.0","targetCommit":"0123456789012345678901234567890123456789"}],"converts":[]}"#;
-    let (url, count) = canned(vec![http("429 Too Many Requests", "Retry-After: 1\r\n", "{}"), http("200 OK", "", refs)], None);
+    let (url, count) = canned(
+        vec![http("429 Too Many Requests", "Retry-After: 1\r\n", "{}"), http("200 OK", "", refs)],
+        None,
+    );
     let reg = khub::registry::hf::HubRegistry::new(khub::registry::hf::HubConfig::new(&url)).unwrap();
     let started = Instant::now();
     let r = reg.refs(&"acme/k".parse::<RepoId>().unwrap()).unwrap();
@@ -230,7 +309,11 @@ fn rate_limits_honour_retry_after() {
     let (url, _) = canned(vec![http("429 Too Many Requests", "Retry-After: 1\r\n", "{}")], None);
     let mut config = khub::registry::hf::HubConfig::new(&url);
     config.attempts = 1;
-    let e = khub::registry::hf::HubRegistry::new(config).unwrap().refs(&"acme/k".parse().unwrap()).unwrap_err().to_string();
+    let e = khub::registry::hf::HubRegistry::new(config)
+        .unwrap()
+        .refs(&"acme/k".parse().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rate-limiting") && e.contains("retry after 1 s"), "{e}");
 }
 
@@ -241,7 +324,10 @@ fn a_silent_server_times_out() {
     config.read_timeout = Duration::from_millis(500);
     config.attempts = 1;
     let started = Instant::now();
-    let e = khub::registry::hf::HubRegistry::new(config).unwrap().refs(&"acme/k".parse().unwrap()).unwrap_err();
+    let e = khub::registry::hf::HubRegistry::new(config)
+        .unwrap()
+        .refs(&"acme/k".parse().unwrap())
+        .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     assert!(e.to_string().contains(&url), "{e}");
 }

@@ -263,7 +263,10 @@ impl TargetArgs {
             khub::Release::open(dir)?.load(&host, &prefs)?
         } else {
             if !self.target.contains('/') || dir.exists() {
-                bail!("`{}` is neither a release directory (no khub.toml in it) nor a repository org/name", self.target);
+                bail!(
+                    "`{}` is neither a release directory (no khub.toml in it) nor a repository org/name",
+                    self.target
+                );
             }
             let locked = self.locked.then_some(self.lock.as_path());
             registry::load_kernel(&self.target, &self.version, locked, &self.registry, self.select.host, prefs)?
@@ -334,7 +337,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             select,
             registry: reg,
             json,
-        } => registry::fetch(&repo, &version, all_variants, &reg, select.host, parse_preferences(&select.prefer)?, json),
+        } => registry::fetch(
+            &repo,
+            &version,
+            all_variants,
+            &reg,
+            select.host,
+            parse_preferences(&select.prefer)?,
+            json,
+        ),
         Command::Lock {
             app,
             out,
@@ -342,7 +353,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
-        Command::Gc { keep, dry_run, registry: reg } => registry::gc(&reg, &keep, dry_run),
+        Command::Gc {
+            keep,
+            dry_run,
+            registry: reg,
+        } => registry::gc(&reg, &keep, dry_run),
         #[cfg(feature = "serve")]
         Command::Serve {
             dir,

@@ -99,7 +99,15 @@ impl Progress for Bars {
     }
 }
 
-pub fn fetch(repo: &str, version: &str, all_variants: bool, args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences, json: bool) -> Result<ExitCode> {
+pub fn fetch(
+    repo: &str,
+    version: &str,
+    all_variants: bool,
+    args: &RegistryArgs,
+    host: Option<PathBuf>,
+    prefs: Preferences,
+    json: bool,
+) -> Result<ExitCode> {
     let repo: RepoId = repo.parse()?;
     let hub = hub(args, host, prefs)?;
     let bars = Bars::new(json);
@@ -125,7 +133,14 @@ pub fn fetch(repo: &str, version: &str, all_variants: bool, args: &RegistryArgs,
 }
 
 /// Loads a kernel by repository id: from the lock when `locked`, else resolved and fetched.
-pub fn load_kernel(repo: &str, version: &str, locked: Option<&Path>, args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<khub::Kernel> {
+pub fn load_kernel(
+    repo: &str,
+    version: &str,
+    locked: Option<&Path>,
+    args: &RegistryArgs,
+    host: Option<PathBuf>,
+    prefs: Preferences,
+) -> Result<khub::Kernel> {
     let id: RepoId = repo.parse()?;
     let hub = hub(args, host, prefs)?;
     match locked {
@@ -140,7 +155,10 @@ pub fn load_kernel(repo: &str, version: &str, locked: Option<&Path>, args: &Regi
 pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, prefs: Preferences) -> Result<ExitCode> {
     let decl = AppKernels::read(app).with_context(|| format!("the application declares its kernels in {APP_FILE}"))?;
     if decl.kernels.is_empty() {
-        bail!("{} declares no kernels: add lines like \"org/name\" = \"^1.0\" under [kernels]", app.display());
+        bail!(
+            "{} declares no kernels: add lines like \"org/name\" = \"^1.0\" under [kernels]",
+            app.display()
+        );
     }
     let mut args = args.clone();
     if args.registry.is_none()
@@ -161,7 +179,14 @@ pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, pref
     let existing = if out.exists() { Lockfile::read(out)? } else { Lockfile::new() };
     let lock = hub.lock(&decl, &targets, existing, &Bars::new(false))?;
     lock.write(out)?;
-    println!("wrote {} ({} kernel{}, {} target host{})", out.display(), lock.kernels.len(), if lock.kernels.len() == 1 { "" } else { "s" }, targets.len(), if targets.len() == 1 { "" } else { "s" });
+    println!(
+        "wrote {} ({} kernel{}, {} target host{})",
+        out.display(),
+        lock.kernels.len(),
+        if lock.kernels.len() == 1 { "" } else { "s" },
+        targets.len(),
+        if targets.len() == 1 { "" } else { "s" }
+    );
     for k in &lock.kernels {
         for t in &k.targets {
             println!("  {} {} {} -> {} [{}]", k.repo, k.requirement, k.version, t.variant, t.host);
@@ -201,7 +226,11 @@ pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<
         report.kept,
         report.tmp_removed,
         if report.tmp_removed == 1 { "" } else { "s" },
-        if locks.is_empty() { "no lockfile".to_owned() } else { locks.iter().map(|l| l.display().to_string()).collect::<Vec<_>>().join(", ") }
+        if locks.is_empty() {
+            "no lockfile".to_owned()
+        } else {
+            locks.iter().map(|l| l.display().to_string()).collect::<Vec<_>>().join(", ")
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -91,7 +91,13 @@ pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<Str
         let bytes = match crate::fsx::open_under(&e.path(), &manifest_path) {
             Ok(mut f) => {
                 let mut buf = Vec::new();
-                match copy_limited(&mut f, &mut buf, super::MAX_MANIFEST_BYTES, "khub.toml", &root.display().to_string()) {
+                match copy_limited(
+                    &mut f,
+                    &mut buf,
+                    super::MAX_MANIFEST_BYTES,
+                    "khub.toml",
+                    &root.display().to_string(),
+                ) {
                     Ok(_) => buf,
                     Err(err) => {
                         skipped.push(format!("{name}: {err}"));
@@ -180,11 +186,14 @@ impl DirRegistry {
     /// The release with this commit id.
     pub fn release(&self, repo: &RepoId, commit: &str) -> Result<ReleaseDir, RegistryError> {
         let (releases, _) = scan_repo(&self.root, repo)?;
-        releases.into_iter().find(|r| r.commit == commit).ok_or_else(|| RegistryError::NotFound {
-            repo: repo.clone(),
-            registry: self.describe(),
-            what: format!("commit {commit}"),
-        })
+        releases
+            .into_iter()
+            .find(|r| r.commit == commit)
+            .ok_or_else(|| RegistryError::NotFound {
+                repo: repo.clone(),
+                registry: self.describe(),
+                what: format!("commit {commit}"),
+            })
     }
 }
 
@@ -248,7 +257,10 @@ mod tests {
         std::fs::rename(d.path().join("acme/k/3.0.0"), d.path().join("acme/k/3.0.1")).unwrap();
         let repo: RepoId = "acme/k".parse().unwrap();
         let (rels, skipped) = scan_repo(d.path(), &repo).unwrap();
-        assert_eq!(rels.iter().map(|r| r.version.to_string()).collect::<Vec<_>>(), ["2.0.0-rc.1", "1.2.0", "1.0.0", "0.9.0"]);
+        assert_eq!(
+            rels.iter().map(|r| r.version.to_string()).collect::<Vec<_>>(),
+            ["2.0.0-rc.1", "1.2.0", "1.0.0", "0.9.0"]
+        );
         assert_eq!(skipped.len(), 2, "{skipped:?}");
         let refs = derive_refs(&rels);
         let branch = |n: &str| refs.branches.iter().find(|b| b.name == n).map(|b| b.commit.clone());

@@ -98,11 +98,20 @@ impl HubConfig {
             .or_else(|| env.get(vars::HF_ENDPOINT).map(str::to_owned))
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
         let mut c = HubConfig::new(&endpoint);
-        c.token = env.get(vars::KHUB_TOKEN).or_else(|| env.get(vars::HF_TOKEN)).map(|t| t.trim().to_owned());
+        c.token = env
+            .get(vars::KHUB_TOKEN)
+            .or_else(|| env.get(vars::HF_TOKEN))
+            .map(|t| t.trim().to_owned());
         if c.token.is_none() {
-            let path = env.get(vars::HF_TOKEN_PATH).map(std::path::PathBuf::from).or_else(|| hf_home(env).map(|h| h.join("token")));
+            let path = env
+                .get(vars::HF_TOKEN_PATH)
+                .map(std::path::PathBuf::from)
+                .or_else(|| hf_home(env).map(|h| h.join("token")));
             if let Some(p) = path {
-                c.token = std::fs::read_to_string(p).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+                c.token = std::fs::read_to_string(p)
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty());
             }
         }
         c.repo_type = match env.get(vars::KHUB_REPO_TYPE) {
@@ -111,11 +120,19 @@ impl HubConfig {
             Some(other) => return Err(bad_env(vars::KHUB_REPO_TYPE, other, "kernel or model")),
         };
         if let Some(v) = env.get(vars::KHUB_HTTP_TIMEOUT) {
-            let s: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 3600.0).ok_or_else(|| bad_env(vars::KHUB_HTTP_TIMEOUT, v, "seconds, 0 to 3600"))?;
+            let s: f64 = v
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                .ok_or_else(|| bad_env(vars::KHUB_HTTP_TIMEOUT, v, "seconds, 0 to 3600"))?;
             c.read_timeout = Duration::from_secs_f64(s);
         }
         if let Some(v) = env.get(vars::KHUB_HTTP_RETRIES) {
-            let n: u32 = v.parse().ok().filter(|n| *n <= 20).ok_or_else(|| bad_env(vars::KHUB_HTTP_RETRIES, v, "a number of retries, 0 to 20"))?;
+            let n: u32 = v
+                .parse()
+                .ok()
+                .filter(|n| *n <= 20)
+                .ok_or_else(|| bad_env(vars::KHUB_HTTP_RETRIES, v, "a number of retries, 0 to 20"))?;
             c.attempts = n + 1;
         }
         Ok(c)
@@ -189,7 +206,10 @@ impl HubRegistry {
     fn map_err(&self, repo: &RepoId, e: HFError, what: &str) -> RegistryError {
         let registry = self.describe();
         match e {
-            HFError::RepoNotFound { .. } => RegistryError::RepoNotFound { repo: repo.clone(), registry },
+            HFError::RepoNotFound { .. } => RegistryError::RepoNotFound {
+                repo: repo.clone(),
+                registry,
+            },
             HFError::RevisionNotFound { revision, .. } => RegistryError::NotFound {
                 repo: repo.clone(),
                 registry,
@@ -229,7 +249,9 @@ impl HubRegistry {
             let result = self.runtime.block_on(op());
             let wait = match &result {
                 Ok(_) => return result,
-                Err(HFError::RateLimited { retry_after, .. }) => retry_after.unwrap_or(self.config.backoff * 2u32.pow(attempt)).min(MAX_RETRY_AFTER),
+                Err(HFError::RateLimited { retry_after, .. }) => {
+                    retry_after.unwrap_or(self.config.backoff * 2u32.pow(attempt)).min(MAX_RETRY_AFTER)
+                }
                 Err(HFError::Request { .. }) => self.config.backoff * 2u32.pow(attempt - 1),
                 Err(HFError::Http { context }) if context.status.is_server_error() => self.config.backoff * 2u32.pow(attempt - 1),
                 Err(_) => return result,
@@ -242,18 +264,41 @@ impl HubRegistry {
     }
 
     fn refs_of<T: RepoType>(&self, repo: &RepoId, handle: HFRepository<T>) -> Result<Refs, RegistryError> {
-        let refs = self.retrying(|| handle.list_refs().send()).map_err(|e| self.map_err(repo, e, "listing refs"))?;
-        let conv = |v: Vec<hf_hub::repository::GitRefInfo>| v.into_iter().map(|r| GitRef { name: r.name, commit: r.target_commit }).collect();
+        let refs = self
+            .retrying(|| handle.list_refs().send())
+            .map_err(|e| self.map_err(repo, e, "listing refs"))?;
+        let conv = |v: Vec<hf_hub::repository::GitRefInfo>| {
+            v.into_iter()
+                .map(|r| GitRef {
+                    name: r.name,
+                    commit: r.target_commit,
+                })
+                .collect()
+        };
         Ok(Refs {
             tags: conv(refs.tags),
             branches: conv(refs.branches),
         })
     }
 
-    fn fetch_of<T: RepoType>(&self, repo: &RepoId, handle: HFRepository<T>, commit: &str, path: &str, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError> {
+    fn fetch_of<T: RepoType>(
+        &self,
+        repo: &RepoId,
+        handle: HFRepository<T>,
+        commit: &str,
+        path: &str,
+        limit: u64,
+        sink: &mut dyn Write,
+    ) -> Result<u64, RegistryError> {
         let registry = self.describe();
         let (len, mut stream) = self
-            .retrying(|| handle.download_file_stream().filename(path.to_owned()).revision(commit.to_owned()).send())
+            .retrying(|| {
+                handle
+                    .download_file_stream()
+                    .filename(path.to_owned())
+                    .revision(commit.to_owned())
+                    .send()
+            })
             .map_err(|e| self.map_err(repo, e, &format!("downloading `{path}`")))?;
         if len.is_some_and(|l| l > limit) {
             return Err(RegistryError::TooLarge {
@@ -311,9 +356,15 @@ impl Registry for HubRegistry {
 
     fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError> {
         match self.config.repo_type {
-            HubRepoType::Kernel => self.fetch_of(repo, self.client.kernel(repo.org(), repo.name()), commit, path.as_str(), limit, sink),
+            HubRepoType::Kernel => self.fetch_of(
+                repo,
+                self.client.kernel(repo.org(), repo.name()),
+                commit,
+                path.as_str(),
+                limit,
+                sink,
+            ),
             HubRepoType::Model => self.fetch_of(repo, self.client.model(repo.org(), repo.name()), commit, path.as_str(), limit, sink),
         }
     }
 }
-

@@ -201,7 +201,13 @@ pub trait Registry: Send + Sync {
 }
 
 /// Copies at most `limit` bytes from `r` into `w`, failing if `r` has more.
-pub(crate) fn copy_limited(r: &mut dyn std::io::Read, w: &mut dyn Write, limit: u64, what: &str, registry: &str) -> Result<u64, RegistryError> {
+pub(crate) fn copy_limited(
+    r: &mut dyn std::io::Read,
+    w: &mut dyn Write,
+    limit: u64,
+    what: &str,
+    registry: &str,
+) -> Result<u64, RegistryError> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut n = 0u64;
     loop {
@@ -239,7 +245,18 @@ mod tests {
     fn repo_ids_are_checked() {
         let r: RepoId = "kernels-community/activation".parse().unwrap();
         assert_eq!((r.org(), r.name()), ("kernels-community", "activation"));
-        for bad in ["activation", "a/b/c", "../x", "a/..", "a/.hidden", "a/-x", "", "a/", "a/b c", "a/b\0"] {
+        for bad in [
+            "activation",
+            "a/b/c",
+            "../x",
+            "a/..",
+            "a/.hidden",
+            "a/-x",
+            "",
+            "a/",
+            "a/b c",
+            "a/b\0",
+        ] {
             assert!(bad.parse::<RepoId>().is_err(), "{bad}");
         }
     }
