@@ -54,6 +54,9 @@ pub enum HubError {
     /// A requirement does not parse.
     #[error(transparent)]
     Requirement(#[from] RequirementError),
+    /// The trust policy refused the release.
+    #[error(transparent)]
+    Trust(Box<crate::trust::TrustError>),
     /// No release matches the requirement.
     #[error("no release of {repo} on {registry} matches `{requirement}`; it has: {available}")]
     NoMatchingRelease {
@@ -137,6 +140,12 @@ pub enum HubError {
     },
 }
 
+impl From<crate::trust::TrustError> for HubError {
+    fn from(e: crate::trust::TrustError) -> Self {
+        HubError::Trust(Box::new(e))
+    }
+}
+
 /// Where releases come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrySpec {
@@ -192,6 +201,11 @@ pub struct HubOptions {
     pub preferences: Preferences,
     /// Parallel downloads.
     pub jobs: usize,
+    /// Which releases to trust (signatures).
+    pub trust: crate::trust::TrustPolicy,
+    /// Where rollback state lives (outside the purgeable cache); `None` turns rollback
+    /// protection off.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl HubOptions {
@@ -210,6 +224,8 @@ impl HubOptions {
             host,
             preferences: Preferences::default(),
             jobs: 8,
+            trust: crate::trust::TrustPolicy::from_env(&env)?,
+            state_dir: crate::trust::RollbackState::default_dir(&env).ok(),
             env,
         })
     }
@@ -274,6 +290,8 @@ struct KnownReleases {
 struct KnownRelease {
     commit: String,
     manifest_sha256: Sha256Digest,
+    #[serde(default)]
+    signature_sha256: Option<Sha256Digest>,
 }
 
 /// The front door.
@@ -363,7 +381,14 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    fn remember(&self, repo: &RepoId, version: &semver::Version, commit: &str, manifest: Sha256Digest) -> Result<(), HubError> {
+    fn remember(
+        &self,
+        repo: &RepoId,
+        version: &semver::Version,
+        commit: &str,
+        manifest: Sha256Digest,
+        signature: Option<Sha256Digest>,
+    ) -> Result<(), HubError> {
         let path = self.index_path(repo);
         let mut known = self.read_index(repo);
         known.releases.insert(
@@ -371,6 +396,7 @@ impl Hub {
             KnownRelease {
                 commit: commit.to_owned(),
                 manifest_sha256: manifest,
+                signature_sha256: signature,
             },
         );
         let io = |what| {
@@ -430,19 +456,47 @@ impl Hub {
             }
         })?;
         let commit = selected.commit().to_owned();
-        // The manifest: from the store if a previous fetch of this commit stored it.
-        let cached = known.releases.values().find(|k| k.commit == commit).map(|k| k.manifest_sha256);
-        let bytes = match cached.and_then(|d| read_blob(&self.store, &d).ok()) {
-            Some(b) => b,
+        // The manifest and its signature: from the store if a previous fetch of this commit
+        // stored them, else from the registry.
+        let cached = known.releases.values().find(|k| k.commit == commit).cloned();
+        let from_store = cached.as_ref().and_then(|k| {
+            let bytes = read_blob(&self.store, &k.manifest_sha256).ok()?;
+            let sig = match &k.signature_sha256 {
+                Some(d) => Some(read_blob(&self.store, d).ok()?),
+                None => None,
+            };
+            Some((bytes, sig))
+        });
+        let (bytes, signature) = match from_store {
+            Some(found) => found,
             None => {
                 let reg = self.registry.as_deref().ok_or_else(|| HubError::OfflineMiss {
                     what: format!("the manifest of {repo} at {commit}"),
                     store: self.store.root().to_owned(),
                     command: format!("khub fetch {repo} --version '{requirement}'"),
                 })?;
-                reg.manifest(repo, &commit)?
+                (reg.manifest(repo, &commit)?, reg.signature(repo, &commit)?)
             }
         };
+        // The trust policy decides on the raw bytes, before the manifest is parsed. A branch
+        // head's version is only known from its manifest, so that (rare) path parses first.
+        let version = match &selected {
+            Selected::Tag { version, .. } => version.clone(),
+            Selected::Branch { .. } => {
+                Manifest::from_bytes(&bytes)
+                    .map_err(|source| HubError::Manifest {
+                        repo: repo.clone(),
+                        commit: commit.clone(),
+                        source,
+                    })?
+                    .kernel
+                    .version
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.options.trust.check(repo, &version, &bytes, signature.as_deref(), now)?;
         let manifest = Manifest::from_bytes(&bytes).map_err(|source| HubError::Manifest {
             repo: repo.clone(),
             commit: commit.clone(),
@@ -466,8 +520,18 @@ impl Hub {
             }
             _ => {}
         }
+        // Rollback: never go below the highest version seen under the same requirement.
+        if let Some(dir) = &self.options.state_dir {
+            let state = crate::trust::RollbackState::open(dir)?;
+            state.check(&self.options.trust, repo, &req, &manifest.kernel.version)?;
+            state.record(repo, &manifest.kernel.version)?;
+        }
         let digest = self.store.insert_bytes("khub.toml", &bytes)?;
-        self.remember(repo, &manifest.kernel.version, &commit, digest)?;
+        let sig_digest = match &signature {
+            Some(sig) => Some(self.store.insert_bytes(crate::registry::SIGNATURE_FILE, sig)?),
+            None => None,
+        };
+        self.remember(repo, &manifest.kernel.version, &commit, digest, sig_digest)?;
         Ok(ResolvedRelease {
             repo: repo.clone(),
             version: manifest.kernel.version.clone(),

@@ -27,7 +27,9 @@ pub mod registry;
 pub mod resolve;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod sign;
 pub mod store;
+pub mod trust;
 pub mod verify;
 pub mod version;
 

@@ -55,6 +55,14 @@ pub enum LoadError {
     /// No variant runs on this host.
     #[error(transparent)]
     NoVariant(#[from] NoVariantFits),
+    /// The release directory holds a file its manifest does not list.
+    #[error("the release at {} holds `{path}`, which khub.toml does not list: refusing a release with extra files (remove it, or package the release again)", root.display())]
+    ExtraFile {
+        /// The release root.
+        root: PathBuf,
+        /// The file.
+        path: String,
+    },
     /// A forced variant id is not in the release.
     #[error("the release has no variant `{0}`; `khub explain` lists them")]
     UnknownVariant(String),
@@ -427,8 +435,75 @@ impl Release {
     /// `dlopen`. For tests that swap files in that window.
     #[doc(hidden)]
     pub fn load_variant_with_hook(&self, id: &str, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
+        self.check_tree()?;
         let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
         load_verified(self, &self.manifest, variant, after_verify)
+    }
+
+    /// Checks the release directory itself: no symlink anywhere, nothing but regular files
+    /// and directories, and no file the manifest does not list (besides `khub.toml` and its
+    /// signature `khub.toml.minisig`).
+    pub fn check_tree(&self) -> Result<(), LoadError> {
+        let mut listed: std::collections::BTreeSet<String> = self
+            .manifest
+            .variants
+            .iter()
+            .flat_map(|v| v.files.iter().map(|f| f.path.to_string()))
+            .collect();
+        listed.insert("khub.toml".into());
+        listed.insert("khub.toml.minisig".into());
+        let mut stack = vec![(self.root.clone(), String::new())];
+        let mut seen = 0usize;
+        while let Some((dir, prefix)) = stack.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|source| LoadError::Io {
+                what: "cannot list",
+                path: dir.display().to_string(),
+                source,
+            })?;
+            for e in entries {
+                let e = e.map_err(|source| LoadError::Io {
+                    what: "cannot list",
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                seen += 1;
+                if seen > 1_000_000 {
+                    return Err(LoadError::Io {
+                        what: "too many entries in",
+                        path: self.root.display().to_string(),
+                        source: std::io::Error::other("more than a million entries"),
+                    });
+                }
+                let name = e.file_name().to_string_lossy().into_owned();
+                let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+                let t = e.file_type().map_err(|source| LoadError::Io {
+                    what: "cannot inspect",
+                    path: rel.clone(),
+                    source,
+                })?;
+                if t.is_symlink() {
+                    return Err(LoadError::NotRegular {
+                        root: self.root.clone(),
+                        path: rel,
+                        what: "a symlink",
+                    });
+                } else if t.is_dir() {
+                    stack.push((e.path(), rel));
+                } else if !t.is_file() {
+                    return Err(LoadError::NotRegular {
+                        root: self.root.clone(),
+                        path: rel,
+                        what: "not a regular file",
+                    });
+                } else if !listed.contains(&rel) {
+                    return Err(LoadError::ExtraFile {
+                        root: self.root.clone(),
+                        path: rel,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Verifies every file of a variant without loading anything.

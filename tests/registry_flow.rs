@@ -51,6 +51,8 @@ fn hub(registry: &Path, cache: &Path, offline: bool, env: &[(&str, &str)]) -> Hu
         host,
         preferences: Default::default(),
         jobs: 4,
+        trust: khub::trust::TrustPolicy::permissive(),
+        state_dir: None,
     })
     .unwrap()
 }

@@ -193,6 +193,64 @@ enum Command {
         #[command(flatten)]
         toolchain: ToolchainArgs,
     },
+    /// Scaffold a kernel package (kernel.toml, C and CUDA sources, tests) that builds at once.
+    Init {
+        /// The directory to create.
+        dir: PathBuf,
+        /// The kernel's name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Upload a release directory to a Hub-compatible registry as an immutable release.
+    #[cfg(feature = "hub")]
+    Publish {
+        /// The release directory (from `khub package`).
+        release: PathBuf,
+        /// The repository, org/name.
+        #[arg(long, value_name = "ORG/NAME")]
+        to: String,
+        /// The registry URL (default: KHUB_REGISTRY, HF_ENDPOINT, https://huggingface.co).
+        #[arg(long, value_name = "URL")]
+        registry: Option<String>,
+        /// Create the repository if it does not exist.
+        #[arg(long)]
+        create: bool,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a minisign-compatible Ed25519 signing key pair.
+    Keygen {
+        /// Where to write the public key.
+        #[arg(long, default_value = "khub.pub", value_name = "FILE")]
+        public: PathBuf,
+        /// Where to write the secret key.
+        #[arg(long, default_value = "khub.key", value_name = "FILE")]
+        secret: PathBuf,
+        /// Encrypt the secret key with the password in this environment variable (default:
+        /// KHUB_SIGNING_PASSWORD when set; otherwise the key is written unencrypted, mode 0600).
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
+    /// Sign a release's manifest: writes khub.toml.minisig (minisign format).
+    Sign {
+        /// The release directory.
+        release: PathBuf,
+        /// The secret key.
+        #[arg(long, default_value = "khub.key", value_name = "FILE")]
+        key: PathBuf,
+        /// The repository the release is published as, org/name (goes into the trusted
+        /// comment, so the signature cannot be replayed for another repository).
+        #[arg(long, value_name = "ORG/NAME")]
+        repo: String,
+        /// How long the signature stays valid: days (`90d`), or `never`.
+        #[arg(long, default_value = "365d")]
+        expires: String,
+        /// The environment variable holding the key's password (default:
+        /// KHUB_SIGNING_PASSWORD).
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
     /// Internal: load a library in this process and print its descriptor as JSON.
     #[command(name = "__describe", hide = true)]
     Describe {
@@ -378,6 +436,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kernel::demo(&kernel_dir, &out, &probe_options(None)?, &toolchain.into_toolchain())
         }
         Command::Describe { library } => kernel::describe(&library),
+        Command::Keygen {
+            public,
+            secret,
+            password_env,
+        } => keygen(&public, &secret, password(password_env.as_deref())?.as_deref()),
+        Command::Sign {
+            release,
+            key,
+            repo,
+            expires,
+            password_env,
+        } => sign(&release, &key, &repo, &expires, password(password_env.as_deref())?.as_deref()),
+        Command::Init { dir, name } => {
+            let s = khub::package::init::init(&dir, name.as_deref())?;
+            println!("created kernel package `{}` in {}:", s.name, dir.display());
+            for f in &s.files {
+                println!("  {}", f.display());
+            }
+            println!(
+                "next: khub package {} --out {}/release && khub selftest {}/release",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "hub")]
+        Command::Publish {
+            release,
+            to,
+            registry,
+            create,
+            json,
+        } => {
+            let repo: khub::registry::RepoId = to.parse()?;
+            let env = Environment::capture();
+            let config = khub::registry::hf::HubConfig::from_env(&env, registry.as_deref())?;
+            let report = khub::package::publish::publish(&release, &repo, config, create, &mut |line: &str| {
+                if !json {
+                    eprintln!("{line}");
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "published {} {} as {} ({}) on {}: {} files, {}, verified after upload",
+                    report.repo,
+                    report.version,
+                    report.tag,
+                    &report.commit[..12.min(report.commit.len())],
+                    report.registry,
+                    report.files.len(),
+                    if report.signed { "signed" } else { "unsigned" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe { what } => {
             if what != "cuda" {
                 bail!("unknown probe `{what}`; the only probe is `cuda`");
@@ -422,6 +538,83 @@ fn parse_preferences(items: &[String]) -> Result<Preferences> {
         }
     }
     Ok(p)
+}
+
+/// The signing password from `var`, or KHUB_SIGNING_PASSWORD.
+fn password(var: Option<&str>) -> Result<Option<String>> {
+    let env = Environment::capture();
+    match var {
+        Some(v) => match std::env::var(v) {
+            Ok(p) if !p.is_empty() => Ok(Some(p)),
+            _ => bail!("--password-env {v}: the variable is not set"),
+        },
+        None => Ok(env.get(khub::host::env::KHUB_SIGNING_PASSWORD).map(str::to_owned)),
+    }
+}
+
+fn keygen(public: &Path, secret: &Path, password: Option<&str>) -> Result<ExitCode> {
+    for p in [public, secret] {
+        if p.exists() {
+            bail!("{} exists; khub keygen never overwrites a key", p.display());
+        }
+    }
+    let (pk, sk) = khub::sign::keygen(password)?;
+    std::fs::write(public, pk).with_context(|| format!("cannot write {}", public.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write as _;
+    opts.open(secret)
+        .and_then(|mut f| f.write_all(sk.as_bytes()))
+        .with_context(|| format!("cannot write {}", secret.display()))?;
+    let key = khub::sign::read_public_key(public)?;
+    println!("public key {} (id {}) -> {}", key, key.key_id(), public.display());
+    println!(
+        "secret key -> {} ({})",
+        secret.display(),
+        if password.is_some() {
+            "encrypted"
+        } else {
+            "unencrypted, mode 0600"
+        }
+    );
+    println!("trust it on hosts with a [[publisher]] entry in the trust policy: keys = [\"{key}\"]");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign(release: &Path, key: &Path, repo: &str, expires: &str, password: Option<&str>) -> Result<ExitCode> {
+    let repo: khub::registry::RepoId = repo.parse()?;
+    let r = khub::Release::open(release)?;
+    r.check_tree()?;
+    let bytes = std::fs::read(r.root().join("khub.toml"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let expires = match expires {
+        "never" => None,
+        d => {
+            let days: u64 = d
+                .strip_suffix('d')
+                .and_then(|n| n.parse().ok())
+                .filter(|n| (1..=36_500).contains(n))
+                .with_context(|| format!("--expires `{d}`: write a number of days such as 90d, or never"))?;
+            Some(now + days * 86_400)
+        }
+    };
+    let sk = khub::sign::read_secret_key(key, password)?;
+    let claim = khub::sign::ReleaseClaim {
+        repo,
+        version: r.manifest().kernel.version.clone(),
+        timestamp: now,
+        expires,
+    };
+    let sig = khub::sign::sign(&sk, &bytes, &claim)?;
+    let out = r.root().join(khub::sign::SIGNATURE_FILE);
+    std::fs::write(&out, sig).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("signed {} with key {}: {}", out.display(), sk.key_id(), claim);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A fresh directory under the system temp dir for the demo's release.

@@ -28,6 +28,13 @@ pub struct RegistryArgs {
     /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// The trust policy (default: KHUB_TRUST_POLICY, then ~/.config/khub/trust.toml if
+    /// present, else: signatures are not required).
+    #[arg(long, value_name = "FILE")]
+    pub trust: Option<PathBuf>,
+    /// Allow loading a lower version than seen before under the same requirement.
+    #[arg(long)]
+    pub allow_rollback: bool,
 }
 
 /// Builds a hub from the environment, the registry flags, a host profile and preferences.
@@ -48,6 +55,12 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     }
     if let Some(c) = &args.cache {
         o.cache = c.clone();
+    }
+    if let Some(t) = &args.trust {
+        o.trust = khub::trust::TrustPolicy::read(t)?;
+    }
+    if args.allow_rollback {
+        o.trust = o.trust.allow_rollback("*");
     }
     o.preferences = prefs;
     Ok(Hub::new(o)?)

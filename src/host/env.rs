@@ -92,6 +92,18 @@ pub const KHUB_SERVE_READ_TOKEN: &str = "KHUB_SERVE_READ_TOKEN";
 /// `khub serve`: the token writes must present.
 pub const KHUB_SERVE_WRITE_TOKEN: &str = "KHUB_SERVE_WRITE_TOKEN";
 
+/// The trust policy file (default `$XDG_CONFIG_HOME/khub/trust.toml` when it exists).
+pub const KHUB_TRUST_POLICY: &str = "KHUB_TRUST_POLICY";
+/// Where khub keeps state that must survive cache purges (rollback protection); default
+/// `$XDG_STATE_HOME/khub`, then `$HOME/.local/state/khub`.
+pub const KHUB_STATE_DIR: &str = "KHUB_STATE_DIR";
+/// The XDG state directory.
+pub const XDG_STATE_HOME: &str = "XDG_STATE_HOME";
+/// The XDG config directory.
+pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
+/// The password of a signing key, for `khub keygen` and `khub sign`.
+pub const KHUB_SIGNING_PASSWORD: &str = "KHUB_SIGNING_PASSWORD";
+
 /// Every variable khub reads, for the snapshot and the documentation.
 pub const ALL: &[&str] = &[
     HOST_PROFILE,
@@ -133,6 +145,11 @@ pub const ALL: &[&str] = &[
     HF_HUB_OFFLINE,
     KHUB_SERVE_READ_TOKEN,
     KHUB_SERVE_WRITE_TOKEN,
+    KHUB_TRUST_POLICY,
+    KHUB_STATE_DIR,
+    XDG_STATE_HOME,
+    XDG_CONFIG_HOME,
+    KHUB_SIGNING_PASSWORD,
 ];
 
 /// A snapshot of the environment variables khub reads.

@@ -332,6 +332,144 @@ impl HubRegistry {
     }
 }
 
+/// What a publish did on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The commit created.
+    pub commit: String,
+    /// The tag created.
+    pub tag: String,
+    /// The branches that now point at the commit.
+    pub branches: Vec<String>,
+    /// Whether the repository was created.
+    pub created: bool,
+}
+
+impl HubRegistry {
+    /// Publishes a release: creates the repository when `create` is set, refuses an
+    /// existing tag `v<version>`, commits every file in one commit to `main`, tags it
+    /// `v<version>`, and points the branch `v<major>` at it (creating or moving it). The
+    /// same calls Hugging Face's kernel-builder makes; `khub serve` derives the refs itself
+    /// and accepts them when consistent.
+    pub fn publish(
+        &self,
+        repo: &RepoId,
+        version: &semver::Version,
+        files: &[(String, std::path::PathBuf)],
+        create: bool,
+    ) -> Result<Published, RegistryError> {
+        match self.config.repo_type {
+            HubRepoType::Kernel => self.publish_of(
+                repo,
+                hf_hub::RepoTypeKernel,
+                self.client.kernel(repo.org(), repo.name()),
+                version,
+                files,
+                create,
+            ),
+            HubRepoType::Model => self.publish_of(
+                repo,
+                hf_hub::RepoTypeModel,
+                self.client.model(repo.org(), repo.name()),
+                version,
+                files,
+                create,
+            ),
+        }
+    }
+
+    fn publish_of<T: RepoType>(
+        &self,
+        repo: &RepoId,
+        repo_type: T,
+        handle: HFRepository<T>,
+        version: &semver::Version,
+        files: &[(String, std::path::PathBuf)],
+        create: bool,
+    ) -> Result<Published, RegistryError> {
+        let tag = format!("v{version}");
+        let mut created = false;
+        if create {
+            let id = repo.to_string();
+            self.retrying(|| {
+                self.client
+                    .create_repository()
+                    .repo_id(&id)
+                    .repo_type(repo_type)
+                    .exist_ok(true)
+                    .send()
+            })
+            .map_err(|e| self.map_err(repo, e, "creating the repository"))?;
+            created = true;
+        }
+        let refs = self.refs_of(repo, handle.clone())?;
+        if let Some(t) = refs.tags.iter().find(|t| t.name == tag) {
+            return Err(RegistryError::Transport {
+                registry: self.describe(),
+                message: format!(
+                    "{repo} already has {tag} (commit {}); releases are immutable: bump the version to publish again",
+                    t.commit
+                ),
+            });
+        }
+        let operations: Vec<hf_hub::repository::CommitOperation> = files
+            .iter()
+            .map(|(path, local)| hf_hub::repository::CommitOperation::Add {
+                path_in_repo: path.clone(),
+                source: hf_hub::repository::AddSource::File(local.clone()),
+            })
+            .collect();
+        let info = self
+            .runtime
+            .block_on(
+                handle
+                    .create_commit()
+                    .operations(operations)
+                    .commit_message(format!("Release {tag}"))
+                    .revision("main".to_owned())
+                    .send(),
+            )
+            .map_err(|e| self.map_err(repo, e, "committing the release"))?;
+        let commit = info.commit_oid.ok_or_else(|| RegistryError::Transport {
+            registry: self.describe(),
+            message: "the commit response carried no commit id".into(),
+        })?;
+        self.retrying(|| {
+            handle
+                .create_tag()
+                .tag(&tag)
+                .revision(&commit)
+                .message(format!("khub release {tag}"))
+                .send()
+        })
+        .map_err(|e| self.map_err(repo, e, &format!("tagging {tag}")))?;
+        // Point v<major> at the release: create it, or move it (delete + create) on a Hub
+        // where it exists elsewhere. A server that derives its branches accepts the create.
+        let major = format!("v{}", version.major);
+        let current = refs.branches.iter().find(|b| b.name == major).map(|b| b.commit.clone());
+        if current.as_deref() != Some(commit.as_str()) {
+            let created_branch = self.retrying(|| handle.create_branch().branch(&major).revision(commit.clone()).send());
+            if created_branch.is_err() && current.is_some() {
+                let _ = self.retrying(|| handle.delete_branch().branch(&major).send());
+                let _ = self.retrying(|| handle.create_branch().branch(&major).revision(commit.clone()).send());
+            }
+        }
+        let after = self.refs_of(repo, handle)?;
+        let branches = after
+            .branches
+            .iter()
+            .filter(|b| b.commit == commit)
+            .map(|b| b.name.clone())
+            .collect();
+        Ok(Published {
+            commit,
+            tag,
+            branches,
+            created,
+        })
+    }
+}
+
 impl Registry for HubRegistry {
     fn describe(&self) -> String {
         self.config.endpoint.clone()

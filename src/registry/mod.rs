@@ -20,6 +20,9 @@ pub mod dir;
 #[cfg(feature = "hub")]
 pub mod hf;
 
+/// The name of a release's detached manifest signature.
+pub const SIGNATURE_FILE: &str = "khub.toml.minisig";
+
 /// The largest manifest a registry may return.
 pub const MAX_MANIFEST_BYTES: u64 = crate::manifest::MAX_MANIFEST_BYTES as u64;
 
@@ -193,6 +196,21 @@ pub trait Registry: Send + Sync {
 
     /// The raw bytes of `khub.toml` at `commit`, at most [`MAX_MANIFEST_BYTES`].
     fn manifest(&self, repo: &RepoId, commit: &str) -> Result<Vec<u8>, RegistryError>;
+
+    /// The raw signature of the manifest at `commit` (`khub.toml.minisig`), or `None` when
+    /// the release is unsigned. At most 64 KiB.
+    fn signature(&self, repo: &RepoId, commit: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let path = RelPath::new(SIGNATURE_FILE).map_err(|e| RegistryError::Io {
+            what: SIGNATURE_FILE.into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut buf = Vec::new();
+        match self.fetch(repo, commit, &path, 64 * 1024, &mut buf) {
+            Ok(_) => Ok(Some(buf)),
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 
     /// Streams the file at `path` in `commit` into `sink`; returns the byte count. At most
     /// `limit` bytes are written: a longer file is an error, so a hostile server cannot fill

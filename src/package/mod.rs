@@ -16,6 +16,10 @@
 //! A variant whose toolchain is missing is skipped with a warning, or is an error under
 //! `strict`.
 
+pub mod init;
+#[cfg(feature = "hub")]
+pub mod publish;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
