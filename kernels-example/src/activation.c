@@ -637,3 +637,21 @@ static const khub_function functions[] = {
 };
 
 KHUB_DEFINE_KERNEL("activation", KHUB_KERNEL_VERSION, "cpu", functions)
+
+#ifdef KHUB_STATIC_EXPORT
+/* Only for the direct-call baseline of benches/kernel_call.rs (build.rs compiles this file
+ * into a static library with -DKHUB_STATIC_EXPORT when KHUB_BENCH_STATIC=1). Kernel builds
+ * never define it: the shared library still exports only khub_kernel_entry. */
+khub_status khub_example_gelu(const khub_call* call, DLTensor* out, const DLTensor* x);
+khub_status khub_example_silu_and_mul(const khub_call* call, DLTensor* out, const DLTensor* x);
+khub_status khub_example_rms_norm(const khub_call* call, DLTensor* out, const DLTensor* x, const DLTensor* weight,
+                                  const float* eps);
+khub_status khub_example_gelu(const khub_call* call, DLTensor* out, const DLTensor* x) { return gelu(call, out, x); }
+khub_status khub_example_silu_and_mul(const khub_call* call, DLTensor* out, const DLTensor* x) {
+    return silu_and_mul(call, out, x);
+}
+khub_status khub_example_rms_norm(const khub_call* call, DLTensor* out, const DLTensor* x, const DLTensor* weight,
+                                  const float* eps) {
+    return rms_norm(call, out, x, weight, eps);
+}
+#endif

@@ -1,0 +1,270 @@
+//! Warm locked load: `Hub::load_locked` from a filled store against the floor, in one run.
+//!
+//! Setup (not timed): a directory registry with many one-variant releases of the v3 build
+//! of kernels-example, each made distinct by a few trailing bytes; `Hub::lock` for this
+//! host, which fetches every locked variant into a fresh store; the lock is written and read
+//! back. Then a second, offline `Hub` over the same store is built once; its host facts
+//! are detected once, outside the timed region.
+//!
+//! - **khub**: `hub.load_locked(&lock, path, repo)`: the locked manifest from the store
+//!   (read, digest check, parse), the lock's digests checked against it, resolution among
+//!   the locked variants, the store checked for every file, then the verified load (sealed
+//!   memfd, hash, `dlopen`, negotiation, export check).
+//! - **floor**: SHA-256 of the same library bytes, in memory, plus a plain `dlopen` of a
+//!   distinct copy.
+//! - **load_from** (for the breakdown): `khub::load::load_from` of a pre-parsed manifest
+//!   from the same store: the verified load without the lock's bookkeeping.
+//!
+//! khub reuses a library whose digest it has loaded before, so every load is of a distinct
+//! release (distinct bytes); the arms alternate (ABC, CBA, …). Single-shot costs that the
+//! timed call does not include are measured beside it: reading a one-entry `khub.lock`,
+//! and the manifest parse and resolution that `load_locked` does include.
+//!
+//! Run: `cargo bench --bench locked` (option: `--copies N`, default 100). Results:
+//! `docs/performance.md`.
+
+use std::ffi::CString;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use khub::Manifest;
+use khub::host::Environment;
+use khub::hub::{Hub, HubOptions, Quiet, RegistrySpec};
+use khub::lock::{AppKernels, Lockfile};
+use khub::registry::RepoId;
+use khub::store::StoreSource;
+
+const VARIANT: &str = "cpu-x86_64-v3-linux";
+const WARMUP: usize = 5;
+
+fn copies() -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--copies")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+        .max(1)
+}
+
+/// Packages the v3 variant of kernels-example into `dir`; returns its manifest (that
+/// variant only) and the library's bytes.
+fn package_example(dir: &Path) -> (Manifest, Vec<u8>) {
+    let kernel_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example");
+    let options = khub::package::BuildOptions {
+        only: vec![VARIANT.into()],
+        ..Default::default()
+    };
+    let (mut m, _) = khub::package::package(&kernel_dir, dir, &options, &mut |_| {}).expect("package kernels-example");
+    m.variants.retain(|v| v.id == VARIANT);
+    let v = m.variants.first().expect("the v3 variant was built (is a C compiler installed?)");
+    let bytes = std::fs::read(dir.join(v.library.as_str())).expect("read the library");
+    (m, bytes)
+}
+
+/// `bytes` with a unique trailer (ELF ignores trailing data).
+fn unique(bytes: &[u8], tag: u8, i: usize) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b.extend_from_slice(b"khub-bench");
+    b.push(tag);
+    b.extend_from_slice(&(i as u32).to_le_bytes());
+    b.push(b'\n');
+    b
+}
+
+/// Writes a one-variant release at `dir` around `lib`; returns the manifest's bytes.
+fn write_release(dir: &Path, template: &Manifest, lib: &[u8]) -> Vec<u8> {
+    let mut m = template.clone();
+    let v = &mut m.variants[0];
+    let library = v.library.clone();
+    let f = v
+        .files
+        .iter_mut()
+        .find(|f| f.path == library)
+        .expect("the library is a file of the variant");
+    f.size = lib.len() as u64;
+    f.sha256 = khub::verify::sha256(lib);
+    let path = dir.join(library.as_str());
+    std::fs::create_dir_all(path.parent().expect("a parent directory")).expect("create the variant directory");
+    std::fs::write(&path, lib).expect("write the library");
+    let text = m.to_toml_string().expect("serialise the manifest");
+    std::fs::write(dir.join("khub.toml"), &text).expect("write khub.toml");
+    text.into_bytes()
+}
+
+fn dlopen(path: &Path) -> *mut libc::c_void {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in the path");
+    // SAFETY: a valid C string; loading runs the library's initialisers, which is the point.
+    unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) }
+}
+
+struct Stats {
+    median: f64,
+    p90: f64,
+    min: f64,
+}
+
+fn stats(us: &[f64]) -> Stats {
+    let mut s = us.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = |q: f64| s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+    Stats {
+        median: rank(0.5),
+        p90: rank(0.9),
+        min: s[0],
+    }
+}
+
+/// Median µs of `f` over `n` calls.
+fn time_us(n: usize, mut f: impl FnMut()) -> Stats {
+    let us: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    stats(&us)
+}
+
+fn main() {
+    let n = copies();
+    let total = n + WARMUP;
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let (template, lib) = package_example(&work.path().join("package"));
+
+    // The registry: bench/locked-i (timed through load_locked) and bench/plain-i (timed
+    // through load_from), all distinct; the floor's copies as plain files.
+    let t = Instant::now();
+    let root = work.path().join("registry");
+    let mut app = AppKernels::default();
+    let mut locked_repos = Vec::with_capacity(total);
+    let mut plain = Vec::with_capacity(total);
+    let mut floor = Vec::with_capacity(total);
+    for i in 0..total {
+        let repo: RepoId = format!("bench/locked-{i}").parse().expect("a repository id");
+        write_release(&root.join(format!("bench/locked-{i}/0.1.0")), &template, &unique(&lib, b'L', i));
+        app.kernels.insert(repo.clone(), "^0.1".into());
+        locked_repos.push(repo);
+        let repo: RepoId = format!("bench/plain-{i}").parse().expect("a repository id");
+        let text = write_release(&root.join(format!("bench/plain-{i}/0.1.0")), &template, &unique(&lib, b'P', i));
+        app.kernels.insert(repo, "^0.1".into());
+        plain.push(Manifest::from_bytes(&text).expect("the manifest parses"));
+        let bytes = unique(&lib, b'F', i);
+        let path = work.path().join(format!("floor{i}.so"));
+        std::fs::write(&path, &bytes).expect("write a floor copy");
+        floor.push((bytes, path));
+    }
+    let cache = work.path().join("cache");
+    let env = Environment::from_pairs([("KHUB_CACHE", cache.to_str().expect("a UTF-8 path"))]);
+    let mut options = HubOptions::from_env(env).expect("hub options");
+    options.registry = RegistrySpec::Dir(root.clone());
+    options.offline = false;
+    let online = Hub::new(options.clone()).expect("a hub over the directory registry");
+    let host = online.host().clone();
+    let lock = online
+        .lock(&app, &[("bench host".into(), host)], Lockfile::new(), &Quiet)
+        .expect("lock and fetch");
+    let lock_path = work.path().join("khub.lock");
+    lock.write(&lock_path).expect("write khub.lock");
+    let lock = Lockfile::read(&lock_path).expect("read khub.lock");
+    // A one-entry lockfile, as an application with one kernel has.
+    let one_path = work.path().join("one.lock");
+    let mut one = Lockfile::new();
+    one.upsert(lock.get(&locked_repos[0]).expect("locked").clone());
+    one.write(&one_path).expect("write one.lock");
+    drop(online);
+    options.offline = true;
+    let hub = Hub::new(options).expect("an offline hub over the store");
+    // SAFETY: sync(2) takes no arguments; flush the new files before measuring.
+    unsafe { libc::sync() };
+    println!(
+        "library of {} bytes; {n} distinct releases per arm + {WARMUP} warm-up; registry, lock and store prepared in {:.1} s",
+        lib.len() + 16,
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut locked_us = Vec::with_capacity(n);
+    let mut floor_us = Vec::with_capacity(n);
+    let mut from_us = Vec::with_capacity(n);
+    let mut kernels = Vec::with_capacity(2 * total);
+    let source = StoreSource { store: hub.store() };
+    for i in 0..total {
+        let order: [usize; 3] = if i % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for which in order {
+            let us = match which {
+                0 => {
+                    let t = Instant::now();
+                    let k = hub.load_locked(&lock, &lock_path, &locked_repos[i]).expect("locked load");
+                    let us = t.elapsed().as_secs_f64() * 1e6;
+                    kernels.push(k);
+                    us
+                }
+                1 => {
+                    let (bytes, path) = &floor[i];
+                    let t = Instant::now();
+                    let d = khub::verify::sha256(bytes);
+                    let h = dlopen(path);
+                    let us = t.elapsed().as_secs_f64() * 1e6;
+                    assert!(!h.is_null(), "dlopen of {} failed", path.display());
+                    black_box(d);
+                    us
+                }
+                _ => {
+                    let t = Instant::now();
+                    let k = khub::load::load_from(&source, &plain[i], VARIANT).expect("load from the store");
+                    let us = t.elapsed().as_secs_f64() * 1e6;
+                    kernels.push(k);
+                    us
+                }
+            };
+            if i >= WARMUP {
+                [&mut locked_us, &mut floor_us, &mut from_us][which].push(us);
+            }
+        }
+    }
+    assert!(kernels.iter().all(|k| k.variant() == VARIANT && k.functions().count() == 3));
+
+    // Costs beside the timed call, on one release (none of these loads anything).
+    let manifest_bytes = std::fs::read(root.join("bench/locked-0/0.1.0/khub.toml")).expect("read a manifest");
+    let reads = time_us(200, || {
+        black_box(Lockfile::read(&one_path).expect("read one.lock"));
+    });
+    let parse = time_us(200, || {
+        black_box(Manifest::from_bytes(&manifest_bytes).expect("parse"));
+    });
+    let m = Manifest::from_bytes(&manifest_bytes).expect("parse");
+    let resolve = time_us(200, || {
+        black_box(khub::resolve::resolve(&m, hub.host(), &Default::default()));
+    });
+
+    let (l, f, s) = (stats(&locked_us), stats(&floor_us), stats(&from_us));
+    let mut paired: Vec<f64> = locked_us.iter().zip(&floor_us).map(|(l, f)| l / f).collect();
+    paired.sort_by(f64::total_cmp);
+    let ratio = l.median / f.median;
+    println!("{:<40} {:>10} {:>10} {:>10}", "arm (µs per load)", "median", "p90", "min");
+    for (name, st) in [
+        ("khub Hub::load_locked", &l),
+        ("floor: sha256 + dlopen", &f),
+        ("khub load_from (store, parsed manifest)", &s),
+    ] {
+        println!("{name:<40} {:>10.1} {:>10.1} {:>10.1}", st.median, st.p90, st.min);
+    }
+    println!(
+        "ratio load_locked / floor: {ratio:.3} (medians), {:.3} (median of paired ratios); goal <= 1.2: {}",
+        paired[paired.len() / 2],
+        if ratio <= 1.2 { "met" } else { "NOT met" }
+    );
+    println!(
+        "breakdown (medians): load_locked - load_from = {:.1} µs (manifest from the store, parse, lock check, resolve); \
+         load_from - floor = {:.1} µs",
+        l.median - s.median,
+        s.median - f.median
+    );
+    println!(
+        "beside it (medians of 200): Manifest::from_bytes {:.1} µs, resolve {:.1} µs (both inside load_locked); \
+         Lockfile::read of a one-entry khub.lock {:.1} µs (not inside: the caller reads the lock once)",
+        parse.median, resolve.median, reads.median
+    );
+}
