@@ -589,9 +589,14 @@ pub fn sign(sk: &SecretKey, data: &[u8], claim: &ReleaseClaim) -> Result<String,
     Ok(sig.into_string())
 }
 
-/// The parts of a `.minisig` file, checked for shape and exact lengths.
+/// A `.minisig` file, checked for shape and exact lengths.
 struct ParsedSignature {
     key_id: String,
+    /// The file rewritten from the checked parts: four lines, base64 re-encoded. The
+    /// crate's parser sees only this, so it cannot read a line the checks skipped (a
+    /// blank line would shift its lines, and an empty global signature makes its verifier
+    /// panic).
+    canonical: String,
 }
 
 fn parse_signature(minisig: &[u8]) -> Result<ParsedSignature, SignError> {
@@ -621,9 +626,10 @@ fn parse_signature(minisig: &[u8]) -> Result<ParsedSignature, SignError> {
             "unknown signature algorithm, expected \"ED\" (prehashed) or \"Ed\" (legacy)",
         ));
     }
-    decode_exact(WHAT, None, "global signature", global, GLOBAL_SIGNATURE_BYTES)?;
+    let global = decode_exact(WHAT, None, "global signature", global, GLOBAL_SIGNATURE_BYTES)?;
     Ok(ParsedSignature {
         key_id: key_id_hex(&sig[2..10]),
+        canonical: format!("{untrusted}\n{}\n{trusted}\n{}\n", BASE64.encode(&sig), BASE64.encode(&global)),
     })
 }
 
@@ -651,8 +657,7 @@ pub fn verify(pk: &PublicKey, data: &[u8], minisig: &[u8]) -> Result<VerifiedSig
     }
     // `parse_signature` has checked UTF-8, the four lines and every length, which keeps the
     // crate's parser and verifier off the inputs that would make them panic.
-    let text = std::str::from_utf8(minisig).map_err(|_| malformed("signature", None, "it is not UTF-8 text"))?;
-    let sig_box = minisign::SignatureBox::from_string(text).map_err(|e| malformed("signature", None, e.to_string()))?;
+    let sig_box = minisign::SignatureBox::from_string(&parsed.canonical).map_err(|e| malformed("signature", None, e.to_string()))?;
     let check = |b: &minisign::SignatureBox| minisign::verify(&pk.inner, b, Cursor::new(data), true, false, true);
     if check(&sig_box).is_err() {
         // Tell a changed manifest from an edited trusted comment: check the data signature
@@ -806,7 +811,7 @@ mod tests {
             b"garbage".to_vec(),
             vec![0xff; 300],
             vec![b'a'; MAX_FILE_BYTES + 1],
-            sig[..sig.len() / 2].as_bytes().to_vec(),
+            sig.as_bytes()[..sig.len() / 2].to_vec(),
             lines[..3].join("\n").into_bytes(),
             format!("{}\n{}\n{}\n{}\n{}\n", lines[0], lines[1], lines[2], lines[3], lines[3]).into_bytes(),
             // Truncated base64 in either signature line.
@@ -831,8 +836,28 @@ mod tests {
             );
             assert!(signature_key_id(&case).is_err());
         }
-        // CRLF line endings are fine.
+        // CRLF line endings and blank lines are fine (a blank line before the global
+        // signature once reached the crate as an empty signature, which panics there).
         verify(&pk, b"data", sig.replace('\n', "\r\n").as_bytes()).unwrap();
+        let blank = format!("{}\n{}\n{}\n\n{}\n", lines[0], lines[1], lines[2], lines[3]);
+        verify(&pk, b"data", blank.as_bytes()).unwrap();
+        let spaced = format!("{}\n  {}  \n{}\n\t{}\n", lines[0], lines[1], lines[2], lines[3]);
+        verify(&pk, b"data", spaced.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn mutated_signatures_never_panic() {
+        let (pk, sk) = keys();
+        let sig = sign(&sk, b"data", &claim()).unwrap().into_bytes();
+        for i in (0..sig.len()).step_by(5) {
+            for b in [b'\n', b'A', b' ', 0xc3] {
+                let mut m = sig.clone();
+                m[i] = b;
+                let _ = verify(&pk, b"data", &m);
+                let _ = signature_key_id(&m);
+            }
+            let _ = verify(&pk, b"data", &sig[..i]);
+        }
     }
 
     #[test]

@@ -116,18 +116,16 @@ pub enum TrustError {
         field: String,
         /// Why the key cannot be used.
         #[source]
-        source: SignError,
+        source: Box<SignError>,
     },
     /// The release is signed with a key the policy does not trust for this repository.
     #[error(
-        "refusing {repo} {version}: signed with key {key_id}, which {POLICY_HINT} does not trust for {repo}; trusted: {}. If you trust that key, add it to the [[publisher]] entry for {repo}",
+        "refusing {repo}: signed with key {key_id}, which {POLICY_HINT} does not trust for {repo}; trusted: {}. If you trust that key, add it to the [[publisher]] entry for {repo}",
         trusted.join(", ")
     )]
     UntrustedKey {
         /// The repository.
         repo: RepoId,
-        /// The release.
-        version: semver::Version,
         /// The key id in the signature.
         key_id: String,
         /// The ids of the keys trusted for the repository.
@@ -142,7 +140,7 @@ pub enum TrustError {
         version: semver::Version,
         /// Why it does not verify.
         #[source]
-        source: SignError,
+        source: Box<SignError>,
     },
     /// The signature verifies, but its trusted comment is not a khub release claim.
     #[error("refusing {repo} {version}: {source}")]
@@ -153,7 +151,7 @@ pub enum TrustError {
         version: semver::Version,
         /// What is wrong with the claim.
         #[source]
-        source: SignError,
+        source: Box<SignError>,
     },
     /// A valid signature of another release was presented for this one (a replay).
     #[error(
@@ -215,7 +213,7 @@ pub enum TrustError {
         /// The version the registry offered.
         chosen: semver::Version,
         /// The highest version seen before.
-        highest: semver::Version,
+        highest: Box<semver::Version>,
     },
     /// No state directory could be derived from the environment.
     #[error(
@@ -453,7 +451,7 @@ impl TrustPolicy {
                     load_key(k, base).map_err(|source| TrustError::InvalidKey {
                         path: path.map(Path::to_path_buf),
                         field: format!("{field}.keys[{i}]"),
-                        source,
+                        source: Box::new(source),
                     })
                 })
                 .collect::<Result<_, _>>()?;
@@ -620,7 +618,7 @@ impl TrustPolicy {
         let bad = |source| TrustError::BadSignature {
             repo: repo.clone(),
             version: version.clone(),
-            source,
+            source: Box::new(source),
         };
         let key_id = sign::signature_key_id(signature).map_err(bad)?;
         // The id picks candidates; only a verifying signature authorizes. Two trusted keys
@@ -629,7 +627,6 @@ impl TrustPolicy {
         if candidates.is_empty() {
             return Err(TrustError::UntrustedKey {
                 repo: repo.clone(),
-                version: version.clone(),
                 key_id,
                 trusted: keys.iter().map(|k| k.key_id()).collect(),
             });
@@ -653,7 +650,7 @@ impl TrustPolicy {
         let claim: ReleaseClaim = verified.trusted_comment.parse().map_err(|source| TrustError::MalformedClaim {
             repo: repo.clone(),
             version: version.clone(),
-            source,
+            source: Box::new(source),
         })?;
         if claim.repo != *repo || claim.version != *version {
             return Err(TrustError::WrongRelease {
@@ -761,7 +758,7 @@ impl RollbackState {
                 Err(TrustError::Rollback {
                     repo: repo.clone(),
                     chosen: chosen.clone(),
-                    highest,
+                    highest: Box::new(highest),
                 })
             }
             _ => Ok(()),

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::copy_dir;
+
 use std::path::{Path, PathBuf};
 
 use khub::host::{Environment, HostFacts, ProbeOptions};
@@ -27,18 +29,6 @@ fn registry() -> (tempfile::TempDir, PathBuf) {
     (dir, root)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
 
 fn hub(registry: &Path, cache: &Path, offline: bool, env: &[(&str, &str)]) -> Hub {
     let env = Environment::from_pairs(env.iter().copied());

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::copy_dir;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -14,18 +16,6 @@ use khub::hub::{Hub, HubOptions, Quiet, RegistrySpec};
 use khub::registry::{Registry, RepoId};
 use khub::serve::{ServeOptions, Server};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
 
 /// A registry with `acme/activation` (kernels-example, 3 CPU variants) and `acme/wide`
 /// (the same release plus 60 aarch64 variants that never fit this host).

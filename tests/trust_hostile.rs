@@ -4,26 +4,16 @@
 
 mod common;
 
+use common::copy_dir;
+
 use std::path::{Path, PathBuf};
 
 use khub::host::{Environment, HostFacts, ProbeOptions};
-use khub::hub::{Hub, HubError, HubOptions, Quiet, RegistrySpec};
+use khub::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use khub::registry::RepoId;
 use khub::sign::{ReleaseClaim, SecretKey};
 use khub::trust::TrustPolicy;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
