@@ -19,6 +19,7 @@ pub struct Toolchain {
     pub strict: bool,
     pub nvcc: Option<PathBuf>,
     pub nvcc_args: Vec<String>,
+    pub hip: Option<PathBuf>,
 }
 
 impl Toolchain {
@@ -27,6 +28,7 @@ impl Toolchain {
             strict: self.strict,
             nvcc: self.nvcc.clone(),
             nvcc_args: self.nvcc_args.clone(),
+            hip: self.hip.clone(),
             only: Vec::new(),
         }
     }
@@ -105,6 +107,8 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
             musl: bool,
             cuda_code: Vec<String>,
             cuda_entries: Vec<String>,
+            hip_targets: Vec<String>,
+            hip_entries: &'a [khub::inspect::HipCodeObject],
             descriptor: serde_json::Value,
             warnings: &'a [String],
         }
@@ -117,6 +121,8 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
             musl: info.musl,
             cuda_code: info.cuda_code().iter().map(ToString::to_string).collect(),
             cuda_entries: info.cuda.iter().map(|e| format!("{e:?}")).collect(),
+            hip_targets: info.hip_targets().iter().map(ToString::to_string).collect(),
+            hip_entries: &info.hip,
             descriptor: match &description {
                 Ok(v) => v.clone(),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
@@ -143,6 +149,31 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
         );
         for e in &info.cuda {
             println!("  {e:?}");
+        }
+    }
+    let amd = info.hip_targets();
+    if !info.hip.is_empty() {
+        println!(
+            "amd targets  {}",
+            amd.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
+        for o in &info.hip {
+            let stored = o
+                .compression
+                .map(|c| format!(", CCOB v{} {}", c.version, c.method))
+                .unwrap_or_default();
+            let elf = o
+                .elf
+                .as_ref()
+                .map(|h| {
+                    format!(
+                        ", code object v{}, e_flags {:#x}",
+                        h.code_object_version.map_or("?".to_owned(), |v| v.to_string()),
+                        h.e_flags
+                    )
+                })
+                .unwrap_or_default();
+            println!("  bundle {} {:<48} {:>8} bytes{stored}{elf}", o.bundle, o.id, o.size);
         }
     }
     match description {

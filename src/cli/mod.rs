@@ -268,7 +268,7 @@ enum Command {
 /// Toolchain options for building kernels.
 #[derive(clap::Args, Debug)]
 struct ToolchainArgs {
-    /// Fail when a variant's toolchain (nvcc) is missing, instead of skipping it.
+    /// Fail when a variant's toolchain (nvcc, clang for HIP) is missing, instead of skipping it.
     #[arg(long)]
     strict: bool,
     /// The nvcc to use (default: KHUB_NVCC, PATH, $CUDA_HOME/bin).
@@ -277,6 +277,10 @@ struct ToolchainArgs {
     /// An extra argument for nvcc (repeatable), e.g. an include path.
     #[arg(long = "nvcc-arg", value_name = "ARG", allow_hyphen_values = true)]
     nvcc_args: Vec<String>,
+    /// The clang that builds HIP variants (default: KHUB_HIPCC, clang-19 on PATH,
+    /// $ROCM_PATH/llvm/bin/clang, clang on PATH).
+    #[arg(long, value_name = "PATH")]
+    hipcc: Option<PathBuf>,
 }
 
 impl ToolchainArgs {
@@ -285,6 +289,7 @@ impl ToolchainArgs {
             strict: self.strict,
             nvcc: self.nvcc,
             nvcc_args: self.nvcc_args,
+            hip: self.hipcc,
         }
     }
 }

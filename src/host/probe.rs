@@ -11,8 +11,10 @@
 //!   3. `/proc/driver/nvidia/version` for the kernel-module version, mapped to the highest
 //!   CUDA it supports (devices stay unknown).
 //! - AMD: KFD topology in sysfs (`gfx_target_version` per node), then
-//!   `HSA_OVERRIDE_GFX_VERSION` (applied with the other overrides), and the ROCm version from
-//!   `$ROCM_PATH/.info/version`.
+//!   `HSA_OVERRIDE_GFX_VERSION` (applied with the other overrides). The ROCm user-space
+//!   version from 1. `$ROCM_PATH/.info/version` (default `/opt/rocm`), 2. the file name of
+//!   the HIP runtime (`libamdhip64.so.6.3.60301`) in the usual library directories. Nothing
+//!   is loaded: the HIP runtime need not be installed, and a broken one cannot hang a probe.
 //!
 //! Parsers are pure functions over captured text, tested on samples.
 
@@ -690,14 +692,12 @@ fn probe_amd(options: &ProbeOptions, d: &mut Detected) {
             );
         }
         Ok(devices) => {
-            let rocm_path = options
-                .env
-                .get(env::ROCM_PATH)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| options.root.join("opt/rocm"));
-            let info = rocm_path.join(".info/version");
-            let version = std::fs::read_to_string(&info).ok().and_then(|t| parse_rocm_version(&t));
-            d.facts.rocm = Some(RocmHost { version, devices });
+            let rocm_path = options.env.get(env::ROCM_PATH).map(PathBuf::from);
+            let version = rocm_user_space_version(&options.root, rocm_path.as_deref());
+            d.facts.rocm = Some(RocmHost {
+                version: version.as_ref().ok().map(|(v, _)| *v),
+                devices,
+            });
             d.set_source(
                 "rocm.devices",
                 FactSource::Probe {
@@ -707,11 +707,9 @@ fn probe_amd(options: &ProbeOptions, d: &mut Detected) {
             d.set_source(
                 "rocm.version",
                 match version {
-                    Some(_) => FactSource::Probe {
-                        method: info.display().to_string(),
-                    },
-                    None => FactSource::Absent {
-                        why: format!("{} not readable; set KHUB_ROCM_VERSION", info.display()),
+                    Ok((_, method)) => FactSource::Probe { method },
+                    Err(why) => FactSource::Absent {
+                        why: format!("{why}; set KHUB_ROCM_VERSION"),
                     },
                 },
             );
@@ -762,6 +760,104 @@ pub fn parse_kfd_properties(text: &str) -> Option<String> {
 /// Reads `6.3.1-48` (the contents of `.info/version`) as 6.3.
 pub fn parse_rocm_version(text: &str) -> Option<MajorMinor> {
     text.trim().split(['-', '\n']).next()?.parse().ok()
+}
+
+/// The ROCm user-space version of a host whose file system is mounted at `root`, and how
+/// it was found, without loading anything:
+///
+/// 1. `.info/version` of the ROCm install: `rocm_path` (`ROCM_PATH`), else
+///    `<root>/opt/rocm`;
+/// 2. the versioned file name of the HIP runtime, `libamdhip64.so.MAJOR.MINOR.PATCH`, in
+///    the ROCm install's `lib` and `lib64`, then `<root>/usr/lib/<arch>-linux-gnu`,
+///    `<root>/usr/lib64` and `<root>/usr/lib` (Debian's `libamdhip64-5` puts
+///    `libamdhip64.so.5.2.21153` in the multiarch directory). HIP versions are ROCm
+///    versions (HIP 6.3 ships in ROCm 6.3), and the soname's major is the ABI.
+///
+/// `Err` lists what was tried.
+pub fn rocm_user_space_version(root: &Path, rocm_path: Option<&Path>) -> Result<(MajorMinor, String), String> {
+    let rocm = rocm_path.map(Path::to_path_buf).unwrap_or_else(|| root.join("opt/rocm"));
+    let info = rocm.join(".info/version");
+    let mut tried = Vec::new();
+    match std::fs::read_to_string(&info) {
+        Ok(text) => match parse_rocm_version(&text) {
+            Some(v) => return Ok((v, info.display().to_string())),
+            None => tried.push(format!("{}: no version in `{}`", info.display(), text.trim())),
+        },
+        Err(e) => tried.push(format!("{}: {e}", info.display())),
+    }
+    let dirs = [
+        rocm.join("lib"),
+        rocm.join("lib64"),
+        root.join(format!("usr/lib/{}-linux-gnu", std::env::consts::ARCH)),
+        root.join("usr/lib64"),
+        root.join("usr/lib"),
+    ];
+    match hip_runtime_version(&dirs) {
+        Ok((v, file)) => Ok((v, format!("{} (HIP runtime file name; not loaded)", file.display()))),
+        Err(why) => {
+            tried.push(why);
+            Err(tried.join("; "))
+        }
+    }
+}
+
+/// The HIP runtime's version from its file names in `dirs`: the first directory holding a
+/// `libamdhip64.so.N…` answers, with its highest `MAJOR.MINOR`. A bare `libamdhip64.so.6`
+/// is followed (by name, as a symbolic link) to the versioned file. `Err` says what was
+/// found: nothing, or a major without a minor.
+pub fn hip_runtime_version(dirs: &[PathBuf]) -> Result<(MajorMinor, PathBuf), String> {
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut best: Option<(MajorMinor, PathBuf)> = None;
+        let mut majors_only = Vec::new();
+        for entry in entries.filter_map(Result::ok).take(100_000) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = dir.join(name);
+            let parsed = parse_hip_soname(name).and_then(|(major, minor)| match minor {
+                Some(minor) => Some(MajorMinor::new(major, minor)),
+                // libamdhip64.so.6 -> libamdhip64.so.6.3.60301: the link's target names
+                // the minor.
+                None => std::fs::read_link(&path)
+                    .ok()
+                    .and_then(|t| t.file_name().and_then(|n| n.to_str()).and_then(parse_hip_soname))
+                    .and_then(|(m, minor)| Some(MajorMinor::new(m, minor?)))
+                    .filter(|v| v.major == major)
+                    .or_else(|| {
+                        majors_only.push(name.to_owned());
+                        None
+                    }),
+            });
+            if let Some(v) = parsed
+                && best.as_ref().is_none_or(|(b, _)| v > *b)
+            {
+                best = Some((v, path));
+            }
+        }
+        if let Some(found) = best {
+            return Ok(found);
+        }
+        if let Some(name) = majors_only.first() {
+            return Err(format!("{}: {name} does not name its minor version", dir.display()));
+        }
+    }
+    Err(format!(
+        "no libamdhip64.so.N in {}",
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// Parses a HIP runtime file name: `libamdhip64.so.6.3.60301` → (6, Some(3)),
+/// `libamdhip64.so.6` → (6, None); `None` for anything else (`libamdhip64.so`).
+pub fn parse_hip_soname(name: &str) -> Option<(u32, Option<u32>)> {
+    let rest = name.strip_prefix("libamdhip64.so.")?;
+    let mut parts = rest.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = match parts.next() {
+        None => None,
+        Some(m) => Some(m.parse().ok()?),
+    };
+    Some((major, minor))
 }
 
 #[cfg(test)]

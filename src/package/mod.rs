@@ -2,15 +2,18 @@
 //!
 //! `kernel.toml` in the kernel directory names the kernel, the functions it exports and the
 //! variant matrix. [`build`] compiles each variant into a shared library: C with the `cc`
-//! crate's compiler discovery, CUDA with `nvcc` when it is found. [`package`] then inspects
-//! every binary and writes the release: the files under `variants/<id>/`, and `khub.toml`
-//! derived from the binaries themselves:
+//! crate's compiler discovery, CUDA with `nvcc` and HIP with clang (plus the HIP runtime,
+//! `libamdhip64`) when they are found. [`package`] then inspects every binary and writes
+//! the release: the files under `variants/<id>/`, and `khub.toml` derived from the
+//! binaries themselves:
 //!
 //! - exports and signatures from the kernel's own descriptor;
-//! - the device code actually embedded (`.nv_fatbin`), which must equal what the variant
-//!   declares;
+//! - the device code actually embedded (`.nv_fatbin` cubins and PTX, `.hip_fatbin` code
+//!   objects), which must equal what the variant declares;
 //! - the glibc floor from the highest `GLIBC_x.y` symbol version the library needs;
-//! - the CUDA toolkit version from `nvcc --version`;
+//! - the CUDA toolkit version from `nvcc --version`; the ROCm version from the HIP runtime
+//!   the variant was built and linked against (`hip/hip_version.h`), whose major must be
+//!   the one in the linked `libamdhip64.so.N`;
 //! - sizes and SHA-256 of every file.
 //!
 //! A variant whose toolchain is missing is skipped with a warning, or is an error under
@@ -28,8 +31,10 @@ use serde::Deserialize;
 
 use crate::inspect::{InspectError, inspect_file};
 use crate::load::{Description, LoadError, describe_library};
-use crate::manifest::{CudaVariant, Export, FileEntry, KernelInfo, Manifest, ManifestError, RelPath, SCHEMA_MAJOR, SCHEMA_MINOR, Variant};
-use crate::platform::{Backend, CpuArch, CudaArch, CudartLinkage, Libc, LibcFamily, MajorMinor, Os, X86Level};
+use crate::manifest::{
+    CudaVariant, Export, FileEntry, KernelInfo, Manifest, ManifestError, RelPath, RocmVariant, SCHEMA_MAJOR, SCHEMA_MINOR, Variant,
+};
+use crate::platform::{AmdTarget, Backend, CpuArch, CudaArch, CudartLinkage, Libc, LibcFamily, MajorMinor, Os, X86Level};
 use crate::verify;
 
 /// The package config file in a kernel directory.
@@ -70,7 +75,7 @@ pub struct ConfigKernel {
 pub struct ConfigVariant {
     /// The variant id.
     pub id: String,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `rocm`.
     pub backend: Backend,
     /// Source files, relative to the kernel directory.
     pub sources: Vec<RelPath>,
@@ -96,6 +101,9 @@ pub struct ConfigVariant {
     /// CUDA: the device code to build and its cudart linkage.
     #[serde(default)]
     pub cuda: Option<ConfigCuda>,
+    /// ROCm: the AMD targets to build code objects for.
+    #[serde(default)]
+    pub rocm: Option<ConfigRocm>,
 }
 
 /// `cuda` of a config variant.
@@ -111,6 +119,69 @@ pub struct ConfigCuda {
 
 fn static_cudart() -> CudartLinkage {
     CudartLinkage::Static
+}
+
+/// `rocm` of a config variant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ConfigRocm {
+    /// The code objects to build, as target ids: `gfx90a`, `gfx942:sramecc+:xnack-`,
+    /// `gfx11-generic`. Each becomes one `--offload-arch`.
+    pub targets: Vec<AmdTarget>,
+    /// `-mcode-object-version`: 4, 5 or 6. Default: the compiler's own (5 for clang 19),
+    /// or 6 when a target is generic (generic targets exist only from v6 on).
+    #[serde(default)]
+    pub code_object_version: Option<u32>,
+    /// The ROCm version to declare. Default: the version of the HIP runtime the variant is
+    /// built against (`hip/hip_version.h`). Its major must equal the linked
+    /// `libamdhip64.so.N`'s.
+    #[serde(default)]
+    pub version: Option<MajorMinor>,
+    /// Other ROCm releases (same major) the publisher declares the variant runs on.
+    #[serde(default)]
+    pub compatible: Vec<MajorMinor>,
+}
+
+impl ConfigRocm {
+    /// The code object version to pass to clang: the declared one, or 6 when a target is
+    /// generic, or `None` for the compiler's default.
+    pub fn effective_code_object_version(&self) -> Option<u32> {
+        self.code_object_version
+            .or_else(|| self.targets.iter().any(AmdTarget::is_generic).then_some(6))
+    }
+
+    /// Checks what clang cannot be asked for: no target twice, generic targets only with
+    /// code object v6, a code object version clang 19 knows (4 to 6).
+    fn validate(&self) -> Result<(), String> {
+        if self.targets.is_empty() {
+            return Err("`rocm.targets` lists no target; name at least one, such as gfx942".into());
+        }
+        let mut seen = BTreeSet::new();
+        for t in &self.targets {
+            if !seen.insert(t) {
+                return Err(format!("`rocm.targets` lists `{t}` twice"));
+            }
+            if t.generic_version > 1 {
+                return Err(format!(
+                    "`{t}`: the generic version comes from the compiler; write `{}`",
+                    t.processor
+                ));
+            }
+        }
+        if let Some(v) = self.code_object_version
+            && !(4..=6).contains(&v)
+        {
+            return Err(format!(
+                "`rocm.code-object-version` {v}: clang builds code object versions 4, 5 and 6"
+            ));
+        }
+        if let (Some(v), Some(g)) = (self.code_object_version, self.targets.iter().find(|t| t.is_generic()))
+            && v < 6
+        {
+            return Err(format!("`{g}` is a generic target, which needs code object version 6 (set {v})"));
+        }
+        Ok(())
+    }
 }
 
 /// Packaging failed.
@@ -208,6 +279,9 @@ pub struct BuildOptions {
     /// Extra arguments for every nvcc call (include or library paths of a pip-installed
     /// toolkit, for instance).
     pub nvcc_args: Vec<String>,
+    /// The clang that builds HIP variants; default: `KHUB_HIPCC`, then `clang-19`, then
+    /// ROCm's own (`$ROCM_PATH/llvm/bin/clang`), then `clang` on `PATH` (see [`find_hip`]).
+    pub hip: Option<PathBuf>,
     /// Only these variant ids (all when empty).
     pub only: Vec<String>,
 }
@@ -219,7 +293,8 @@ pub struct BuiltVariant {
     pub config: ConfigVariant,
     /// The shared library.
     pub library: PathBuf,
-    /// The toolkit version (CUDA).
+    /// The toolkit version: CUDA's for cuda variants, the HIP runtime's (= ROCm's) for
+    /// rocm variants.
     pub toolkit: Option<MajorMinor>,
 }
 
@@ -253,18 +328,30 @@ impl PackageConfig {
             if v.sources.is_empty() {
                 return Err(invalid(format!("variant `{}` lists no sources", v.id)));
             }
-            match (v.backend, &v.cuda) {
-                (Backend::Cpu, None) | (Backend::Cuda, Some(_)) => {}
-                (Backend::Cuda, None) => {
+            match (v.backend, &v.cuda, &v.rocm) {
+                (Backend::Cpu, None, None) | (Backend::Cuda, Some(_), None) => {}
+                (Backend::Rocm, None, Some(r)) => r.validate().map_err(|m| invalid(format!("variant `{}`: {m}", v.id)))?,
+                (Backend::Cuda, None, _) => {
                     return Err(invalid(format!(
                         "variant `{}`: backend cuda needs a `cuda` table with `code`",
                         v.id
                     )));
                 }
-                (Backend::Cpu, Some(_)) => return Err(invalid(format!("variant `{}`: a cpu variant cannot have a `cuda` table", v.id))),
-                (b, _) => {
+                (Backend::Rocm, _, None) => {
                     return Err(invalid(format!(
-                        "variant `{}`: khub cannot build {b} variants yet; supported: cpu, cuda",
+                        "variant `{}`: backend rocm needs a `rocm` table with `targets`",
+                        v.id
+                    )));
+                }
+                (b @ (Backend::Cpu | Backend::Cuda | Backend::Rocm), ..) => {
+                    return Err(invalid(format!(
+                        "variant `{}`: a {b} variant has only its own backend's table (`cuda` for cuda, `rocm` for rocm)",
+                        v.id
+                    )));
+                }
+                (b, ..) => {
+                    return Err(invalid(format!(
+                        "variant `{}`: khub cannot build {b} variants yet; supported: cpu, cuda, rocm",
                         v.id
                     )));
                 }
@@ -319,6 +406,200 @@ pub fn parse_nvcc_version(text: &str) -> Option<MajorMinor> {
     rest.split(',').next()?.trim().parse().ok()
 }
 
+/// A HIP toolchain: the clang that compiles HIP, and the HIP runtime it links against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HipToolchain {
+    /// The clang driver.
+    pub clang: PathBuf,
+    /// The first line of `clang --version`, for messages.
+    pub clang_version: String,
+    /// The HIP runtime: headers, `libamdhip64.so` and version.
+    pub runtime: HipRuntime,
+}
+
+/// An installed HIP runtime, as a build needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HipRuntime {
+    /// The directory holding `hip/hip_runtime_api.h`.
+    pub include: PathBuf,
+    /// The directory holding `libamdhip64.so`, the link-time name a `-dev` package (or
+    /// ROCm) installs.
+    pub lib_dir: PathBuf,
+    /// The HIP version, which is the ROCm version (HIP 6.3 ships in ROCm 6.3).
+    pub version: MajorMinor,
+    /// The file the version was read from.
+    pub version_source: PathBuf,
+}
+
+/// Finds a HIP toolchain: a clang that compiles HIP, and a HIP runtime to link.
+///
+/// clang: the explicit path, `KHUB_HIPCC`, `clang-19` on `PATH`, ROCm's own
+/// (`$ROCM_PATH/llvm/bin/clang`, default `/opt/rocm`), `clang` on `PATH`; the first that
+/// answers `--version` as clang. The runtime: see [`find_hip_runtime`]. `Err` says what is
+/// missing and how to get it.
+pub fn find_hip(explicit: Option<&Path>) -> Result<HipToolchain, String> {
+    let rocm = rocm_roots();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = explicit {
+        candidates.push(p.to_owned());
+    } else if let Some(p) = std::env::var_os("KHUB_HIPCC").filter(|v| !v.is_empty()) {
+        candidates.push(PathBuf::from(p));
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let on_path = |name: &str| std::env::split_paths(&path).map(|d| d.join(name)).find(|c| c.is_file());
+        candidates.extend(on_path("clang-19"));
+        candidates.extend(rocm.iter().map(|r| r.join("llvm/bin/clang")).filter(|c| c.is_file()));
+        candidates.extend(on_path("clang"));
+    }
+    if candidates.is_empty() {
+        return Err(
+            "no clang for HIP found (set --hipcc or KHUB_HIPCC, or put clang-19 on PATH; `apt-get install clang-19 lld-19` provides one)"
+                .into(),
+        );
+    }
+    let mut tried = Vec::new();
+    let mut found = None;
+    for c in candidates {
+        match Command::new(&c).arg("--version").output() {
+            Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("clang version") => {
+                let version = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                found = Some((c, version));
+                break;
+            }
+            Ok(_) => tried.push(format!("{} --version does not report a clang", c.display())),
+            Err(e) => tried.push(format!("{}: {e}", c.display())),
+        }
+    }
+    let Some((clang, clang_version)) = found else {
+        return Err(format!("no usable clang for HIP: {}", tried.join("; ")));
+    };
+    let runtime = find_hip_runtime(&rocm)?;
+    Ok(HipToolchain {
+        clang,
+        clang_version,
+        runtime,
+    })
+}
+
+/// ROCm install roots to search: `$ROCM_PATH`, then `/opt/rocm`.
+fn rocm_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::var_os("ROCM_PATH")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    let default = PathBuf::from("/opt/rocm");
+    if !roots.contains(&default) {
+        roots.push(default);
+    }
+    roots
+}
+
+/// Finds the HIP runtime to build against: under a ROCm root (`include/hip`,
+/// `lib/libamdhip64.so`), else the system's (`/usr/include/hip` and the multiarch library
+/// directory, where Debian's `libamdhip64-dev` puts them). The version comes from
+/// `hip/hip_version.h` next to the headers, else `<root>/.info/version`, else
+/// `share/hip/version`.
+pub fn find_hip_runtime(rocm_roots: &[PathBuf]) -> Result<HipRuntime, String> {
+    let multiarch = format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH);
+    let mut layouts: Vec<(PathBuf, PathBuf, Vec<PathBuf>)> = rocm_roots
+        .iter()
+        .map(|r| (r.clone(), r.join("include"), vec![r.join("lib"), r.join("lib64")]))
+        .collect();
+    layouts.push((
+        PathBuf::from("/usr"),
+        PathBuf::from("/usr/include"),
+        [multiarch.as_str(), "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+    ));
+    let mut looked = Vec::new();
+    for (root, include, libs) in layouts {
+        let header = include.join("hip/hip_runtime_api.h");
+        let lib_dir = libs.into_iter().find(|d| d.join("libamdhip64.so").exists());
+        let (true, Some(lib_dir)) = (header.is_file(), lib_dir) else {
+            looked.push(root.display().to_string());
+            continue;
+        };
+        let version_files = [
+            include.join("hip/hip_version.h"),
+            root.join(".info/version"),
+            root.join("share/hip/version"),
+        ];
+        let version = version_files.iter().find_map(|f| {
+            let text = std::fs::read_to_string(f).ok()?;
+            parse_hip_version(&text).map(|v| (v, f.clone()))
+        });
+        let Some((version, version_source)) = version else {
+            return Err(format!(
+                "the HIP runtime in {} has no readable version (hip/hip_version.h, .info/version, share/hip/version)",
+                root.display()
+            ));
+        };
+        return Ok(HipRuntime {
+            include,
+            lib_dir,
+            version,
+            version_source,
+        });
+    }
+    Err(format!(
+        "no HIP runtime found (hip/hip_runtime_api.h and libamdhip64.so under {}); `apt-get install libamdhip64-dev` or a ROCm install (ROCM_PATH) provides one",
+        looked.join(", ")
+    ))
+}
+
+/// Reads the HIP version from `hip/hip_version.h` (`#define HIP_VERSION_MAJOR 6`),
+/// `share/hip/version` (`HIP_VERSION_MAJOR=5`) or ROCm's `.info/version` (`6.3.1-48`).
+pub fn parse_hip_version(text: &str) -> Option<MajorMinor> {
+    let field = |name: &str| -> Option<u32> {
+        text.lines().find_map(|l| {
+            let l = l.trim();
+            let rest = l.strip_prefix("#define").map(str::trim_start).unwrap_or(l);
+            let value = rest.strip_prefix(name)?;
+            let value = value.trim_start_matches([' ', '\t', '=']).trim();
+            value.parse().ok()
+        })
+    };
+    match (field("HIP_VERSION_MAJOR"), field("HIP_VERSION_MINOR")) {
+        (Some(major), Some(minor)) => Some(MajorMinor::new(major, minor)),
+        _ => crate::host::probe::parse_rocm_version(text),
+    }
+}
+
+/// The `--offload-arch` value of a target: its processor and features, without khub's
+/// `@version` (clang picks the generic version).
+pub fn offload_arch(t: &AmdTarget) -> String {
+    let mut t = t.clone();
+    t.generic_version = t.generic_version.min(1);
+    t.to_string()
+}
+
+/// Asks clang whether it knows an offload target (clang 19 does not know `gfx9-4-generic`,
+/// for instance), with a device-only syntax check of an empty file; `Err` holds clang's
+/// message.
+pub fn hip_target_supported(clang: &Path, target: &AmdTarget) -> Result<(), String> {
+    let out = Command::new(clang)
+        .args(["-x", "hip", "-nogpuinc", "-nogpulib", "--offload-device-only", "-fsyntax-only"])
+        .arg(format!("--offload-arch={}", offload_arch(target)))
+        .arg("/dev/null")
+        .output()
+        .map_err(|e| format!("{}: {e}", clang.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // "clang-19: error: invalid target ID 'gfx9-4-generic'; format is …": the first part says it.
+    let line = stderr.lines().find(|l| l.contains("error")).unwrap_or("clang rejected the target");
+    Err(line.split(';').next().unwrap_or(line).trim().to_owned())
+}
+
 /// The `-gencode` arguments for a list of device code: a cubin `sm_XY[a|f]` builds from
 /// `compute_XY[a|f]`; PTX `compute_XY` embeds itself.
 pub fn gencode_args(code: &[CudaArch]) -> Vec<String> {
@@ -345,6 +626,8 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
     let include = include_dir();
     let mut report = BuildReport::default();
     let nvcc = find_nvcc(options.nvcc.as_deref());
+    // Looked up on the first rocm variant only: it runs the compiler.
+    let mut hip: Option<Result<HipToolchain, String>> = None;
     for v in &config.variants {
         if !options.only.is_empty() && !options.only.contains(&v.id) {
             continue;
@@ -377,6 +660,8 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
         let lib = dir.join(format!("lib{}.so", config.kernel.name));
         let sources: Vec<PathBuf> = v.sources.iter().map(|s| kernel_dir.join(s.as_str())).collect();
         let version_define = format!("-DKHUB_KERNEL_VERSION=\"{}\"", config.kernel.version);
+        // Arguments after the sources: the HIP runtime's library path and name.
+        let mut post: Vec<String> = Vec::new();
         let (mut cmd, toolkit) = match v.backend {
             Backend::Cuda => {
                 let Some(nvcc) = &nvcc else {
@@ -401,6 +686,52 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
                 cmd.args(gencode_args(&cuda.0));
                 cmd.args(&options.nvcc_args);
                 (cmd, Some(toolkit))
+            }
+            Backend::Rocm => {
+                let Some(rocm) = &v.rocm else {
+                    return Err(PackageError::ConfigInvalid {
+                        path: kernel_dir.join(CONFIG_FILE),
+                        message: format!("variant `{}`: backend rocm needs a `rocm` table with `targets`", v.id),
+                    });
+                };
+                let hip = match hip.get_or_insert_with(|| find_hip(options.hip.as_deref())) {
+                    Ok(h) => h.clone(),
+                    Err(why) => {
+                        skip(&mut report, log, why.clone())?;
+                        continue;
+                    }
+                };
+                if let Some((t, why)) = rocm
+                    .targets
+                    .iter()
+                    .find_map(|t| hip_target_supported(&hip.clang, t).err().map(|why| (t, why)))
+                {
+                    skip(
+                        &mut report,
+                        log,
+                        format!("{} ({}) cannot build `{t}`: {why}", hip.clang.display(), hip.clang_version),
+                    )?;
+                    continue;
+                }
+                // Device code without HIP device headers or ROCm device libraries
+                // (-nogpuinc -nogpulib): Debian ships neither for gfx942 or gfx110x, and a
+                // kernel written with clang builtins needs none (docs/amd.md). The host side
+                // includes hip/hip_runtime_api.h and links libamdhip64.
+                let mut cmd = Command::new(&hip.clang);
+                cmd.args(["-x", "hip"]);
+                cmd.args(rocm.targets.iter().map(|t| format!("--offload-arch={}", offload_arch(t))));
+                if let Some(cov) = rocm.effective_code_object_version() {
+                    cmd.arg(format!("-mcode-object-version={cov}"));
+                }
+                cmd.args(["-nogpuinc", "-nogpulib", "-shared", "-fPIC", "-O3"]);
+                // /usr/include is already searched, and naming it again with -I would break
+                // libstdc++'s #include_next.
+                if hip.runtime.include != Path::new("/usr/include") {
+                    cmd.arg("-I").arg(&hip.runtime.include);
+                }
+                post.push(format!("-L{}", hip.runtime.lib_dir.display()));
+                post.push("-lamdhip64".into());
+                (cmd, Some(hip.runtime.version))
             }
             _ => {
                 let tool = cc::Build::new()
@@ -432,6 +763,7 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
         for l in &v.libs {
             cmd.arg(format!("-l{l}"));
         }
+        cmd.args(&post);
         let shown = std::iter::once(cmd.get_program())
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
@@ -476,10 +808,17 @@ pub struct Inspected {
     pub libc: Libc,
     /// The device code embedded.
     pub cuda_code: Vec<CudaArch>,
+    /// The AMD targets of the code objects embedded (`.hip_fatbin`).
+    pub hip_targets: Vec<AmdTarget>,
+    /// For a rocm variant: the ROCm version to declare, checked against the linked
+    /// `libamdhip64.so.N`.
+    pub rocm_version: Option<MajorMinor>,
 }
 
 /// Inspects a built variant and checks it against the config: the descriptor's identity,
-/// backend and exports, and the embedded device code.
+/// backend and exports, and the embedded device code (CUDA cubins and PTX; AMD code
+/// objects, whose set of target ids must equal the declared one), and for rocm variants
+/// that the declared ROCm major is the linked HIP runtime's.
 pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Inspected, PackageError> {
     let v = &built.config;
     let mismatch = |message: String| PackageError::Mismatch {
@@ -546,7 +885,51 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
             )));
         }
     } else if !cuda_code.is_empty() {
-        return Err(mismatch("a cpu variant embeds CUDA device code".into()));
+        return Err(mismatch(format!("a {} variant embeds CUDA device code", v.backend)));
+    }
+    let hip_targets = info.hip_targets();
+    let show_amd = |s: &BTreeSet<AmdTarget>| s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let mut rocm_version = None;
+    if let Some(r) = &v.rocm {
+        let want: BTreeSet<AmdTarget> = r.targets.iter().cloned().collect();
+        let have: BTreeSet<AmdTarget> = hip_targets.iter().cloned().collect();
+        if want != have {
+            return Err(mismatch(format!(
+                "kernel.toml declares AMD targets [{}], the binary holds code objects for [{}]",
+                show_amd(&want),
+                show_amd(&have)
+            )));
+        }
+        let version = r
+            .version
+            .or(built.toolkit)
+            .ok_or_else(|| mismatch("the ROCm version is unknown: no HIP runtime version was found; declare `rocm.version`".into()))?;
+        // The HIP runtime's soname carries the ROCm major, and majors are not ABI
+        // compatible (compat-rules.md §2.5): what the binary links decides.
+        let linked = info.needed.iter().find_map(|n| {
+            n.strip_prefix("libamdhip64.so.")
+                .map(|rest| (n, rest.split('.').next().and_then(|m| m.parse::<u32>().ok())))
+        });
+        match linked {
+            Some((name, Some(major))) if major != version.major => {
+                return Err(mismatch(format!(
+                    "the binary links {name} (ROCm {major}), but the variant declares ROCm {version}"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                return Err(mismatch(
+                    "a rocm variant must link the HIP runtime (libamdhip64.so.N), whose major is the ROCm major it needs".into(),
+                ));
+            }
+        }
+        rocm_version = Some(version);
+    } else if !hip_targets.is_empty() {
+        return Err(mismatch(format!(
+            "a {} variant embeds AMD code objects ({})",
+            v.backend,
+            show_amd(&hip_targets.iter().cloned().collect())
+        )));
     }
     let libc = if info.musl {
         // The musl version a binary needs is not recorded in it; 1.2 is the floor of
@@ -565,6 +948,8 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
         description,
         libc,
         cuda_code,
+        hip_targets,
+        rocm_version,
     })
 }
 
@@ -583,19 +968,23 @@ pub fn package(
     let mut exports: Option<Vec<Export>> = None;
     for built in &report.built {
         let inspected = check_variant(&config, built)?;
+        let device_code: Vec<String> = inspected
+            .cuda_code
+            .iter()
+            .map(ToString::to_string)
+            .chain(inspected.hip_targets.iter().map(ToString::to_string))
+            .collect();
         log(&format!(
-            "inspected `{}`: {} exports, {}{}",
+            "inspected `{}`: {} exports, {}{}{}",
             built.config.id,
             inspected.description.functions.len(),
             inspected.libc,
-            if inspected.cuda_code.is_empty() {
+            if device_code.is_empty() {
                 String::new()
             } else {
-                format!(
-                    ", device code [{}]",
-                    inspected.cuda_code.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                )
-            }
+                format!(", device code [{}]", device_code.join(", "))
+            },
+            inspected.rocm_version.map(|v| format!(", ROCm {v}")).unwrap_or_default()
         ));
         let from_binary: Vec<Export> = inspected
             .description
@@ -631,7 +1020,14 @@ pub fn package(
                 cudart: cc.cudart,
                 code: inspected.cuda_code.clone(),
             }),
-            rocm: None,
+            rocm: match (&c.rocm, inspected.rocm_version) {
+                (Some(r), Some(version)) => Some(RocmVariant {
+                    version,
+                    compatible: r.compatible.clone(),
+                    targets: inspected.hip_targets.clone(),
+                }),
+                _ => None,
+            },
             metal: None,
             xpu: None,
             priority: c.priority,
@@ -680,6 +1076,76 @@ mod tests {
                 "-gencode=arch=compute_100f,code=sm_100f"
             ]
         );
+    }
+
+    #[test]
+    fn hip_versions_parse_from_every_source() {
+        let header = "#ifndef HIP_VERSION_H\n#define HIP_VERSION_H\n\n#define HIP_VERSION_MAJOR 5\n#define HIP_VERSION_MINOR 2\n#define HIP_VERSION_PATCH 21153\n";
+        assert_eq!(parse_hip_version(header), Some(MajorMinor::new(5, 2)));
+        let share =
+            "# Auto-generated by cmake\nHIP_PACKAGING_VERSION_PATCH=0\nHIP_VERSION_MAJOR=6\nHIP_VERSION_MINOR=3\nHIP_VERSION_PATCH=42131\n";
+        assert_eq!(parse_hip_version(share), Some(MajorMinor::new(6, 3)));
+        assert_eq!(parse_hip_version("6.4.1-95\n"), Some(MajorMinor::new(6, 4)));
+        assert_eq!(parse_hip_version("HIP_VERSION_MAJOR=6\n"), None);
+        assert_eq!(parse_hip_version(""), None);
+    }
+
+    #[test]
+    fn offload_arch_drops_the_generic_version() {
+        let t = |s: &str| s.parse::<AmdTarget>().unwrap();
+        assert_eq!(offload_arch(&t("gfx942:xnack-:sramecc+")), "gfx942:sramecc+:xnack-");
+        assert_eq!(offload_arch(&t("gfx11-generic")), "gfx11-generic");
+        assert_eq!(offload_arch(&t("gfx11-generic@2")), "gfx11-generic");
+    }
+
+    #[test]
+    fn rocm_tables_are_validated() {
+        let rocm = |targets: &[&str], cov: Option<u32>| ConfigRocm {
+            targets: targets.iter().map(|t| t.parse().unwrap()).collect(),
+            code_object_version: cov,
+            version: None,
+            compatible: Vec::new(),
+        };
+        assert!(rocm(&["gfx90a", "gfx942"], None).validate().is_ok());
+        assert_eq!(rocm(&["gfx90a"], None).effective_code_object_version(), None);
+        assert_eq!(rocm(&["gfx90a", "gfx11-generic"], None).effective_code_object_version(), Some(6));
+        assert_eq!(rocm(&["gfx90a"], Some(4)).effective_code_object_version(), Some(4));
+        let e = rocm(&[], None).validate().unwrap_err();
+        assert!(e.contains("no target"), "{e}");
+        let e = rocm(&["gfx90a", "gfx90a"], None).validate().unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = rocm(&["gfx11-generic"], Some(5)).validate().unwrap_err();
+        assert!(e.contains("code object version 6"), "{e}");
+        let e = rocm(&["gfx90a"], Some(3)).validate().unwrap_err();
+        assert!(e.contains("4, 5 and 6"), "{e}");
+        let e = rocm(&["gfx11-generic@2"], None).validate().unwrap_err();
+        assert!(e.contains("write `gfx11-generic`"), "{e}");
+    }
+
+    #[test]
+    fn config_backend_tables_must_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |variant: &str| {
+            std::fs::write(
+                dir.path().join(CONFIG_FILE),
+                format!("[kernel]\nname = \"k\"\nversion = \"0.1.0\"\n\n[[variants]]\nid = \"v\"\nsources = [\"k.hip\"]\n{variant}\n"),
+            )
+            .unwrap();
+            PackageConfig::read(dir.path()).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(write("backend = \"rocm\"\nrocm = { targets = [\"gfx90a\"], version = \"6.3\" }").is_ok());
+        let e = write("backend = \"rocm\"").unwrap_err();
+        assert!(e.contains("needs a `rocm` table"), "{e}");
+        let e = write("backend = \"cpu\"\nrocm = { targets = [\"gfx90a\"] }").unwrap_err();
+        assert!(e.contains("only its own backend's table"), "{e}");
+        let e = write("backend = \"rocm\"\nrocm = { targets = [\"gfx90a\"] }\ncuda = { code = [\"sm_80\"] }").unwrap_err();
+        assert!(e.contains("only its own backend's table"), "{e}");
+        let e = write("backend = \"rocm\"\nrocm = { targets = [\"gfx90a:cumode+\"] }").unwrap_err();
+        assert!(e.contains("cumode"), "{e}");
+        let e = write("backend = \"rocm\"\nrocm = { targets = [\"gfx11-generic\"], code-object-version = 5 }").unwrap_err();
+        assert!(e.contains("code object version 6"), "{e}");
+        let e = write("backend = \"metal\"").unwrap_err();
+        assert!(e.contains("supported: cpu, cuda, rocm"), "{e}");
     }
 
     #[test]
