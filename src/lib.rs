@@ -14,6 +14,8 @@
 #![warn(missing_docs)]
 
 pub mod abi;
+#[cfg(feature = "capi")]
+pub mod capi;
 mod fsx;
 pub mod host;
 pub mod hub;
