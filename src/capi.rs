@@ -24,21 +24,20 @@
 // module read alike (and cbindgen needs no renaming table).
 #![allow(non_camel_case_types)]
 
-use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::abi::{DLTensor, KernelFn, ParamKind, Signature};
+use crate::abi::{DLTensor, Signature};
 use crate::host::{Environment, HostFacts, env as vars};
-use crate::hub::{Hub, HubError, HubOptions, Quiet, RegistrySpec};
-use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport, load_from};
+use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
+use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};
 use crate::registry::{RegistryError, RepoId};
 use crate::resolve::{Preferences, Resolution, resolve};
-use crate::store::{StoreError, StoreSource};
+use crate::store::StoreError;
 use crate::version::parse_requirement;
 
 // ---------------------------------------------------------------------------------------
@@ -776,10 +775,7 @@ pub unsafe extern "C" fn khub_hub_free(hub: *mut khub_hub) {
 /// Resolves, fetches, verifies and loads like `Hub::load`, keeping the release's identity
 /// for the provenance document.
 fn load(h: &khub_hub, repo: &RepoId, requirement: &str) -> Result<khub_kernel, HubError> {
-    let release = h.hub.resolve_release(repo, requirement)?;
-    let variant = h.hub.choose_variant(&release)?;
-    h.hub.fetch_variants(&release, &[variant], &Quiet)?;
-    let kernel = load_from(&StoreSource { store: h.hub.store() }, &release.manifest, &variant.id)?;
+    let (release, kernel) = h.hub.load_release(repo, requirement)?;
     Ok(khub_kernel {
         kernel,
         origin: Origin {
@@ -976,31 +972,6 @@ pub unsafe extern "C" fn khub_kernel_free(kernel: *mut khub_kernel) {
     }));
 }
 
-thread_local! {
-    /// The parameter kinds a C caller asked for, read by [`RawFn::kinds`] during
-    /// `Kernel::function`.
-    static REQUESTED: RefCell<Vec<ParamKind>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The untyped function pointer, fetched through `Kernel::function` so the name lookup
-/// and the signature check are the crate's own. Its kinds are the ones the C caller
-/// requested (set in [`REQUESTED`] just before).
-#[derive(Clone, Copy)]
-struct RawFn(unsafe extern "C" fn());
-
-// SAFETY: RawFn is never called from Rust. It carries the pointer back to C, whose caller
-// casts it to the C type of the kinds it requested; `Kernel::function` hands it out only
-// when those kinds equal the function's signature, so that C type is the function's type.
-unsafe impl KernelFn for RawFn {
-    fn kinds() -> Vec<ParamKind> {
-        REQUESTED.with(|r| r.borrow().clone())
-    }
-
-    unsafe fn from_raw(f: unsafe extern "C" fn()) -> Self {
-        RawFn(f)
-    }
-}
-
 /// Looks up `name`, checking `requested` against its signature.
 fn typed_function(kernel: &Kernel, name: &str, requested: &str) -> Result<unsafe extern "C" fn(), Failure> {
     let Some(actual) = kernel.signature(name) else {
@@ -1014,10 +985,7 @@ fn typed_function(kernel: &Kernel, name: &str, requested: &str) -> Result<unsafe
         ));
     };
     let want = Signature::parse(requested).map_err(|e| Failure::invalid(e.to_string()))?;
-    REQUESTED.with(|r| *r.borrow_mut() = want.kinds());
-    let f = kernel.function::<RawFn>(name);
-    REQUESTED.with(|r| r.borrow_mut().clear());
-    let f = f?.get().0;
+    let f = kernel.raw_function(name, &want.kinds())?;
     // Kinds equal; dtypes and shapes the caller wrote must be the function's too.
     let annotated_differ = want
         .params

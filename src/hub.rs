@@ -659,10 +659,17 @@ impl Hub {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad repository id"),
             })
         })?;
-        let release = self.resolve_release(&repo, requirement)?;
+        Ok(self.load_release(&repo, requirement)?.1)
+    }
+
+    /// As [`Hub::load`], also returning the release that was loaded (version, commit,
+    /// manifest digest), for provenance.
+    pub fn load_release(&self, repo: &RepoId, requirement: &str) -> Result<(ResolvedRelease, Kernel), HubError> {
+        let release = self.resolve_release(repo, requirement)?;
         let variant = self.choose_variant(&release)?;
         self.fetch_variants(&release, &[variant], &Quiet)?;
-        Ok(load_from(&StoreSource { store: &self.store }, &release.manifest, &variant.id)?)
+        let kernel = load_from(&StoreSource { store: &self.store }, &release.manifest, &variant.id)?;
+        Ok((release, kernel))
     }
 
     /// Locks every kernel `app` declares for each target host (`(label, facts)`), fetching

@@ -988,23 +988,31 @@ impl Kernel {
     /// let f = kernel.function::<SiluAndMul>("silu_and_mul")?;
     /// ```
     pub fn function<F: KernelFn>(&self, name: &str) -> Result<Function<F>, LoadError> {
+        let f = self.raw_function(name, &F::kinds())?;
+        Ok(Function {
+            // SAFETY: `raw_function` checked that the signature's parameter kinds equal F's,
+            // and every kind is passed as a pointer, so the C type of the function is F.
+            f: unsafe { F::from_raw(f) },
+            name: name.to_owned(),
+            _kernel: Arc::clone(&self.inner),
+        })
+    }
+
+    /// The untyped function pointer of `name`, after checking that its signature takes
+    /// exactly the parameter kinds `kinds`. For FFI layers (the C API) that hand the
+    /// pointer on; Rust callers want [`Kernel::function`]. The pointer stays valid for the
+    /// life of the process (libraries are never unloaded).
+    pub fn raw_function(&self, name: &str, kinds: &[ParamKind]) -> Result<unsafe extern "C" fn(), LoadError> {
         let e = self.entry(name)?;
-        let want = F::kinds();
-        if want != e.signature.kinds() {
-            let kinds: Vec<&str> = want.iter().map(|k| k.name()).collect();
+        if kinds != e.signature.kinds().as_slice() {
+            let kinds: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
             return Err(LoadError::TypeMismatch {
                 name: name.to_owned(),
                 signature: e.signature_text.clone(),
                 requested: format!("({})", kinds.join(", ")),
             });
         }
-        Ok(Function {
-            // SAFETY: the signature's parameter kinds equal F's, and every kind is passed
-            // as a pointer, so the C type of the function is exactly F.
-            f: unsafe { F::from_raw(e.func) },
-            name: name.to_owned(),
-            _kernel: Arc::clone(&self.inner),
-        })
+        Ok(e.func)
     }
 
     /// Calls a function through the generic path: arguments are checked against the
