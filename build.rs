@@ -1,7 +1,7 @@
 //! Build script for khub. It does NOTHING unless the environment variable
 //! `KHUB_BENCH_STATIC=1` is set: a normal build, `cargo test`, and every crate that depends
 //! on khub need no C compiler and compile nothing here (they only build and run this small
-//! script, which prints three lines and returns).
+//! script, which prints two lines and returns).
 //!
 //! With `KHUB_BENCH_STATIC=1` it compiles `kernels-example/src/activation.c` into a static
 //! library, with `-DKHUB_STATIC_EXPORT` (which adds non-static wrappers
@@ -13,6 +13,9 @@
 //! ```sh
 //! KHUB_BENCH_STATIC=1 cargo bench --bench kernel_call
 //! ```
+//!
+//! Changing the variable rebuilds the whole khub crate, because a `rustc-cfg` applies to
+//! every target of the package; keep it set while running several benches.
 
 use std::path::PathBuf;
 

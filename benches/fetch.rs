@@ -7,10 +7,10 @@
 //! alternate (ABC, CBA, …) so drift in the machine's load hits them alike. Every
 //! download is checked afterwards (sizes; khub checks digests itself).
 //!
-//! - **khub**: `Hub::new` (the HTTP client) + `Hub::fetch(repo, "^1", …)`: refs, manifest
-//!   (HEAD + GET), then the variant's 3 files (HEAD + GET each) in parallel, each streamed
-//!   through SHA-256 into the store, fsynced and renamed into place. Host facts are
-//!   detected once, outside the timed region.
+//! - **khub**: `Hub::new` (the HTTP client) + `Hub::fetch(repo, "^1", …)`: refs, the
+//!   manifest (HEAD + GET) and a probe for its signature, then the variant's 3 files
+//!   (HEAD + GET each) in parallel, each streamed through SHA-256 into the store, fsynced
+//!   and renamed into place. Host facts are detected once, outside the timed region.
 //! - **huggingface_hub**: `snapshot_download(repo, revision="v1.0.0",
 //!   allow_patterns=[the 3 paths], cache_dir=fresh)` in a Python subprocess, with
 //!   `HF_ENDPOINT` set to the server, `HF_HUB_DISABLE_TELEMETRY=1` and
@@ -18,14 +18,22 @@
 //!   around the call; the whole process (interpreter start, import, download) is timed from
 //!   here. Python is `$PYTHON`, else `python3`; skipped when `huggingface_hub` does not
 //!   import.
-//! - **curl**: `curl -s -f --parallel -o f1 URL1 -o f2 URL2 -o f3 URL3` on the resolve URLs
+//! - **curl**: `curl -s -f --parallel -o f1 URL1 -o f2 URL2 -o f3 URL3` (plus
+//!   `--no-progress-meter --noproxy '*'`) on the resolve URLs
 //!   `/<org>/<name>/resolve/<commit>/<path>`, timed as a process. Skipped without curl.
 //!
 //! The server closes every connection after one response, so every request of every
 //! client opens a new TCP connection.
 //!
+//! Two more arms, for the notes and not the goals, write to tmpfs (`/dev/shm`) instead of
+//! the disk: khub's store there, and curl's output. They show what khub's durability
+//! (`fsync` of each file and directory) costs on this disk.
+//!
 //! Run: `cargo bench --bench fetch` (option: `--reps N`, default 7). Results:
 //! `docs/performance.md`.
+//!
+//! `cargo bench` passes `--bench`; without it (as under `cargo test --benches`) this is a
+//! short smoke run with few repetitions, whose numbers mean little.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,8 +68,13 @@ fn reps() -> usize {
         .position(|a| a == "--reps")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(7)
+        .unwrap_or(if smoke() { 1 } else { 7 })
         .max(1)
+}
+
+/// Without `--bench` (`cargo test --benches`): a short smoke run.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
 }
 
 /// Pseudo-random bytes (xorshift64*), so nothing downstream can compress or dedupe them.
@@ -136,7 +149,13 @@ fn sizes_under(dir: &Path) -> Vec<(String, u64)> {
 }
 
 fn main() {
+    let bench_started = Instant::now();
     let reps = reps();
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "smoke run (no --bench, as under `cargo test --benches`): few repetitions, debug builds; the numbers are not measurements"
+        );
+    }
     let work = tempfile::tempdir().expect("a temporary directory");
     let root = work.path().join("registry");
     let commit = write_registry(&root);
@@ -176,21 +195,37 @@ fn main() {
     std::fs::write(&script, PY).expect("write the Python script");
     let hf_home = work.path().join("hf-home");
 
+    // Informational arms: khub and curl writing to tmpfs, where fsync costs nothing.
+    let shm = tempfile::tempdir_in("/dev/shm").ok();
+    if shm.is_none() {
+        println!("no writable /dev/shm: the tmpfs arms are skipped");
+    }
+
     let mut khub_total = Vec::new();
     let mut khub_fetch = Vec::new();
+    let mut khub_shm = Vec::new();
+    let mut curl_shm = Vec::new();
     let mut py_download = Vec::new();
     let mut py_process = Vec::new();
     let mut py_import = Vec::new();
     let mut curl_s = Vec::new();
     let mut n = 0;
     for r in 0..reps {
-        let order: [usize; 3] = if r % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let mut order = [0, 1, 2, 3, 4];
+        if r % 2 == 1 {
+            order.reverse();
+        }
         for which in order {
             n += 1;
-            let fresh = work.path().join(format!("run-{n}"));
+            let base = match (which, &shm) {
+                (0..=2, _) => work.path(),
+                (_, Some(d)) => d.path(),
+                (_, None) => continue,
+            };
+            let fresh = base.join(format!("run-{n}"));
             std::fs::create_dir_all(&fresh).expect("a fresh directory");
             match which {
-                0 => {
+                0 | 3 => {
                     let mut o = template.clone();
                     o.cache = fresh.clone();
                     let t = Instant::now();
@@ -201,8 +236,12 @@ fn main() {
                     let all = t.elapsed().as_secs_f64();
                     assert_eq!(report.downloaded, 3, "{report:?}");
                     assert_eq!(report.downloaded_bytes, total as u64);
-                    khub_total.push(all);
-                    khub_fetch.push(fetch);
+                    if which == 0 {
+                        khub_total.push(all);
+                        khub_fetch.push(fetch);
+                    } else {
+                        khub_shm.push(all);
+                    }
                 }
                 1 if have_python => {
                     let mut cmd = Command::new(&python);
@@ -248,9 +287,13 @@ fn main() {
                     py_import.push(doc["import_s"].as_f64().expect("seconds"));
                     py_process.push(all);
                 }
-                2 if have_curl => {
+                2 | 4 if have_curl => {
                     let mut cmd = Command::new("curl");
-                    cmd.args(["-s", "-f", "--parallel", "--noproxy", "*"]).current_dir(&fresh);
+                    cmd.args(["-s", "-f", "--no-progress-meter", "--parallel", "--noproxy", "*"])
+                        .current_dir(&fresh)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null());
                     for (i, (path, _)) in FILES.iter().enumerate() {
                         cmd.arg("-o")
                             .arg(format!("f{i}"))
@@ -264,7 +307,11 @@ fn main() {
                     for (i, (_, size)) in FILES.iter().enumerate() {
                         assert!(got.contains(&(format!("f{i}"), *size as u64)), "{got:?}");
                     }
-                    curl_s.push(all);
+                    if which == 2 {
+                        curl_s.push(all);
+                    } else {
+                        curl_shm.push(all);
+                    }
                 }
                 _ => {}
             }
@@ -286,9 +333,21 @@ fn main() {
     );
     row("khub: Hub::new + Hub::fetch", &khub_total);
     row("khub: Hub::fetch alone", &khub_fetch);
+    let hub_new: Vec<f64> = khub_total.iter().zip(&khub_fetch).map(|(a, f)| a - f).collect();
+    if !hub_new.is_empty() {
+        println!(
+            "{:<58} {:>10.1} {:>14}",
+            "khub: Hub::new alone (store, HTTP client)",
+            median(&hub_new) * 1e3,
+            spread(&hub_new)
+        );
+    }
     row("huggingface_hub: snapshot_download (in Python)", &py_download);
     row("huggingface_hub: whole python process", &py_process);
     row("curl --parallel (whole process)", &curl_s);
+    println!("informational, writing to tmpfs (/dev/shm), where fsync is free:");
+    row("khub: Hub::new + Hub::fetch, store on tmpfs", &khub_shm);
+    row("curl --parallel, output on tmpfs", &curl_shm);
     if !py_import.is_empty() {
         println!(
             "(python: `from huggingface_hub import snapshot_download` took {:.1} ms, median)",
@@ -314,7 +373,11 @@ fn main() {
             if k / c <= 1.25 { "met" } else { "NOT met" }
         );
     }
+    if !khub_shm.is_empty() && !curl_shm.is_empty() {
+        println!("on tmpfs: khub / curl time {:.2}", median(&khub_shm) / median(&curl_shm));
+    }
     let requests = server.requests();
     println!("server answered {} requests in all", requests.len());
     server.stop();
+    println!("(this bench ran for {:.1} s)", bench_started.elapsed().as_secs_f64());
 }

@@ -39,6 +39,9 @@ unsafe extern "C" {
     fn khub_example_rms_norm(call: *const KhubCall, out: *mut DLTensor, x: *const DLTensor, w: *const DLTensor, eps: *const f32) -> Status;
 }
 
+/// One way of calling: its name and a closure that makes `iters` calls.
+type CallPath = (&'static str, Box<dyn FnMut(u64)>);
+
 const VARIANT: &str = "cpu-x86_64-v3-linux";
 const PATHS: [&str; 3] = ["a_direct", "b_typed", "c_generic"];
 
@@ -72,7 +75,7 @@ struct Case {
     /// The criterion group name.
     group: String,
     /// `(path, closure)`; the closure makes `iters` calls.
-    paths: Vec<(&'static str, Box<dyn FnMut(u64)>)>,
+    paths: Vec<CallPath>,
 }
 
 fn check(s: Status) {
@@ -80,7 +83,6 @@ fn check(s: Status) {
 }
 
 /// `gelu` or `silu_and_mul`: out = f(x).
-#[allow(unused_variables)]
 fn unary_case(kernel: &Kernel, name: &'static str, out_shape: &[i64], x_shape: &[i64]) -> Case {
     // Everything the closures point to is leaked: it must outlive them, and the bench is
     // one process.
@@ -90,7 +92,7 @@ fn unary_case(kernel: &Kernel, name: &'static str, out_shape: &[i64], x_shape: &
     let call: &'static KhubCall = Box::leak(Box::new(call_context(err)));
     let (xp, op, cp) = (x.dl(), out.dl_mut(), call as *const KhubCall);
     let typed: Unary = kernel.function::<Unary>(name).expect("typed access").get();
-    let mut paths: Vec<(&'static str, Box<dyn FnMut(u64)>)> = Vec::new();
+    let mut paths: Vec<CallPath> = Vec::new();
     #[cfg(khub_static_kernel)]
     {
         let direct: Box<dyn FnMut(u64)> = if name == "gelu" {
@@ -147,7 +149,7 @@ fn rms_case(kernel: &Kernel, rows: i64, h: i64) -> Case {
     let call: &'static KhubCall = Box::leak(Box::new(call_context(err)));
     let (xp, wp, op, cp, ep) = (x.dl(), w.dl(), out.dl_mut(), call as *const KhubCall, eps as *const f32);
     let typed: RmsNorm = kernel.function::<RmsNorm>("rms_norm").expect("typed access").get();
-    let mut paths: Vec<(&'static str, Box<dyn FnMut(u64)>)> = Vec::new();
+    let mut paths: Vec<CallPath> = Vec::new();
     #[cfg(khub_static_kernel)]
     paths.push((
         PATHS[0],
@@ -190,7 +192,6 @@ fn rms_case(kernel: &Kernel, rows: i64, h: i64) -> Case {
 }
 
 /// Runs every path of every case once and checks that they all write the same output.
-#[allow(unused_variables, unused_mut)]
 fn check_same_results(kernel: &Kernel) {
     let x = input(&[4096]);
     let mut outs: Vec<HostTensor> = (0..3).map(|_| HostTensor::zeros(&[4096])).collect();
@@ -245,7 +246,7 @@ fn interleaved(case: &mut Case, rounds: usize) -> Vec<f64> {
         }
         batch *= 2;
     }
-    let mut samples = vec![Vec::with_capacity(rounds); n];
+    let mut samples: Vec<Vec<f64>> = (0..n).map(|_| Vec::with_capacity(rounds)).collect();
     for r in 0..rounds {
         let order: Vec<usize> = if r % 2 == 0 { (0..n).collect() } else { (0..n).rev().collect() };
         for i in order {
@@ -311,6 +312,10 @@ fn main() {
         g.finish();
     }
     c.final_summary();
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches`: criterion ran each path once as a test; no tables.
+        return;
+    }
 
     println!();
     println!("criterion medians (ns per call) and ratios, from this run:");

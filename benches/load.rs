@@ -9,8 +9,8 @@
 //!   `dlopen(path, RTLD_NOW | RTLD_LOCAL)` of a file holding the same bytes.
 //! - **memfd floor** (for the breakdown, not the goal): the floor done khub's way, without
 //!   khub's bookkeeping: open the file, copy it into a memfd, seal it, hash the sealed
-//!   bytes, `dlopen` the memfd. khub minus this is path checks, negotiation and the export
-//!   check; this minus the floor is reading the file and the memfd copy.
+//!   bytes, `dlopen` the memfd, each step timed. khub minus this is path checks,
+//!   negotiation and the export check; this minus the floor is what the memfd costs.
 //!
 //! A second `dlopen` of a loaded library is nearly free, and khub reuses a library whose
 //! digest it has loaded before, so every measurement loads a DISTINCT library: the v3
@@ -18,15 +18,19 @@
 //! sections). Each arm has its own copies; the arms alternate (ABC, CBA, …) so drift in the
 //! machine's load cancels.
 //!
-//! Two regimes: the library as built (about 20 KiB: `dlopen` dominates) and padded to
-//! 16 MiB with trailing bytes (hashing dominates).
+//! Two regimes: the library as built (about 28 KiB: `dlopen` dominates), its copies in a
+//! temporary directory on disk, and padded to 16 MiB with trailing bytes (hashing
+//! dominates), its copies on tmpfs (`/dev/shm`) when there is one.
 //!
 //! Run: `cargo bench --bench load` (options: `--copies N` (default 200), `--large-copies N`
-//! (default 24), `--large-mib N` (default 16)). Results: `docs/performance.md`.
+//! (default 16), `--large-mib N` (default 16)). Results: `docs/performance.md`.
+//!
+//! `cargo bench` passes `--bench`; without it (as under `cargo test --benches`) this is a
+//! short smoke run with few repetitions, whose numbers mean little.
 
 use std::ffi::CString;
 use std::hint::black_box;
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -43,9 +47,11 @@ struct Options {
 }
 
 fn options() -> Options {
+    // Without `--bench` (`cargo test --benches`): a short smoke run.
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let mut o = Options {
-        copies: 200,
-        large_copies: 24,
+        copies: if smoke { 5 } else { 200 },
+        large_copies: if smoke { 2 } else { 16 },
         large_mib: 16,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -123,27 +129,61 @@ fn dlopen(path: &Path) -> *mut libc::c_void {
     unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) }
 }
 
+/// Steps of the memfd floor, timed one by one.
+const MEMFD_STEPS: [&str; 6] = [
+    "open the file",
+    "memfd_create",
+    "copy into the memfd (std::io::copy)",
+    "seal",
+    "hash the sealed bytes (dup, rewind, read)",
+    "dlopen /proc/self/fd/N",
+];
+
 /// The memfd floor: khub's pipeline without its bookkeeping. The memfd stays open (as
-/// khub's does) so its `/proc/self/fd/N` path never names another library.
-fn memfd_load(path: &Path) -> *mut libc::c_void {
+/// khub's does) so its `/proc/self/fd/N` path never names another library. Returns the
+/// handle and the µs each step took.
+fn memfd_load(path: &Path) -> (*mut libc::c_void, [f64; 6]) {
+    let mut steps = [0.0; 6];
+    let mut t = Instant::now();
+    let mut lap = |i: usize| {
+        steps[i] = t.elapsed().as_secs_f64() * 1e6;
+        t = Instant::now();
+    };
     let mut src = std::fs::File::open(path).expect("open the copy");
+    lap(0);
     // SAFETY: a valid name and flags; the descriptor is owned by the File below.
     let fd = unsafe { libc::memfd_create(c"bench".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor nothing else owns.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    lap(1);
     std::io::copy(&mut src, &mut file).expect("copy into the memfd");
     file.flush().expect("flush");
+    lap(2);
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on our descriptor with an integer argument.
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0, "seal");
+    lap(3);
     let mut reader = file.try_clone().expect("dup");
     reader.rewind().expect("rewind");
     black_box(khub::verify::sha256_reader(&mut reader).expect("hash"));
     drop(reader);
+    lap(4);
     let h = dlopen(&PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())));
+    lap(5);
     let _ = file.into_raw_fd();
-    h
+    (h, steps)
+}
+
+/// `MemFree` and `Dirty` from /proc/meminfo: copying into a memfd allocates fresh pages,
+/// which is much slower while the machine writes back a lot of dirty data.
+fn meminfo() -> String {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("MemFree:") || l.starts_with("Dirty:"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct Stats {
@@ -167,7 +207,14 @@ fn stats(us: &[f64]) -> Stats {
 
 /// Runs one regime: `n` measured loads per arm (plus warm-up), library padded to `pad_to`.
 fn regime(label: &str, template: &Manifest, lib: &[u8], n: usize, pad_to: usize) -> f64 {
-    let work = tempfile::tempdir().expect("a temporary directory");
+    // The padded copies (about 1 GB in all) go to tmpfs when there is one: on this VM's
+    // disk, writing them back and discarding them on removal took longer than the whole
+    // measurement, and read from tmpfs or from a disk's page cache they cost the same.
+    let work = match pad_to {
+        0 => tempfile::tempdir(),
+        _ => tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()),
+    }
+    .expect("a temporary directory");
     let total = n + WARMUP;
     let t = Instant::now();
     let mut releases = Vec::with_capacity(total);
@@ -197,15 +244,20 @@ fn regime(label: &str, template: &Manifest, lib: &[u8], n: usize, pad_to: usize)
     // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
     println!(
-        "\n== {label}: library of {size} bytes ({:.1} KiB), {n} distinct copies per arm + {WARMUP} warm-up (prepared in {:.1} s)",
+        "\n== {label}: library of {size} bytes ({:.1} KiB), {n} distinct copies per arm + {WARMUP} warm-up, in {} (prepared in {:.1} s)",
         size as f64 / 1024.0,
+        work.path().parent().unwrap_or(work.path()).display(),
         t.elapsed().as_secs_f64()
     );
+
+    println!("memory before measuring: {}", meminfo());
 
     let mut khub_us = Vec::with_capacity(n);
     let mut floor_us = Vec::with_capacity(n);
     let mut memfd_us = Vec::with_capacity(n);
     let mut kernels = Vec::with_capacity(total);
+    let mut floor_steps = (0..2).map(|_| Vec::with_capacity(n)).collect::<Vec<Vec<f64>>>();
+    let mut memfd_steps = (0..MEMFD_STEPS.len()).map(|_| Vec::with_capacity(n)).collect::<Vec<Vec<f64>>>();
     for i in 0..total {
         let mut arm = |which: usize| match which {
             0 => {
@@ -218,17 +270,27 @@ fn regime(label: &str, template: &Manifest, lib: &[u8], n: usize, pad_to: usize)
             1 => {
                 let t = Instant::now();
                 let d = khub::verify::sha256(&floor_bytes[i]);
+                let hashed = t.elapsed();
                 let h = dlopen(&floor_paths[i]);
-                let us = t.elapsed().as_secs_f64() * 1e6;
+                let elapsed = t.elapsed();
                 assert!(!h.is_null(), "dlopen of {} failed", floor_paths[i].display());
                 black_box(d);
-                (1, us)
+                if i >= WARMUP {
+                    floor_steps[0].push(hashed.as_secs_f64() * 1e6);
+                    floor_steps[1].push((elapsed - hashed).as_secs_f64() * 1e6);
+                }
+                (1, elapsed.as_secs_f64() * 1e6)
             }
             _ => {
                 let t = Instant::now();
-                let h = memfd_load(&memfd_paths[i]);
+                let (h, steps) = memfd_load(&memfd_paths[i]);
                 let us = t.elapsed().as_secs_f64() * 1e6;
                 assert!(!h.is_null(), "dlopen of a memfd failed");
+                if i >= WARMUP {
+                    for (all, s) in memfd_steps.iter_mut().zip(steps) {
+                        all.push(s);
+                    }
+                }
                 (2, us)
             }
         };
@@ -268,9 +330,17 @@ fn regime(label: &str, template: &Manifest, lib: &[u8], n: usize, pad_to: usize)
         k.p90 / f.p90,
         if ratio <= 1.2 { "met" } else { "NOT met" }
     );
+    println!("steps (median µs of each step, measured inside the two floors):");
+    for (name, v) in ["floor: sha256 of the bytes in memory", "floor: dlopen of the file"]
+        .iter()
+        .zip(&floor_steps)
+        .chain(MEMFD_STEPS.iter().zip(&memfd_steps))
+    {
+        println!("  {name:<46} {:>10.1}", stats(v).median);
+    }
     println!(
-        "breakdown (medians): memfd floor - floor = {:.1} µs (read the file, copy into the memfd, seal); \
-         khub - memfd floor = {:.1} µs (path checks, negotiation, export check)",
+        "breakdown (medians): memfd floor - floor = {:.1} µs (open, memfd copy, seal, hashing through read(), \
+         dlopen through /proc); khub - memfd floor = {:.1} µs (path checks, negotiation, export check)",
         m.median - f.median,
         k.median - m.median
     );
@@ -278,7 +348,13 @@ fn regime(label: &str, template: &Manifest, lib: &[u8], n: usize, pad_to: usize)
 }
 
 fn main() {
+    let bench_started = Instant::now();
     let o = options();
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "smoke run (no --bench, as under `cargo test --benches`): few repetitions, debug builds; the numbers are not measurements"
+        );
+    }
     // Loads keep their descriptors open for the life of the process (as khub's do).
     // SAFETY: plain get/setrlimit on a local struct.
     unsafe {
@@ -299,4 +375,5 @@ fn main() {
         o.large_mib << 20,
     );
     println!("\nsummary: khub / floor = {small:.3} (as built), {large:.3} (padded); goal <= 1.2");
+    println!("(this bench ran for {:.1} s)", bench_started.elapsed().as_secs_f64());
 }

@@ -16,6 +16,9 @@
 //!
 //! Run: `cargo bench --bench throughput` (option: `--rounds N`, default 15). Results:
 //! `docs/performance.md`.
+//!
+//! `cargo bench` passes `--bench`; without it (as under `cargo test --benches`) this is a
+//! short smoke run with few repetitions, whose numbers mean little.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -37,8 +40,13 @@ fn rounds() -> usize {
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(15)
+        .unwrap_or(if smoke() { 2 } else { 15 })
         .max(1)
+}
+
+/// Without `--bench` (`cargo test --benches`): a short smoke run.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -129,7 +137,13 @@ fn run(kernel: &Kernel, w: &mut Work) -> f64 {
 }
 
 fn main() {
+    let bench_started = Instant::now();
     let rounds = rounds();
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "smoke run (no --bench, as under `cargo test --benches`): few repetitions, debug builds; the numbers are not measurements"
+        );
+    }
     let dir = tempfile::tempdir().expect("a temporary directory");
     let kernel_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example");
     let options = khub::package::BuildOptions {
@@ -165,12 +179,15 @@ fn main() {
         }
     }
     // times[function][0] = memcpy, times[function][1 + variant] = kernel.
-    let mut times = vec![vec![Vec::with_capacity(rounds); kernels.len() + 1]; work.len()];
+    let mut times: Vec<Vec<Vec<f64>>> = (0..work.len())
+        .map(|_| (0..=kernels.len()).map(|_| Vec::with_capacity(rounds)).collect())
+        .collect();
     let started = Instant::now();
     for r in 0..rounds {
         for (fi, w) in work.iter_mut().enumerate() {
             let mut order: Vec<usize> = (0..=kernels.len()).collect();
-            order.rotate_left(r % order.len());
+            let len = order.len();
+            order.rotate_left(r % len);
             if r % 2 == 1 {
                 order.reverse();
             }
@@ -241,4 +258,5 @@ fn main() {
         best_silu * 100.0,
         if best_silu >= 0.7 { "met" } else { "NOT met" }
     );
+    println!("(this bench ran for {:.1} s)", bench_started.elapsed().as_secs_f64());
 }

@@ -29,7 +29,6 @@ fn registry() -> (tempfile::TempDir, PathBuf) {
     (dir, root)
 }
 
-
 fn hub(registry: &Path, cache: &Path, offline: bool, env: &[(&str, &str)]) -> Hub {
     let env = Environment::from_pairs(env.iter().copied());
     let host = HostFacts::detect(&ProbeOptions::with_env(env.clone()).unwrap()).unwrap().facts;

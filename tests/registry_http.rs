@@ -16,7 +16,6 @@ use khub::hub::{Hub, HubOptions, Quiet, RegistrySpec};
 use khub::registry::{Registry, RepoId};
 use khub::serve::{ServeOptions, Server};
 
-
 /// A registry with `acme/activation` (kernels-example, 3 CPU variants) and `acme/wide`
 /// (the same release plus 60 aarch64 variants that never fit this host).
 fn registry() -> (tempfile::TempDir, PathBuf) {

@@ -14,7 +14,6 @@ use khub::registry::RepoId;
 use khub::sign::{ReleaseClaim, SecretKey};
 use khub::trust::TrustPolicy;
 
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
