@@ -98,6 +98,19 @@ fn c_host_example_builds_runs_and_is_clean_under_valgrind() {
     }
     let (cc, cxx) = (cc.unwrap(), cxx.unwrap());
     let libs = profile_dir();
+    // `cargo test` links integration tests against the rlib only; the cdylib and staticlib
+    // exist after a `cargo build`. On a fresh checkout, build them here (same profile and
+    // target directory; cargo has released its build lock while tests run).
+    if !libs.join("libkhub.so").is_file() || !libs.join("libkhub.a").is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--lib"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if libs.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build --lib");
+        assert!(status.success(), "cargo build --lib failed");
+    }
     for f in ["libkhub.so", "libkhub.a"] {
         assert!(
             libs.join(f).is_file(),
