@@ -397,18 +397,23 @@ pub unsafe trait KernelParam: Copy {
 unsafe impl KernelParam for *const DLTensor {
     const KIND: ParamKind = ParamKind::Tensor;
 }
+// SAFETY: a raw pointer, passed as the header says for this kind.
 unsafe impl KernelParam for *mut DLTensor {
     const KIND: ParamKind = ParamKind::TensorMut;
 }
+// SAFETY: a raw pointer, passed as the header says for this kind.
 unsafe impl KernelParam for *const f32 {
     const KIND: ParamKind = ParamKind::F32;
 }
+// SAFETY: a raw pointer, passed as the header says for this kind.
 unsafe impl KernelParam for *const f64 {
     const KIND: ParamKind = ParamKind::F64;
 }
+// SAFETY: a raw pointer, passed as the header says for this kind.
 unsafe impl KernelParam for *const i64 {
     const KIND: ParamKind = ParamKind::I64;
 }
+// SAFETY: a raw pointer, passed as the header says for this kind.
 unsafe impl KernelParam for *const u64 {
     const KIND: ParamKind = ParamKind::U64;
 }
