@@ -869,7 +869,7 @@ fn validate_cuda(c: &CudaVariant, field: &str) -> Result<(), ManifestError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const SMALL: &str = r#"

@@ -1526,36 +1526,16 @@ mod tests {
         assert_eq!(s.insert_with("x", &d, 3, &mut fill_with(b"abc")).unwrap(), Inserted::Written(3));
     }
 
-    const MANIFEST: &str = r#"
-schema = "1.0"
-
-[kernel]
-name = "activation"
-version = "0.1.0"
-abi = 1
-
-[[exports]]
-name = "silu_and_mul"
-signature = "status(tensor out, tensor in, stream)"
-
-[[variants]]
-id = "cuda128-x86_64-linux"
-backend = "cuda"
-os = "linux"
-arch = "x86_64"
-libc = "glibc 2.28"
-library = "variants/cuda128/libactivation.so"
-cuda = { toolkit = "12.8", cudart = "static", code = ["sm_80", "sm_90a", "compute_90"] }
-
-[[variants.files]]
-path = "variants/cuda128/libactivation.so"
-size = 3
-sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-"#;
+    /// The manifest module's test manifest, with a 3-byte file whose digest is `ABC`'s.
+    fn manifest() -> String {
+        crate::manifest::tests::SMALL
+            .replace("size = 1024", "size = 3")
+            .replace("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", ABC)
+    }
 
     #[test]
     fn store_source_opens_blobs_and_says_how_to_fetch_missing_ones() {
-        let m = crate::manifest::Manifest::from_toml_str(MANIFEST).unwrap();
+        let m = crate::manifest::Manifest::from_toml_str(&manifest()).unwrap();
         let variant = &m.variants[0];
         let entry = &variant.files[0];
         let dir = tempfile::tempdir().unwrap();
