@@ -16,6 +16,7 @@
 //!
 //! Changing the variable rebuilds the whole khub crate, because a `rustc-cfg` applies to
 //! every target of the package; keep it set while running several benches.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::path::PathBuf;
 

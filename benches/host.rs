@@ -11,6 +11,7 @@
 //!
 //! Run: `cargo bench --bench host -- --warm-up-time 1 --measurement-time 3`
 //! (results and machine: `docs/performance.md`).
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::hint::black_box;
 use std::time::Instant;

@@ -19,6 +19,7 @@
 //!
 //! Run: `KHUB_BENCH_STATIC=1 cargo bench --bench kernel_call` (results and machine:
 //! `docs/performance.md`). Criterion's options work after `--`.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};

@@ -25,6 +25,7 @@
 //!
 //! `cargo bench` passes `--bench`; without it (as under `cargo test --benches`) this is a
 //! short smoke run with few repetitions, whose numbers mean little.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::ffi::CString;
 use std::hint::black_box;

@@ -31,7 +31,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::abi::{DLTensor, Signature};
-use crate::host::{Environment, HostFacts, env as vars};
+use crate::env as vars;
+use crate::host::{Environment, HostFacts};
 use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};

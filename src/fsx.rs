@@ -1,8 +1,16 @@
-//! Opening files inside a root directory without ever leaving it: every component of the
-//! relative path is checked not to be a symlink, intermediate components must be
-//! directories, the last one a regular file, and the final open refuses symlinks too.
+//! The file-system primitives every writer and reader in khub shares, so each exists once:
+//!
+//! - [`open_under`]: open a file inside a root directory without ever leaving it. Every
+//!   component of the relative path is checked not to be a symlink, intermediate components
+//!   must be directories, the last one a regular file, and the final open refuses symlinks
+//!   too (`O_NOFOLLOW`).
+//! - [`write_atomic`]: replace a file so that readers and crashes see the old bytes or the
+//!   new ones, never a mix: temp file beside the target, write, `fsync`, rename, `fsync` of
+//!   the directory.
+//! - [`sync_dir`]: make a directory entry (a rename, a create) durable.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::RelPath;
@@ -99,4 +107,82 @@ pub fn open_under(root: &Path, rel: &RelPath) -> Result<File, OpenError> {
         path: rel.to_string(),
         source,
     })
+}
+
+/// Makes the entries of `dir` durable: after a rename or create in it, the name survives a
+/// crash only once the directory is synced. Unix only; a no-op elsewhere (std has no
+/// portable directory sync).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temp file in the same directory
+/// (`.<name>.<random>.tmp`), written, `fsync`ed, renamed over `path`, then the directory
+/// `fsync`ed. Readers see the old file or the new one; a crash leaves one of them and, at
+/// worst, a stray temp file. The directory must exist.
+///
+/// The error names the step that failed; the caller adds the path to its own error type.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let step = |what: &'static str| move |source| AtomicWriteError { what, source };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(step("cannot create a temporary file beside"))?;
+    tmp.write_all(bytes).map_err(step("cannot write"))?;
+    tmp.as_file().sync_all().map_err(step("cannot sync"))?;
+    tmp.persist(path).map_err(|e| AtomicWriteError {
+        what: "cannot replace",
+        source: e.error,
+    })?;
+    sync_dir(dir).map_err(step("cannot sync the directory of"))
+}
+
+/// Creates `path` (which must not exist), writes `bytes` and `fsync`s the file: for files
+/// staged in a private directory that is renamed into place as a whole afterwards (the
+/// caller syncs the directories). Refuses to follow or replace anything already there.
+pub fn write_durable_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// A step of [`write_atomic`] failed.
+#[derive(Debug)]
+pub struct AtomicWriteError {
+    /// What was being done, phrased to precede the path: "cannot write", "cannot replace".
+    pub what: &'static str,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.toml");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f.toml")]);
+    }
+
+    #[test]
+    fn write_atomic_into_a_missing_directory_fails_without_creating_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("absent/f.toml");
+        let e = write_atomic(&p, b"x").unwrap_err();
+        assert_eq!(e.what, "cannot create a temporary file beside");
+        assert!(!d.path().join("absent").exists());
+    }
 }

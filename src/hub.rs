@@ -168,7 +168,7 @@ impl RegistrySpec {
     /// The registry from the environment: `KHUB_REGISTRY`, else `HF_ENDPOINT`, else the
     /// public Hub.
     pub fn from_env(env: &Environment) -> Self {
-        use crate::host::env as vars;
+        use crate::env as vars;
         match env.get(vars::KHUB_REGISTRY).or_else(|| env.get(vars::HF_ENDPOINT)) {
             Some(s) => RegistrySpec::parse(s),
             None => RegistrySpec::Url("https://huggingface.co".to_owned()),
@@ -212,7 +212,7 @@ impl HubOptions {
     /// Options from an environment snapshot: registry, store, offline mode and the host
     /// facts (probed, with any overrides the snapshot holds).
     pub fn from_env(env: Environment) -> Result<Self, HubError> {
-        use crate::host::env as vars;
+        use crate::env as vars;
         let host = HostFacts::detect(&ProbeOptions::with_env(env.clone())?)?.facts;
         let offline = [vars::KHUB_OFFLINE, vars::HF_HUB_OFFLINE]
             .iter()

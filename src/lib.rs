@@ -16,9 +16,11 @@
 pub mod abi;
 #[cfg(feature = "capi")]
 pub mod capi;
+pub mod env;
 mod fsx;
 pub mod host;
 pub mod hub;
+mod ids;
 pub mod inspect;
 pub mod load;
 pub mod lock;

@@ -197,7 +197,7 @@ impl Server {
             stop: AtomicBool::new(false),
             commit_lock: Mutex::new(()),
             threads,
-            log_stderr: std::env::var("KHUB_SERVE_LOG").is_ok_and(|v| v == "1"),
+            log_stderr: crate::env::var_os(crate::env::KHUB_SERVE_LOG).is_some_and(|v| v == "1"),
         });
         let http = Arc::new(http);
         let mut server = Server {
@@ -1744,7 +1744,7 @@ fn stage_file(
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(|e| ApiError::internal(format!("staging `{path}`: {e}")))?;
     }
-    std::fs::write(&dest, bytes).map_err(|e| ApiError::internal(format!("staging `{path}`: {e}")))?;
+    crate::fsx::write_durable_new(&dest, bytes).map_err(|e| ApiError::internal(format!("staging `{path}`: {e}")))?;
     files.insert(path.to_owned(), (bytes.len() as u64, crate::verify::sha256(bytes)));
     Ok(())
 }

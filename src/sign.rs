@@ -41,7 +41,7 @@ use std::str::FromStr;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use crate::registry::RepoId;
+use crate::ids::RepoId;
 
 /// The name of a release's signature file, beside its manifest.
 pub const SIGNATURE_FILE: &str = "khub.toml.minisig";
@@ -531,7 +531,7 @@ impl FromStr for ReleaseClaim {
         };
         let repo: RepoId = value(repo, "repo")?
             .parse()
-            .map_err(|e: crate::registry::RepoIdError| err(e.to_string()))?;
+            .map_err(|e: crate::ids::RepoIdError| err(e.to_string()))?;
         let version = semver::Version::parse(&value(version, "version")?).map_err(|e| err(format!("bad version: {e}")))?;
         let number = |key: &str, v: String| -> Result<u64, SignError> {
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
@@ -677,6 +677,7 @@ pub fn verify(pk: &PublicKey, data: &[u8], minisig: &[u8]) -> Result<VerifiedSig
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
 

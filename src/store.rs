@@ -73,7 +73,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::host::env::{self, Environment};
+use crate::env::{self, Environment};
 use crate::load::{FileSource, LoadError};
 use crate::manifest::{FileEntry, Sha256Digest, Variant};
 
@@ -1100,6 +1100,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

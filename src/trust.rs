@@ -49,16 +49,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::env::{self, Environment};
-use crate::registry::RepoId;
+use crate::env::{self, Environment};
+use crate::ids::RepoId;
 use crate::sign::{self, PublicKey, ReleaseClaim, SignError};
 
 /// The name of the trust policy file inside khub's config directory.
@@ -792,7 +792,7 @@ impl RollbackState {
         let higher = highest.get(repo).is_none_or(|h| version > h);
         if higher {
             highest.insert(repo.clone(), version.clone());
-            write_state(&self.dir, &path, &highest)?;
+            write_state(&path, &highest)?;
         }
         *self.highest.lock().unwrap_or_else(PoisonError::into_inner) = highest;
         // Closing the descriptor releases the lock too; unlocking first just says so.
@@ -827,18 +827,14 @@ fn read_state(path: &Path) -> Result<BTreeMap<RepoId, semver::Version>, TrustErr
     repr.highest
         .into_iter()
         .map(|(r, v)| {
-            let repo: RepoId = r.parse().map_err(|e: crate::registry::RepoIdError| invalid(e.to_string()))?;
+            let repo: RepoId = r.parse().map_err(|e: crate::ids::RepoIdError| invalid(e.to_string()))?;
             let version = semver::Version::parse(&v).map_err(|e| invalid(format!("{repo}: version {v:?}: {e}")))?;
             Ok((repo, version))
         })
         .collect()
 }
 
-fn write_state(dir: &Path, path: &Path, highest: &BTreeMap<RepoId, semver::Version>) -> Result<(), TrustError> {
-    let io = |what: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| TrustError::StateIo { what, path: p, source }
-    };
+fn write_state(path: &Path, highest: &BTreeMap<RepoId, semver::Version>) -> Result<(), TrustError> {
     let repr = StateRepr {
         version: ROLLBACK_VERSION,
         highest: highest.iter().map(|(r, v)| (r.to_string(), v.to_string())).collect(),
@@ -851,25 +847,15 @@ fn write_state(dir: &Path, path: &Path, highest: &BTreeMap<RepoId, semver::Versi
         "# khub rollback state: the highest version of each repository this host has loaded.\n\
          # Deleting an entry lets the registry serve an older release of that repository.\n{body}"
     );
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".rollback.")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io("cannot create a temporary file in", dir))?;
-    tmp.write_all(text.as_bytes()).map_err(io("cannot write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io("cannot sync", tmp.path()))?;
-    tmp.persist(path).map_err(|e| TrustError::StateIo {
-        what: "cannot replace",
+    crate::fsx::write_atomic(path, text.as_bytes()).map_err(|e| TrustError::StateIo {
+        what: e.what,
         path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    // The rename is durable only once the directory is.
-    #[cfg(unix)]
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", dir))?;
-    Ok(())
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
     use crate::sign::{SecretKey, keygen};

@@ -15,7 +15,7 @@
 
 use semver::{Version, VersionReq};
 
-use crate::registry::Refs;
+use crate::ids::Refs;
 
 /// A requirement that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,7 +128,7 @@ fn major_admitted(req: &VersionReq, major: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::GitRef;
+    use crate::ids::GitRef;
 
     fn refs(tags: &[&str], branches: &[&str]) -> Refs {
         let r = |n: &&str| GitRef {

@@ -1,6 +1,7 @@
 //! The Rust mirror of include/khub_kernel.h has the header's layout: a C program built
 //! against the header prints every size and offset, and each must equal the Rust one.
 //! Also checks that the header is pure C99 and valid C++.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! Each test points `ProbeOptions::root` at a fixture, with an explicit environment
 //! snapshot, so the real `/sys` and `/opt` are never read and the process environment is
 //! never changed. No HIP runtime is needed: the probe reads files and loads nothing.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::path::{Path, PathBuf};
 

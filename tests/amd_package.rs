@@ -5,6 +5,7 @@
 //!
 //! The tests that compile need clang (clang-19) and the HIP runtime (libamdhip64-dev) and
 //! are skipped with a message otherwise.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

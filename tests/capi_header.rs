@@ -6,7 +6,7 @@
 //!
 //! `KHUB_PRINT_GENERATED_HEADER=1 cargo test --test capi_header -- --nocapture` prints the
 //! generated header.
-
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 #![cfg(feature = "capi")]
 
 use std::collections::BTreeMap;

@@ -8,7 +8,7 @@
 //! Skipped, with a message, when make, pkg-config or a C or C++ compiler is missing; the
 //! valgrind part is skipped when valgrind is missing (`apt-get install valgrind`). On CI
 //! (`CI=true`) a missing tool fails the test instead, so CI cannot silently skip it.
-
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 #![cfg(all(feature = "capi", feature = "cli"))]
 
 mod common;
@@ -54,7 +54,7 @@ impl Env {
     /// state and config directories.
     fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
-        for var in khub::host::env::ALL {
+        for var in khub::env::ALL {
             if *var != "HOME" {
                 cmd.env_remove(var);
             }

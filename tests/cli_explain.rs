@@ -1,5 +1,6 @@
 //! `khub explain` and `khub host` end to end: the real binary, the sample release with 17
 //! variants across CPU, CUDA, ROCm and Metal, and simulated hosts.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,7 +15,7 @@ fn root() -> PathBuf {
 fn khub(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_khub"));
     cmd.args(args).current_dir(root());
-    for var in khub::host::env::ALL {
+    for var in khub::env::ALL {
         cmd.env_remove(var);
     }
     for (k, v) in env {

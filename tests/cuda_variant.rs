@@ -2,6 +2,7 @@
 //! it from PyPI): the device code khub reads from the library equals what the manifest
 //! declares and what `cuobjdump` lists. On a machine with an NVIDIA GPU the variant is also
 //! loaded and its self-tests run on the device; elsewhere that part is skipped, saying so.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! kernels-example packaged by khub: numerics of every CPU variant this machine runs against
 //! a scalar reference written here in Rust, resolution per simulated CPU level, and the
 //! `package`, `inspect`, `load`, `selftest` and `bench` commands.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

@@ -12,6 +12,7 @@
 //! In-process (`Isolation::Thread`) libcuda probes answer for the *process's*
 //! `CUDA_VISIBLE_DEVICES`; the tests that expect such an answer are skipped when the test
 //! process itself runs with that variable set.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

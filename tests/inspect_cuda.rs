@@ -4,6 +4,7 @@
 //! The CUDA tests need nvcc, found in `KHUB_NVCC`, on `PATH`, or in a pip install
 //! (`pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cuobjdump`);
 //! without it they print why they skip and pass. No GPU is needed.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

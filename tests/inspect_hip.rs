@@ -21,6 +21,7 @@
 //!
 //! Each test skips with a message when clang-19 or the LLVM 19 tools are missing
 //! (`apt-get install clang-19 lld-19 llvm-19`).
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! The loader end to end with real shared libraries: ABI failure modes, tampering, the
 //! sealed-memfd path, typed and generic calls.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

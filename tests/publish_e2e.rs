@@ -1,5 +1,6 @@
 //! From `khub init` to a signed release on `khub serve` to a verified load in another
 //! process, all through the CLI.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

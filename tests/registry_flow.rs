@@ -1,6 +1,7 @@
 //! Registries end to end over a directory registry (no network): version resolution,
 //! fetching only the chosen variant into the store, loading from the store, lockfiles,
 //! offline mode.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

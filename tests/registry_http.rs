@@ -1,6 +1,7 @@
 //! The Hub client (hf-hub) against `khub serve` on 127.0.0.1: request counts from the
 //! server's log, loads through HTTP, concurrent processes into one empty store, offline
 //! mode with a connection counter, 429 + Retry-After and timeouts against raw sockets.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 
@@ -154,7 +155,7 @@ fn concurrent_processes_share_one_download() {
         .map(|_| {
             let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_khub"));
             cmd.args(["load", "acme/activation", "--version", "^0.1", "--registry", &server.url()]);
-            for var in khub::host::env::ALL {
+            for var in khub::env::ALL {
                 cmd.env_remove(var);
             }
             cmd.env("KHUB_CACHE", &c).env("KHUB_CPU_LEVEL", "x86-64-v4");

@@ -1,6 +1,6 @@
 //! `khub serve` over a temporary directory registry, exercised with a raw HTTP/1.1 client
 //! so that every status code and header is checked exactly as sent.
-
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 #![cfg(feature = "serve")]
 
 use std::io::{Read, Write};

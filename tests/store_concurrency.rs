@@ -5,6 +5,7 @@
 //!
 //! The process test re-runs this test binary with `KHUB_STORE_CHILD=1`, which turns the
 //! same test function into one child writer.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Hostile releases: each is refused with a clear error before any of its code is loaded.
 //! Signatures and the trust policy are checked on the raw manifest bytes before parsing;
 //! file-level tampering is caught by the store and the loader before `dlopen`.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
 

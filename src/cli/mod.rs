@@ -549,11 +549,11 @@ fn parse_preferences(items: &[String]) -> Result<Preferences> {
 fn password(var: Option<&str>) -> Result<Option<String>> {
     let env = Environment::capture();
     match var {
-        Some(v) => match std::env::var(v) {
-            Ok(p) if !p.is_empty() => Ok(Some(p)),
-            _ => bail!("--password-env {v}: the variable is not set"),
+        Some(v) => match khub::env::user_named_var(v) {
+            Some(p) => Ok(Some(p)),
+            None => bail!("--password-env {v}: the variable is not set"),
         },
-        None => Ok(env.get(khub::host::env::KHUB_SIGNING_PASSWORD).map(str::to_owned)),
+        None => Ok(env.get(khub::env::KHUB_SIGNING_PASSWORD).map(str::to_owned)),
     }
 }
 

@@ -251,8 +251,8 @@ pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<
 #[cfg(feature = "serve")]
 pub fn serve(dir: &Path, addr: &str, read_token: Option<String>, write_token: Option<String>) -> Result<ExitCode> {
     let env = Environment::capture();
-    let read_token = read_token.or_else(|| env.get(khub::host::env::KHUB_SERVE_READ_TOKEN).map(str::to_owned));
-    let write_token = write_token.or_else(|| env.get(khub::host::env::KHUB_SERVE_WRITE_TOKEN).map(str::to_owned));
+    let read_token = read_token.or_else(|| env.get(khub::env::KHUB_SERVE_READ_TOKEN).map(str::to_owned));
+    let write_token = write_token.or_else(|| env.get(khub::env::KHUB_SERVE_WRITE_TOKEN).map(str::to_owned));
     let options = khub::serve::ServeOptions {
         read_token,
         write_token,

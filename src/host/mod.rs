@@ -4,7 +4,7 @@
 //! - Facts come from three places, applied in this order, each overriding the one before:
 //!   1. probes of this machine ([`probe`]), unless a host profile says `inherit = false`;
 //!   2. a host-profile TOML file (`--host FILE` or `KHUB_HOST_PROFILE`);
-//!   3. per-fact environment variables (`KHUB_LIBC`, `KHUB_CUDA_ARCH`, …; see [`env`]).
+//!   3. per-fact environment variables (`KHUB_LIBC`, `KHUB_CUDA_ARCH`, …; see [`crate::env`]).
 //!
 //!   So any machine can be simulated, in tests and when locking for other hosts, and every
 //!   fact records where it came from ([`FactSource`]).
@@ -24,10 +24,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::platform::{AmdTarget, CpuArch, Libc, MajorMinor, Os, ParseError, X86Level};
 
-pub mod env;
+mod overrides;
+
+use crate::env;
 pub mod probe;
 
-pub use env::Environment;
+pub use crate::env::Environment;
 
 /// Everything the resolver needs to know about a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,11 +445,12 @@ fn detect(options: &ProbeOptions) -> Result<Detected, HostError> {
     if let (Some(p), Some(path)) = (profile, profile_path.as_deref()) {
         p.apply(&mut d, path)?;
     }
-    env::apply_overrides(&options.env, &mut d)?;
+    overrides::apply_overrides(&options.env, &mut d)?;
     Ok(d)
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
 

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::env::{self, Environment};
 use super::{CudaDevice, CudaHost, Detected, FactSource, Isolation, ProbeOptions, RocmDevice, RocmHost};
+use crate::env::{self, Environment};
 use crate::platform::{AmdTarget, CpuArch, FeatureState, Libc, LibcFamily, MajorMinor, Os, X86Level, gfx_name_from_target_version};
 
 /// Probes everything, recording the source of each fact.
@@ -333,7 +333,7 @@ fn run_isolated_cuda_probe(options: &ProbeOptions) -> Result<CudaProbe, String> 
             // (read once, at cuInit), which the snapshot cannot change. When the two
             // differ, an in-process answer would describe other devices: decline, so the
             // NVML fallback (which applies the snapshot's value) or a helper process is used.
-            let live = std::env::var_os(env::CUDA_VISIBLE_DEVICES);
+            let live = env::var_os_raw(env::CUDA_VISIBLE_DEVICES);
             let wanted = options.env.get_raw(env::CUDA_VISIBLE_DEVICES);
             if live.as_deref() != wanted.map(std::ffi::OsStr::new) {
                 return Err(format!(
@@ -861,6 +861,7 @@ pub fn parse_hip_soname(name: &str) -> Option<(u32, Option<u32>)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
 

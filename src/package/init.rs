@@ -81,9 +81,9 @@ pub fn init(dir: &Path, name: Option<&str>) -> Result<Scaffold, PackageError> {
                 source,
             })?;
         }
-        std::fs::write(&path, text).map_err(|source| PackageError::Write {
+        crate::fsx::write_atomic(&path, text.as_bytes()).map_err(|e| PackageError::Write {
             path: path.clone(),
-            source,
+            source: e.source,
         })?;
         #[cfg(unix)]
         if rel.ends_with(".sh") {

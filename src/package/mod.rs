@@ -379,17 +379,17 @@ pub fn find_nvcc(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return Some(p.to_owned());
     }
-    if let Some(p) = std::env::var_os("KHUB_NVCC").filter(|v| !v.is_empty()) {
+    if let Some(p) = crate::env::var_os(crate::env::KHUB_NVCC) {
         return Some(PathBuf::from(p));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = crate::env::var_os(crate::env::PATH).unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         let c = dir.join("nvcc");
         if c.is_file() {
             return Some(c);
         }
     }
-    std::env::var_os("CUDA_HOME")
+    crate::env::var_os(crate::env::CUDA_HOME)
         .map(|h| PathBuf::from(h).join("bin/nvcc"))
         .filter(|p| p.is_file())
 }
@@ -442,10 +442,10 @@ pub fn find_hip(explicit: Option<&Path>) -> Result<HipToolchain, String> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         candidates.push(p.to_owned());
-    } else if let Some(p) = std::env::var_os("KHUB_HIPCC").filter(|v| !v.is_empty()) {
+    } else if let Some(p) = crate::env::var_os(crate::env::KHUB_HIPCC) {
         candidates.push(PathBuf::from(p));
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = crate::env::var_os(crate::env::PATH).unwrap_or_default();
         let on_path = |name: &str| std::env::split_paths(&path).map(|d| d.join(name)).find(|c| c.is_file());
         candidates.extend(on_path("clang-19"));
         candidates.extend(rocm.iter().map(|r| r.join("llvm/bin/clang")).filter(|c| c.is_file()));
@@ -488,11 +488,7 @@ pub fn find_hip(explicit: Option<&Path>) -> Result<HipToolchain, String> {
 
 /// ROCm install roots to search: `$ROCM_PATH`, then `/opt/rocm`.
 fn rocm_roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = std::env::var_os("ROCM_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
+    let mut roots: Vec<PathBuf> = crate::env::var_os(crate::env::ROCM_PATH).map(PathBuf::from).into_iter().collect();
     let default = PathBuf::from("/opt/rocm");
     if !roots.contains(&default) {
         roots.push(default);
@@ -614,8 +610,7 @@ pub fn gencode_args(code: &[CudaArch]) -> Vec<String> {
 /// The include directory holding `khub_kernel.h`: `KHUB_INCLUDE`, else the one next to
 /// this crate's sources (a source checkout or `cargo install --path`).
 pub fn include_dir() -> PathBuf {
-    std::env::var_os("KHUB_INCLUDE")
-        .filter(|v| !v.is_empty())
+    crate::env::var_os(crate::env::KHUB_INCLUDE)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include"))
 }
@@ -1053,11 +1048,12 @@ pub fn package(
     };
     let text = manifest.to_toml_string()?;
     let path = out.join("khub.toml");
-    std::fs::write(&path, text).map_err(|source| PackageError::Write { path, source })?;
+    crate::fsx::write_atomic(&path, text.as_bytes()).map_err(|e| PackageError::Write { path, source: e.source })?;
     Ok((manifest, report))
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
 

@@ -229,6 +229,7 @@ impl Registry for DirRegistry {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
 

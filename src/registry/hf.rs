@@ -91,7 +91,7 @@ impl HubConfig {
     /// - repository type: `KHUB_REPO_TYPE` (`kernel` or `model`; default `kernel`);
     /// - `KHUB_HTTP_TIMEOUT` (seconds, read timeout) and `KHUB_HTTP_RETRIES` (attempts).
     pub fn from_env(env: &Environment, explicit: Option<&str>) -> Result<Self, RegistryError> {
-        use crate::host::env as vars;
+        use crate::env as vars;
         let endpoint = explicit
             .map(str::to_owned)
             .or_else(|| env.get(vars::KHUB_REGISTRY).filter(|r| r.contains("://")).map(str::to_owned))
@@ -148,7 +148,7 @@ fn bad_env(var: &str, value: &str, expected: &str) -> RegistryError {
 
 /// `HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `$HOME/.cache/huggingface`.
 pub fn hf_home(env: &Environment) -> Option<std::path::PathBuf> {
-    use crate::host::env as vars;
+    use crate::env as vars;
     env.get(vars::HF_HOME)
         .map(std::path::PathBuf::from)
         .or_else(|| env.get(vars::XDG_CACHE_HOME).map(|x| std::path::Path::new(x).join("huggingface")))

@@ -1,6 +1,6 @@
 //! Helpers shared by integration tests: compiling C kernels into real shared libraries
 //! and writing release directories around them.
-
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -121,7 +121,7 @@ pub fn example_release() -> &'static Path {
 pub fn khub(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_khub"));
     cmd.args(args).current_dir(repo());
-    for var in khub::host::env::ALL {
+    for var in khub::env::ALL {
         cmd.env_remove(var);
     }
     for (k, v) in env {
