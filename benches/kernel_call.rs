@@ -28,7 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::Criterion;
 use khub::Release;
 use khub::abi::{DLTensor, KhubCall, Status};
-use khub::load::{Arg, HostTensor, Kernel};
+use khub::bench::HostTensor;
+use khub::load::{Arg, Kernel};
 
 type Unary = unsafe extern "C" fn(*const KhubCall, *mut DLTensor, *const DLTensor) -> Status;
 type RmsNorm = unsafe extern "C" fn(*const KhubCall, *mut DLTensor, *const DLTensor, *const DLTensor, *const f32) -> Status;

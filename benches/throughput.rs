@@ -25,8 +25,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use khub::abi::{DLTensor, KhubCall, Status};
+use khub::bench::HostTensor;
 use khub::host::{HostFacts, ProbeOptions};
-use khub::load::{HostTensor, Kernel};
+use khub::load::Kernel;
 use khub::{Manifest, Release};
 
 type Unary = unsafe extern "C" fn(*const KhubCall, *mut DLTensor, *const DLTensor) -> Status;

@@ -37,8 +37,10 @@ use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};
 use crate::registry::{RegistryError, RepoId};
+use crate::release::ReleaseError;
 use crate::resolve::{Preferences, Resolution, resolve};
 use crate::store::StoreError;
+use crate::verify::VerifyError;
 use crate::version::parse_requirement;
 
 // ---------------------------------------------------------------------------------------
@@ -353,20 +355,35 @@ fn store_code(e: &StoreError) -> c_int {
     }
 }
 
+fn verify_code(e: &VerifyError) -> c_int {
+    match e {
+        VerifyError::FileMissing { .. }
+        | VerifyError::NotRegular { .. }
+        | VerifyError::SizeMismatch { .. }
+        | VerifyError::DigestMismatch { .. } => KHUB_E_VERIFY,
+        VerifyError::Unavailable { .. } | VerifyError::Io { .. } => KHUB_E_IO,
+    }
+}
+
+fn release_code(e: &ReleaseError) -> c_int {
+    match e {
+        ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } => KHUB_E_VERIFY,
+        ReleaseError::Verify(e) => verify_code(e),
+        ReleaseError::UnknownVariant(_) => KHUB_E_NOT_FOUND,
+        ReleaseError::Io { .. } => KHUB_E_IO,
+        ReleaseError::ManifestRead { .. } | ReleaseError::Manifest { .. } => KHUB_E_LOAD,
+    }
+}
+
 fn load_code(e: &LoadError) -> c_int {
     match e {
         LoadError::NoVariant(_) => KHUB_E_NO_VARIANT,
-        LoadError::ExtraFile { .. }
-        | LoadError::FileMissing { .. }
-        | LoadError::NotRegular { .. }
-        | LoadError::SizeMismatch { .. }
-        | LoadError::DigestMismatch { .. } => KHUB_E_VERIFY,
+        LoadError::Release(e) => release_code(e),
+        LoadError::Verify(e) => verify_code(e),
         LoadError::UnknownVariant(_) | LoadError::NoSuchFunction { .. } => KHUB_E_NOT_FOUND,
         LoadError::TypeMismatch { .. } => KHUB_E_SIGNATURE_MISMATCH,
         LoadError::Io { .. } => KHUB_E_IO,
-        LoadError::ManifestRead { .. }
-        | LoadError::Manifest { .. }
-        | LoadError::Dlopen { .. }
+        LoadError::Dlopen { .. }
         | LoadError::NoEntry { .. }
         | LoadError::AbiRefused { .. }
         | LoadError::BadDescriptor { .. }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::host::{Environment, HostError, HostFacts, ProbeOptions};
 use crate::load::{Kernel, LoadError, load_from};
@@ -29,7 +29,7 @@ use crate::lock::{LockError, LockedKernel, LockedTarget, Lockfile};
 use crate::manifest::{Manifest, ManifestError, Sha256Digest, Variant};
 use crate::registry::{GitRef, Refs, Registry, RegistryError, RepoId, dir::DirRegistry};
 use crate::resolve::{NoVariantFits, Preferences, resolve};
-use crate::store::{Store, StoreError, StoreSource};
+use crate::store::{KnownRelease, KnownReleases, Store, StoreError, StoreSource};
 use crate::version::{RequirementError, Selected, parse_requirement, select};
 
 /// Something went wrong between a requirement and a loaded kernel.
@@ -56,7 +56,7 @@ pub enum HubError {
     Requirement(#[from] RequirementError),
     /// The trust policy refused the release.
     #[error(transparent)]
-    Trust(Box<crate::trust::TrustError>),
+    Trust(Box<crate::verify::trust::TrustError>),
     /// No release matches the requirement.
     #[error("no release of {repo} on {registry} matches `{requirement}`; it has: {available}")]
     NoMatchingRelease {
@@ -140,8 +140,8 @@ pub enum HubError {
     },
 }
 
-impl From<crate::trust::TrustError> for HubError {
-    fn from(e: crate::trust::TrustError) -> Self {
+impl From<crate::verify::trust::TrustError> for HubError {
+    fn from(e: crate::verify::trust::TrustError) -> Self {
         HubError::Trust(Box::new(e))
     }
 }
@@ -202,7 +202,7 @@ pub struct HubOptions {
     /// Parallel downloads.
     pub jobs: usize,
     /// Which releases to trust (signatures).
-    pub trust: crate::trust::TrustPolicy,
+    pub trust: crate::verify::trust::TrustPolicy,
     /// Where rollback state lives (outside the purgeable cache); `None` turns rollback
     /// protection off.
     pub state_dir: Option<PathBuf>,
@@ -224,8 +224,8 @@ impl HubOptions {
             host,
             preferences: Preferences::default(),
             jobs: 8,
-            trust: crate::trust::TrustPolicy::from_env(&env)?,
-            state_dir: crate::trust::RollbackState::default_dir(&env).ok(),
+            trust: crate::verify::trust::TrustPolicy::from_env(&env)?,
+            state_dir: crate::verify::trust::RollbackState::default_dir(&env).ok(),
             env,
         })
     }
@@ -277,21 +277,6 @@ pub struct FetchReport {
     pub downloaded_bytes: u64,
     /// Files already in the store.
     pub cached: usize,
-}
-
-/// Releases this machine has resolved before, per registry and repository: what offline
-/// mode resolves against.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct KnownReleases {
-    releases: BTreeMap<String, KnownRelease>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct KnownRelease {
-    commit: String,
-    manifest_sha256: Sha256Digest,
-    #[serde(default)]
-    signature_sha256: Option<Sha256Digest>,
 }
 
 /// The front door.
@@ -363,22 +348,9 @@ impl Hub {
             .ok_or_else(|| HubError::Registry(RegistryError::Offline { what: what.to_owned() }))
     }
 
-    /// The file holding the releases this machine knows of `repo` on the current registry.
-    fn index_path(&self, repo: &RepoId) -> PathBuf {
-        let key = crate::verify::sha256(self.options.registry.describe().as_bytes()).to_string();
-        self.options
-            .cache
-            .join("index-v1")
-            .join(&key[..16])
-            .join(repo.org())
-            .join(format!("{}.json", repo.name()))
-    }
-
+    /// The releases this machine knows of `repo` on the current registry.
     fn read_index(&self, repo: &RepoId) -> KnownReleases {
-        std::fs::read(self.index_path(repo))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        self.store.known_releases(&self.options.registry.describe(), repo)
     }
 
     fn remember(
@@ -389,31 +361,14 @@ impl Hub {
         manifest: Sha256Digest,
         signature: Option<Sha256Digest>,
     ) -> Result<(), HubError> {
-        let path = self.index_path(repo);
-        let mut known = self.read_index(repo);
-        known.releases.insert(
-            version.to_string(),
-            KnownRelease {
-                commit: commit.to_owned(),
-                manifest_sha256: manifest,
-                signature_sha256: signature,
-            },
-        );
-        let io = |what| {
-            let path = path.clone();
-            move |source| HubError::Io { what, path, source }
+        let release = KnownRelease {
+            commit: commit.to_owned(),
+            manifest_sha256: manifest,
+            signature_sha256: signature,
         };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io("cannot create"))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot write"))?;
-        tmp.write_all(&serde_json::to_vec_pretty(&known).unwrap_or_default())
-            .map_err(io("cannot write"))?;
-        tmp.persist(&path).map_err(|e| HubError::Io {
-            what: "cannot replace",
-            path: path.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+        Ok(self
+            .store
+            .record_release(&self.options.registry.describe(), repo, version, release)?)
     }
 
     /// Chooses the release for `requirement`: one refs request, then the manifest (from the
@@ -522,7 +477,7 @@ impl Hub {
         }
         // Rollback: never go below the highest version seen under the same requirement.
         if let Some(dir) = &self.options.state_dir {
-            let state = crate::trust::RollbackState::open(dir)?;
+            let state = crate::verify::trust::RollbackState::open(dir)?;
             state.check(&self.options.trust, repo, &req, &manifest.kernel.version)?;
             state.record(repo, &manifest.kernel.version)?;
         }

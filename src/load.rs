@@ -1,114 +1,47 @@
-//! The loader: open a release, resolve for this host, verify every file of the chosen
-//! variant, `dlopen` the verified bytes, negotiate the kernel ABI and check the exports.
+//! The loader: `dlopen` verified bytes, negotiate the kernel ABI, check the exports, and
+//! call the kernel's functions.
 //!
 //! Design notes:
-//! - Verification happens before `dlopen`, because a library's constructors run inside
-//!   `dlopen`. On Linux the bytes are copied into a memfd, the memfd is sealed against any
-//!   further change, the *sealed* bytes are hashed, and that memfd is what `dlopen` opens
-//!   (through `/proc/self/fd/N`). A file swapped on disk after the check changes nothing.
-//!   Elsewhere a private read-only copy is verified and loaded.
-//! - Paths come from the manifest and are relative; every component is checked not to be
-//!   a symlink, and the final open refuses symlinks too.
+//! - Nothing is loaded before it is verified: every file of the variant goes through
+//!   [`crate::verify::open_verified`] (sealed memfd on Linux), and `dlopen` opens the
+//!   sealed copy, never the path the bytes came from.
 //! - Libraries are opened with `RTLD_NOW | RTLD_LOCAL` and never unloaded: kernels keep
 //!   driver state, thread-locals and function pointers that do not survive `dlclose`.
 //!   [`Kernel`] and every [`Function`] taken from it share the library handle.
-//! - `load` never opens a socket.
+//! - `load` never opens a socket. Where the bytes come from is a [`FileSource`]: a
+//!   [`Release`] directory or the store.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_void};
-use std::fs::File;
-use std::io::Read;
 use std::mem::ManuallyDrop;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::abi::{self, KernelFn, KhubCall, KhubFunction, KhubKernelDesc, ParamKind, Signature, Status};
 use crate::host::HostFacts;
-use crate::manifest::{FileEntry, Manifest, ManifestError, RelPath, Sha256Digest, Variant};
+use crate::manifest::{FileEntry, Manifest, RelPath, Sha256Digest, Variant};
+use crate::release::{Release, ReleaseError};
 use crate::resolve::{NoVariantFits, Preferences, resolve};
-use crate::verify;
+use crate::verify::{FileSource, VerifyError, open_verified};
 
 /// Loading failed. Every variant says which file or function and what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The release's manifest could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    ManifestRead {
-        /// The manifest path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The release's manifest is not valid.
-    #[error("{}: {source}", path.display())]
-    Manifest {
-        /// The manifest path.
-        path: PathBuf,
-        /// What is wrong.
-        #[source]
-        source: ManifestError,
-    },
     /// No variant runs on this host.
     #[error(transparent)]
     NoVariant(#[from] NoVariantFits),
-    /// The release directory holds a file its manifest does not list.
-    #[error("the release at {} holds `{path}`, which khub.toml does not list: refusing a release with extra files (remove it, or package the release again)", root.display())]
-    ExtraFile {
-        /// The release root.
-        root: PathBuf,
-        /// The file.
-        path: String,
-    },
+    /// The release directory could not be opened, or its tree holds what it must not.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A file of the variant failed verification.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// A forced variant id is not in the release.
     #[error("the release has no variant `{0}`; `khub explain` lists them")]
     UnknownVariant(String),
-    /// A file of the variant is missing.
-    #[error("file `{path}` of variant `{variant}` is missing from the release at {}", root.display())]
-    FileMissing {
-        /// The variant.
-        variant: String,
-        /// The release root.
-        root: PathBuf,
-        /// The file.
-        path: RelPath,
-    },
-    /// A file of the variant, or a directory on its path, is a symlink or not a regular
-    /// file.
-    #[error("`{path}` in the release at {} is {what}; releases hold regular files only", root.display())]
-    NotRegular {
-        /// The release root.
-        root: PathBuf,
-        /// The path component.
-        path: String,
-        /// What was found.
-        what: &'static str,
-    },
-    /// A file does not have the size the manifest says.
-    #[error("file `{path}` is {actual} bytes, the manifest says {expected}: the file is truncated or replaced; fetch the release again")]
-    SizeMismatch {
-        /// The file.
-        path: RelPath,
-        /// The manifest's size.
-        expected: u64,
-        /// The size found (at most expected + 1 bytes are read).
-        actual: u64,
-    },
-    /// A file's SHA-256 differs from the manifest's.
-    #[error(
-        "file `{path}` has sha256 {actual}, the manifest says {expected}: refusing to load it; the release is corrupt or was tampered with"
-    )]
-    DigestMismatch {
-        /// The file.
-        path: RelPath,
-        /// The manifest's digest.
-        expected: Sha256Digest,
-        /// The digest of the bytes found.
-        actual: Sha256Digest,
-    },
     /// Reading or copying a file failed.
     #[error("{what} `{path}`: {source}")]
     Io {
@@ -385,161 +318,35 @@ pub struct ExportReport {
     pub selftest: bool,
 }
 
-/// A release directory on disk: `khub.toml` and the files it lists.
-#[derive(Debug, Clone)]
-pub struct Release {
-    root: PathBuf,
-    manifest: Manifest,
-}
-
+/// Loading from a release directory.
 impl Release {
-    /// Opens a release directory and reads its manifest. The root is made absolute.
-    pub fn open(dir: &Path) -> Result<Release, LoadError> {
-        let root = std::path::absolute(dir).map_err(|source| LoadError::Io {
-            what: "cannot resolve",
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let path = root.join("khub.toml");
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::ManifestRead {
-            path: path.clone(),
-            source,
-        })?;
-        let manifest = Manifest::from_bytes(&bytes).map_err(|source| LoadError::Manifest { path, source })?;
-        Ok(Release { root, manifest })
-    }
-
-    /// The manifest.
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
-    /// The absolute root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Resolves for `host` and loads the best variant.
     pub fn load(&self, host: &HostFacts, prefs: &Preferences) -> Result<Kernel, LoadError> {
-        let resolution = resolve(&self.manifest, host, prefs);
+        let resolution = resolve(self.manifest(), host, prefs);
         let chosen = resolution.chosen(host)?;
         self.load_variant(&chosen.id)
     }
 
     /// Verifies and loads one variant by id, without resolution.
     pub fn load_variant(&self, id: &str) -> Result<Kernel, LoadError> {
-        self.load_variant_with_hook(id, &|| {})
+        self.check_tree()?;
+        let variant = self
+            .manifest()
+            .variant(id)
+            .ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
+        load_verified(self, self.manifest(), variant, &|| {})
     }
 
     /// As [`Release::load_variant`], running `after_verify` between verification and
-    /// `dlopen`. For tests that swap files in that window.
-    #[doc(hidden)]
+    /// `dlopen`: for tests that swap files in that window (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub fn load_variant_with_hook(&self, id: &str, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
         self.check_tree()?;
-        let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
-        load_verified(self, &self.manifest, variant, after_verify)
-    }
-
-    /// Checks the release directory itself: no symlink anywhere, nothing but regular files
-    /// and directories, and no file the manifest does not list (besides `khub.toml` and its
-    /// signature `khub.toml.minisig`).
-    pub fn check_tree(&self) -> Result<(), LoadError> {
-        let mut listed: std::collections::BTreeSet<String> = self
-            .manifest
-            .variants
-            .iter()
-            .flat_map(|v| v.files.iter().map(|f| f.path.to_string()))
-            .collect();
-        listed.insert("khub.toml".into());
-        listed.insert("khub.toml.minisig".into());
-        let mut stack = vec![(self.root.clone(), String::new())];
-        let mut seen = 0usize;
-        while let Some((dir, prefix)) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(|source| LoadError::Io {
-                what: "cannot list",
-                path: dir.display().to_string(),
-                source,
-            })?;
-            for e in entries {
-                let e = e.map_err(|source| LoadError::Io {
-                    what: "cannot list",
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-                seen += 1;
-                if seen > 1_000_000 {
-                    return Err(LoadError::Io {
-                        what: "too many entries in",
-                        path: self.root.display().to_string(),
-                        source: std::io::Error::other("more than a million entries"),
-                    });
-                }
-                let name = e.file_name().to_string_lossy().into_owned();
-                let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-                let t = e.file_type().map_err(|source| LoadError::Io {
-                    what: "cannot inspect",
-                    path: rel.clone(),
-                    source,
-                })?;
-                if t.is_symlink() {
-                    return Err(LoadError::NotRegular {
-                        root: self.root.clone(),
-                        path: rel,
-                        what: "a symlink",
-                    });
-                } else if t.is_dir() {
-                    stack.push((e.path(), rel));
-                } else if !t.is_file() {
-                    return Err(LoadError::NotRegular {
-                        root: self.root.clone(),
-                        path: rel,
-                        what: "not a regular file",
-                    });
-                } else if !listed.contains(&rel) {
-                    return Err(LoadError::ExtraFile {
-                        root: self.root.clone(),
-                        path: rel,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Verifies every file of a variant without loading anything.
-    pub fn verify_variant(&self, id: &str) -> Result<(), LoadError> {
-        let variant = self.manifest.variant(id).ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
-        for f in &variant.files {
-            open_verified(self, variant, f)?;
-        }
-        Ok(())
-    }
-}
-
-/// Where the bytes of a variant's files come from: a release directory, or the store.
-///
-/// The source is not trusted: whatever it returns is copied, sealed and checked against
-/// the manifest before anything is loaded.
-pub trait FileSource {
-    /// Opens the file of `variant` described by `entry`, for reading.
-    fn open(&self, variant: &Variant, entry: &FileEntry) -> Result<File, LoadError>;
-}
-
-impl FileSource for Release {
-    fn open(&self, variant: &Variant, entry: &FileEntry) -> Result<File, LoadError> {
-        crate::fsx::open_under(&self.root, &entry.path).map_err(|e| match e {
-            crate::fsx::OpenError::Missing { root, path } => LoadError::FileMissing {
-                variant: variant.id.clone(),
-                root,
-                path: RelPath::new(path).unwrap_or_else(|_| entry.path.clone()),
-            },
-            crate::fsx::OpenError::NotRegular { root, path, what } => LoadError::NotRegular { root, path, what },
-            crate::fsx::OpenError::Io { path, source, .. } => LoadError::Io {
-                what: "cannot open",
-                path,
-                source,
-            },
-        })
+        let variant = self
+            .manifest()
+            .variant(id)
+            .ok_or_else(|| LoadError::UnknownVariant(id.to_owned()))?;
+        load_verified(self, self.manifest(), variant, after_verify)
     }
 }
 
@@ -549,122 +356,6 @@ pub fn load_from(source: &dyn FileSource, manifest: &Manifest, variant_id: &str)
         .variant(variant_id)
         .ok_or_else(|| LoadError::UnknownVariant(variant_id.to_owned()))?;
     load_verified(source, manifest, variant, &|| {})
-}
-
-/// A file whose bytes were verified in a place nobody else can change.
-struct Verified {
-    /// Linux: the sealed memfd. Elsewhere: the private read-only copy.
-    file: File,
-    #[cfg(not(target_os = "linux"))]
-    _dir: tempfile::TempDir,
-    #[cfg(not(target_os = "linux"))]
-    path: PathBuf,
-}
-
-impl Verified {
-    /// Leaks the descriptor, so it stays open (and its number reserved) for the life of
-    /// the process.
-    fn keep_open(self) {
-        #[cfg(unix)]
-        {
-            use std::os::fd::IntoRawFd;
-            let _ = self.file.into_raw_fd();
-        }
-        #[cfg(not(unix))]
-        std::mem::forget(self);
-    }
-
-    /// The path `dlopen` should open.
-    fn load_path(&self) -> PathBuf {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            self.path.clone()
-        }
-    }
-}
-
-/// Copies at most `entry.size + 1` bytes of the release file into private storage, makes
-/// it immutable, and hashes what is there.
-fn open_verified(source: &dyn FileSource, variant: &Variant, entry: &FileEntry) -> Result<Verified, LoadError> {
-    let src = source.open(variant, entry)?;
-    let io = |what: &'static str| {
-        let path = entry.path.to_string();
-        move |source| LoadError::Io { what, path, source }
-    };
-    let (mut file, verified) = private_file(entry).map_err(io("cannot create private storage for"))?;
-    let copied = std::io::copy(&mut src.take(entry.size + 1), &mut file).map_err(io("cannot read"))?;
-    if copied != entry.size {
-        return Err(LoadError::SizeMismatch {
-            path: entry.path.clone(),
-            expected: entry.size,
-            actual: copied,
-        });
-    }
-    seal(&file).map_err(io("cannot seal"))?;
-    // Hash the sealed bytes: exactly what dlopen will map.
-    let mut reader = file.try_clone().map_err(io("cannot reopen"))?;
-    std::io::Seek::rewind(&mut reader).map_err(io("cannot rewind"))?;
-    let (actual, n) = verify::sha256_reader(&mut reader).map_err(io("cannot hash"))?;
-    if n != entry.size {
-        return Err(LoadError::SizeMismatch {
-            path: entry.path.clone(),
-            expected: entry.size,
-            actual: n,
-        });
-    }
-    if actual != entry.sha256 {
-        return Err(LoadError::DigestMismatch {
-            path: entry.path.clone(),
-            expected: entry.sha256,
-            actual,
-        });
-    }
-    Ok(verified(file))
-}
-
-#[cfg(target_os = "linux")]
-fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
-    use std::os::fd::FromRawFd;
-    let name = std::ffi::CString::new(format!("khub:{}", entry.path.components().last().unwrap_or("lib"))).unwrap_or_default();
-    // SAFETY: a valid NUL-terminated name and flags; the returned fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    Ok((file, |file| Verified { file }))
-}
-
-#[cfg(target_os = "linux")]
-fn seal(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor we own, with an integer argument.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join(entry.path.components().last().unwrap_or("lib"));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-    Ok((file, move |file| Verified { file, _dir: dir, path }))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn seal(file: &File) -> std::io::Result<()> {
-    let mut p = file.metadata()?.permissions();
-    p.set_readonly(true);
-    file.set_permissions(p)
 }
 
 /// Reads a C string from a descriptor field, refusing NULL and absurd lengths.
@@ -1187,68 +878,3 @@ unsafe fn call_pointers(f: unsafe extern "C" fn(), call: &KhubCall, ptrs: &[*mut
         _ => abi::ERR_INVALID_ARGUMENT,
     }
 }
-
-/// Owned CPU tensors for tests, benchmarks and `khub bench`: f32 data with its shape,
-/// and the `DLTensor` that describes it.
-#[derive(Debug)]
-pub struct HostTensor {
-    data: Vec<f32>,
-    shape: Vec<i64>,
-    dl: abi::DLTensor,
-}
-
-impl HostTensor {
-    /// A tensor of the given shape filled by `fill(i)`.
-    pub fn from_fn(shape: &[i64], fill: impl FnMut(usize) -> f32) -> Self {
-        let n: i64 = shape.iter().product();
-        let data: Vec<f32> = (0..n.max(0) as usize).map(fill).collect();
-        let mut t = HostTensor {
-            data,
-            shape: shape.to_vec(),
-            dl: abi::DLTensor {
-                data: std::ptr::null_mut(),
-                device: abi::DLDevice {
-                    device_type: abi::DL_CPU,
-                    device_id: 0,
-                },
-                ndim: shape.len() as i32,
-                dtype: abi::DLDataType::F32,
-                shape: std::ptr::null_mut(),
-                strides: std::ptr::null_mut(),
-                byte_offset: 0,
-            },
-        };
-        t.dl.data = t.data.as_mut_ptr().cast();
-        t.dl.shape = t.shape.as_mut_ptr();
-        t
-    }
-
-    /// A zero-filled tensor.
-    pub fn zeros(shape: &[i64]) -> Self {
-        Self::from_fn(shape, |_| 0.0)
-    }
-
-    /// The data.
-    pub fn data(&self) -> &[f32] {
-        &self.data
-    }
-
-    /// The `DLTensor`, for reading.
-    pub fn dl(&self) -> *const abi::DLTensor {
-        &self.dl
-    }
-
-    /// The `DLTensor`, for writing.
-    pub fn dl_mut(&mut self) -> *mut abi::DLTensor {
-        &mut self.dl
-    }
-
-    /// The size in bytes.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
-    }
-}
-
-// SAFETY: the DLTensor's pointers point into the tensor's own Vecs, which move with it
-// (their heap buffers do not).
-unsafe impl Send for HostTensor {}

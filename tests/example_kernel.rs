@@ -7,9 +7,11 @@ mod common;
 
 use common::{example_release, khub};
 use khub::abi::{DLTensor, KhubCall, Status};
+use khub::bench::HostTensor;
 use khub::host::{HostFacts, ProbeOptions};
-use khub::load::{Arg, HostTensor, Release};
+use khub::load::Arg;
 use khub::platform::X86Level;
+use khub::release::Release;
 use khub::resolve::{Preferences, resolve};
 
 /// Relative tolerance for every function: |got - ref| <= TOL * max(1, |ref|). The kernels

@@ -8,7 +8,10 @@ use std::path::Path;
 
 use common::{build_c_lib, release_with};
 use khub::abi::{DLTensor, KhubCall, Status};
-use khub::load::{Arg, CallError, HostTensor, LoadError, Release};
+use khub::bench::HostTensor;
+use khub::load::{Arg, CallError, LoadError};
+use khub::release::Release;
+use khub::verify::VerifyError;
 
 /// A tiny kernel: `scale` multiplies by a constant baked in at compile time (SCALE), and
 /// writes a marker file from a constructor when MARKER is defined, to prove whether
@@ -163,7 +166,7 @@ fn a_tampered_byte_is_refused_before_dlopen() {
     bytes[mid] ^= 0x01;
     std::fs::write(&file, &bytes).unwrap();
     let e = Release::open(&rel).unwrap().load_variant("v").unwrap_err();
-    assert!(matches!(e, LoadError::DigestMismatch { .. }), "{e}");
+    assert!(matches!(e, LoadError::Verify(VerifyError::DigestMismatch { .. })), "{e}");
     assert!(e.to_string().contains("variants/v/libk.so"));
     assert!(
         !marker.exists(),
@@ -173,15 +176,18 @@ fn a_tampered_byte_is_refused_before_dlopen() {
     // Truncated, extended and missing files are refused too.
     std::fs::write(&file, &bytes[..mid]).unwrap();
     let e = Release::open(&rel).unwrap().load_variant("v").unwrap_err();
-    assert!(matches!(e, LoadError::SizeMismatch { actual, .. } if actual == mid as u64), "{e}");
+    assert!(
+        matches!(e, LoadError::Verify(VerifyError::SizeMismatch { actual, .. }) if actual == mid as u64),
+        "{e}"
+    );
     let mut longer = std::fs::read(&lib).unwrap();
     longer.push(0);
     std::fs::write(&file, &longer).unwrap();
     let e = Release::open(&rel).unwrap().load_variant("v").unwrap_err();
-    assert!(matches!(e, LoadError::SizeMismatch { .. }), "{e}");
+    assert!(matches!(e, LoadError::Verify(VerifyError::SizeMismatch { .. })), "{e}");
     std::fs::remove_file(&file).unwrap();
     let e = Release::open(&rel).unwrap().load_variant("v").unwrap_err();
-    assert!(matches!(e, LoadError::FileMissing { .. }), "{e}");
+    assert!(matches!(e, LoadError::Verify(VerifyError::FileMissing { .. })), "{e}");
     assert!(!marker.exists());
 }
 

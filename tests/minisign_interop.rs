@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use khub::sign::{self, ReleaseClaim};
+use khub::verify::sign::{self, ReleaseClaim};
 
 const SKIP: &str = "skipped: minisign not installed (apt-get install minisign)";
 

@@ -41,7 +41,7 @@ fn hub(registry: &Path, cache: &Path, offline: bool, env: &[(&str, &str)]) -> Hu
         host,
         preferences: Default::default(),
         jobs: 4,
-        trust: khub::trust::TrustPolicy::permissive(),
+        trust: khub::verify::trust::TrustPolicy::permissive(),
         state_dir: None,
     })
     .unwrap()

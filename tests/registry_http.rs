@@ -49,7 +49,7 @@ fn hub_for(url: &str, cache: &Path, env: &[(&str, &str)]) -> Hub {
         host,
         preferences: Default::default(),
         jobs: 4,
-        trust: khub::trust::TrustPolicy::permissive(),
+        trust: khub::verify::trust::TrustPolicy::permissive(),
         state_dir: None,
     })
     .unwrap()

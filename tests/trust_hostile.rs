@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use khub::host::{Environment, HostFacts, ProbeOptions};
 use khub::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use khub::registry::RepoId;
-use khub::sign::{ReleaseClaim, SecretKey};
-use khub::trust::TrustPolicy;
+use khub::verify::sign::{ReleaseClaim, SecretKey};
+use khub::verify::trust::TrustPolicy;
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -24,11 +24,11 @@ fn now() -> u64 {
 
 struct Keys {
     sk: SecretKey,
-    pk: khub::sign::PublicKey,
+    pk: khub::verify::sign::PublicKey,
 }
 
 fn keys() -> Keys {
-    let (pk_text, sk_text) = khub::sign::keygen(None).unwrap();
+    let (pk_text, sk_text) = khub::verify::sign::keygen(None).unwrap();
     Keys {
         sk: SecretKey::parse(&sk_text, None).unwrap(),
         pk: pk_text.parse().unwrap(),
@@ -54,7 +54,7 @@ fn release(root: &Path, version: &str, keys: Option<&Keys>, expires: Option<u64>
         };
         std::fs::write(
             dir.join("khub.toml.minisig"),
-            khub::sign::sign(&k.sk, text.as_bytes(), &claim).unwrap(),
+            khub::verify::sign::sign(&k.sk, text.as_bytes(), &claim).unwrap(),
         )
         .unwrap();
     }
@@ -153,7 +153,7 @@ fn a_signature_over_different_bytes_and_an_edited_manifest() {
     };
     std::fs::write(
         dir.join("khub.toml.minisig"),
-        khub::sign::sign(&k.sk, text.as_bytes(), &claim).unwrap(),
+        khub::verify::sign::sign(&k.sk, text.as_bytes(), &claim).unwrap(),
     )
     .unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -183,7 +183,11 @@ fn a_signature_replayed_for_another_release() {
         timestamp: now(),
         expires: None,
     };
-    std::fs::write(dir.join("khub.toml.minisig"), khub::sign::sign(&k.sk, &bytes, &claim).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("khub.toml.minisig"),
+        khub::verify::sign::sign(&k.sk, &bytes, &claim).unwrap(),
+    )
+    .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let e = refused(&hub(reg.path(), cache.path(), strict(&k), None), "^0.1");
     assert!(e.contains("acme/other"), "{e}");

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use khub::abi::{ParamKind, Signature};
 use khub::host::ProbeOptions;
-use khub::load::{Arg, HostTensor, Kernel, Release};
+use khub::load::Kernel;
 use khub::package::{self, BuildOptions};
+use khub::release::Release;
 use khub::resolve::{Preferences, resolve};
 
 /// Options shared by build and package.
@@ -282,174 +282,8 @@ pub fn selftest(kernel: &Kernel, seed: u64, size: usize, json: bool) -> Result<E
     Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// Tensors generated from a signature: every named dimension except `n` is `dim`, and `n`
-/// is chosen so the largest tensor holds about `size` elements.
-struct Generated {
-    tensors: Vec<HostTensor>,
-    scalars: Vec<Arg>,
-    bytes: usize,
-}
-
-fn generate(sig: &Signature, size: usize, dim: u64) -> Result<Generated> {
-    let per_n = |p: &khub::abi::Param| -> u64 {
-        p.shape.as_ref().map_or(1, |s| {
-            s.iter()
-                .map(|d| {
-                    if d.name.as_deref() == Some("n") {
-                        d.factor
-                    } else {
-                        d.factor * if d.name.is_some() { dim } else { 1 }
-                    }
-                })
-                .product()
-        })
-    };
-    let largest = sig
-        .params
-        .iter()
-        .filter(|p| matches!(p.kind, ParamKind::Tensor | ParamKind::TensorMut))
-        .map(per_n)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let n = ((size as u64) / largest).max(1);
-    let mut tensors = Vec::new();
-    let mut scalars = Vec::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for p in &sig.params {
-        match p.kind {
-            ParamKind::Tensor | ParamKind::TensorMut => {
-                if p.dtype.as_deref().is_some_and(|d| d != "f32") {
-                    bail!(
-                        "khub bench generates f32 tensors; this function takes {}",
-                        p.dtype.as_deref().unwrap_or("?")
-                    );
-                }
-                let shape: Vec<i64> = match &p.shape {
-                    Some(s) => s
-                        .iter()
-                        .map(|d| {
-                            (d.factor
-                                * if d.name.as_deref() == Some("n") {
-                                    n
-                                } else if d.name.is_some() {
-                                    dim
-                                } else {
-                                    1
-                                }) as i64
-                        })
-                        .collect(),
-                    None => vec![size as i64],
-                };
-                tensors.push(HostTensor::from_fn(&shape, |_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
-                }));
-            }
-            ParamKind::F32 => scalars.push(Arg::F32(1e-6)),
-            ParamKind::F64 => scalars.push(Arg::F64(1e-6)),
-            ParamKind::I64 => scalars.push(Arg::I64(1)),
-            ParamKind::U64 => scalars.push(Arg::U64(1)),
-        }
-    }
-    let bytes = tensors.iter().map(HostTensor::bytes).sum();
-    Ok(Generated { tensors, scalars, bytes })
-}
-
-fn args(sig: &Signature, g: &mut Generated) -> Vec<Arg> {
-    let (mut t, mut s) = (0, 0);
-    sig.params
-        .iter()
-        .map(|p| match p.kind {
-            ParamKind::Tensor => {
-                t += 1;
-                Arg::Tensor(g.tensors[t - 1].dl())
-            }
-            ParamKind::TensorMut => {
-                t += 1;
-                Arg::TensorMut(g.tensors[t - 1].dl_mut())
-            }
-            _ => {
-                s += 1;
-                g.scalars[s - 1]
-            }
-        })
-        .collect()
-}
-
-/// Times `f` `iters` times after one warm-up call; returns the median.
-fn median_time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
-    f()?;
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed());
-    }
-    times.sort();
-    Ok(times[times.len() / 2])
-}
-
-#[derive(Serialize)]
-pub struct BenchResult {
-    pub variant: String,
-    pub function: String,
-    pub bytes: usize,
-    pub median_ms: f64,
-    pub gb_per_s: f64,
-    pub memcpy_gb_per_s: f64,
-    pub ratio_to_memcpy: f64,
-}
-
-pub fn bench_kernel(kernel: &Kernel, function: &str, size: usize, dim: u64, iters: usize) -> Result<BenchResult> {
-    if kernel.backend() != "cpu" {
-        bail!(
-            "khub bench runs CPU variants; `{}` is a {} variant (use --prefer backend=cpu, or `khub selftest` on the GPU)",
-            kernel.variant(),
-            kernel.backend()
-        );
-    }
-    let sig = kernel
-        .signature(function)
-        .with_context(|| {
-            format!(
-                "kernel has no function `{function}`; it exports: {}",
-                kernel.functions().collect::<Vec<_>>().join(", ")
-            )
-        })?
-        .clone();
-    let mut g = generate(&sig, size, dim)?;
-    let a = args(&sig, &mut g);
-    // SAFETY: the tensors are live CPU tensors owned by `g` for the whole loop, of the
-    // kinds the signature names.
-    let t = median_time(iters, || {
-        unsafe { kernel.call(function, &a, std::ptr::null_mut()) }.map_err(Into::into)
-    })?;
-    // memcpy of the same number of bytes, read + written, as the floor.
-    let src = vec![1u8; g.bytes / 2];
-    let mut dst = vec![0u8; g.bytes / 2];
-    let m = median_time(iters, || {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&dst);
-        Ok(())
-    })?;
-    let gbs = g.bytes as f64 / t.as_secs_f64() / 1e9;
-    let mgbs = g.bytes as f64 / m.as_secs_f64() / 1e9;
-    Ok(BenchResult {
-        variant: kernel.variant().to_owned(),
-        function: function.to_owned(),
-        bytes: g.bytes,
-        median_ms: t.as_secs_f64() * 1e3,
-        gb_per_s: gbs,
-        memcpy_gb_per_s: mgbs,
-        ratio_to_memcpy: gbs / mgbs,
-    })
-}
-
 pub fn bench(kernel: &Kernel, function: &str, size: usize, iters: usize, json: bool) -> Result<ExitCode> {
-    let r = bench_kernel(kernel, function, size, 4096, iters)?;
+    let r = khub::bench::bench_kernel(kernel, function, size, 4096, iters)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -458,7 +292,7 @@ pub fn bench(kernel: &Kernel, function: &str, size: usize, iters: usize, json: b
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_bench(r: &BenchResult) {
+fn print_bench(r: &khub::bench::BenchResult) {
     println!(
         "{} on {}: {:.1} MiB moved in {:.3} ms = {:.2} GB/s; memcpy of the same bytes {:.2} GB/s ({:.0}% of memcpy)",
         r.function,
@@ -513,7 +347,7 @@ pub fn demo(kernel_dir: &Path, out: &Path, options: &ProbeOptions, tc: &Toolchai
         );
     }
     println!("\n== 5. benchmark silu_and_mul on 64 MiB of input");
-    let r = bench_kernel(&kernel, "silu_and_mul", 16 << 20, 4096, 5)?;
+    let r = khub::bench::bench_kernel(&kernel, "silu_and_mul", 16 << 20, 4096, 5)?;
     print!("   ");
     print_bench(&r);
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -558,67 +558,28 @@ fn password(var: Option<&str>) -> Result<Option<String>> {
 }
 
 fn keygen(public: &Path, secret: &Path, password: Option<&str>) -> Result<ExitCode> {
-    for p in [public, secret] {
-        if p.exists() {
-            bail!("{} exists; khub keygen never overwrites a key", p.display());
-        }
-    }
-    let (pk, sk) = khub::sign::keygen(password)?;
-    std::fs::write(public, pk).with_context(|| format!("cannot write {}", public.display()))?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    use std::io::Write as _;
-    opts.open(secret)
-        .and_then(|mut f| f.write_all(sk.as_bytes()))
-        .with_context(|| format!("cannot write {}", secret.display()))?;
-    let key = khub::sign::read_public_key(public)?;
+    let pair = khub::package::sign::keygen_files(public, secret, password)?;
+    let key = &pair.public;
     println!("public key {} (id {}) -> {}", key, key.key_id(), public.display());
     println!(
         "secret key -> {} ({})",
         secret.display(),
-        if password.is_some() {
-            "encrypted"
-        } else {
-            "unencrypted, mode 0600"
-        }
+        if pair.encrypted { "encrypted" } else { "unencrypted, mode 0600" }
     );
     println!("trust it on hosts with a [[publisher]] entry in the trust policy: keys = [\"{key}\"]");
     Ok(ExitCode::SUCCESS)
 }
 
 fn sign(release: &Path, key: &Path, repo: &str, expires: &str, password: Option<&str>) -> Result<ExitCode> {
-    let repo: khub::registry::RepoId = repo.parse()?;
-    let r = khub::Release::open(release)?;
-    r.check_tree()?;
-    let bytes = std::fs::read(r.root().join("khub.toml"))?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let expires = match expires {
-        "never" => None,
-        d => {
-            let days: u64 = d
-                .strip_suffix('d')
-                .and_then(|n| n.parse().ok())
-                .filter(|n| (1..=36_500).contains(n))
-                .with_context(|| format!("--expires `{d}`: write a number of days such as 90d, or never"))?;
-            Some(now + days * 86_400)
-        }
-    };
-    let sk = khub::sign::read_secret_key(key, password)?;
-    let claim = khub::sign::ReleaseClaim {
-        repo,
-        version: r.manifest().kernel.version.clone(),
-        timestamp: now,
-        expires,
-    };
-    let sig = khub::sign::sign(&sk, &bytes, &claim)?;
-    let out = r.root().join(khub::sign::SIGNATURE_FILE);
-    std::fs::write(&out, sig).with_context(|| format!("cannot write {}", out.display()))?;
-    println!("signed {} with key {}: {}", out.display(), sk.key_id(), claim);
+    let repo: khub::RepoId = repo.parse()?;
+    let expires: khub::package::sign::Expiry = expires.parse()?;
+    let signed = khub::package::sign::sign_release(release, key, repo, expires, password)?;
+    println!(
+        "signed {} with key {}: {}",
+        signed.signature_path.display(),
+        signed.key_id,
+        signed.claim
+    );
     Ok(ExitCode::SUCCESS)
 }
 

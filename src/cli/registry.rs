@@ -57,7 +57,7 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
         o.cache = c.clone();
     }
     if let Some(t) = &args.trust {
-        o.trust = khub::trust::TrustPolicy::read(t)?;
+        o.trust = khub::verify::trust::TrustPolicy::read(t)?;
     }
     if args.allow_rollback {
         o.trust = o.trust.allow_rollback("*");

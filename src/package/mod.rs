@@ -22,6 +22,7 @@
 pub mod init;
 #[cfg(feature = "hub")]
 pub mod publish;
+pub mod sign;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::load::{LoadError, Release};
+use crate::load::LoadError;
 use crate::registry::hf::{HubConfig, HubRegistry};
 use crate::registry::{Registry, RegistryError, RepoId};
+use crate::release::Release;
 
 /// Publishing failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum PublishError {
     /// The release directory is not a valid release.
     #[error("the release is not valid, nothing was uploaded: {0}")]
     Invalid(#[from] LoadError),
+    /// The release directory is not a valid release.
+    #[error("the release is not valid, nothing was uploaded: {0}")]
+    InvalidRelease(#[from] crate::release::ReleaseError),
     /// The registry refused or failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -160,9 +164,9 @@ pub fn publish(
     }
     for (path, _, size, digest) in &files {
         let rel = crate::manifest::RelPath::new(path.clone()).map_err(|e| mismatch(path.clone(), e.to_string()))?;
-        let mut hasher = HashingSink::default();
+        let mut hasher = crate::verify::HashingWriter::new(std::io::sink(), *size);
         let n = registry.fetch(repo, &published.commit, &rel, *size, &mut hasher)?;
-        let got = hasher.finish();
+        let (got, _, _) = hasher.finish();
         if n != *size || got != *digest {
             return Err(mismatch(
                 format!("`{path}`"),
@@ -190,29 +194,4 @@ pub fn publish(
             .collect(),
         verified: true,
     })
-}
-
-/// A sink that only hashes.
-#[derive(Default)]
-struct HashingSink {
-    h: sha2::Sha256,
-}
-
-impl HashingSink {
-    fn finish(self) -> crate::manifest::Sha256Digest {
-        use sha2::Digest;
-        crate::manifest::Sha256Digest(self.h.finalize().into())
-    }
-}
-
-impl std::io::Write for HashingSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use sha2::Digest;
-        self.h.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

@@ -1,5 +1,5 @@
 //! The author's signing workflow: make a key pair (`khub keygen`) and sign a release
-//! (`khub sign`). The minisign primitives live in [`crate::sign`]; this module decides what
+//! (`khub sign`). The minisign primitives live in [`crate::verify::sign`]; this module decides what
 //! a release signature claims (repository, version, time, expiry) and writes the files.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::ids::RepoId;
 use crate::release::{Release, ReleaseError};
-use crate::sign::{self, PublicKey, ReleaseClaim, SignError};
+use crate::verify::sign::{self, PublicKey, ReleaseClaim, SignError};
 
 /// The longest signature lifetime `--expires` accepts: a hundred years.
 pub const MAX_EXPIRY_DAYS: u64 = 36_500;
@@ -131,7 +131,13 @@ pub struct SignedRelease {
 
 /// Signs the manifest of the release at `release` for `repo` with the secret key at `key`,
 /// after checking the release tree, and writes `khub.toml.minisig` next to it.
-pub fn sign_release(release: &Path, key: &Path, repo: RepoId, expires: Expiry, password: Option<&str>) -> Result<SignedRelease, SigningError> {
+pub fn sign_release(
+    release: &Path,
+    key: &Path,
+    repo: RepoId,
+    expires: Expiry,
+    password: Option<&str>,
+) -> Result<SignedRelease, SigningError> {
     let r = Release::open(release)?;
     r.check_tree()?;
     let manifest_path = r.root().join("khub.toml");

@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::env::{self, Environment};
 use crate::ids::RepoId;
-use crate::sign::{self, PublicKey, ReleaseClaim, SignError};
+use crate::verify::sign::{self, PublicKey, ReleaseClaim, SignError};
 
 /// The name of the trust policy file inside khub's config directory.
 pub const POLICY_FILE: &str = "trust.toml";
@@ -323,8 +323,8 @@ struct Publisher {
 /// manifest). Build a stricter one with the chained methods, or read one from a file:
 ///
 /// ```
-/// # use khub::trust::TrustPolicy;
-/// # let (pk, _) = khub::sign::keygen(None).unwrap();
+/// # use khub::verify::trust::TrustPolicy;
+/// # let (pk, _) = khub::verify::sign::keygen(None).unwrap();
 /// let policy = TrustPolicy::permissive()
 ///     .require_signature(true)
 ///     .trust_key("acme/*", pk.parse().unwrap())
@@ -858,7 +858,7 @@ fn write_state(path: &Path, highest: &BTreeMap<RepoId, semver::Version>) -> Resu
 #[allow(clippy::disallowed_methods)] // tests write scratch files directly
 mod tests {
     use super::*;
-    use crate::sign::{SecretKey, keygen};
+    use crate::verify::sign::{SecretKey, keygen};
 
     fn repo(s: &str) -> RepoId {
         s.parse().unwrap()

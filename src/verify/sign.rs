@@ -6,7 +6,7 @@
 //! covers with a second ("global") signature, carries a [`ReleaseClaim`]: the repository,
 //! version, signing time and expiry of the release. The claim is what stops a valid
 //! signature of one release from being replayed for another, and an old one from being
-//! served forever (see [`crate::trust`], which decides what to accept).
+//! served forever (see [`crate::verify::trust`], which decides what to accept).
 //!
 //! # Formats
 //!

@@ -1,0 +1,112 @@
+//! The known-release index: per registry and repository, the releases this machine has
+//! resolved before (version → commit, manifest digest, signature digest). Offline mode
+//! resolves against it.
+//!
+//! Layout: `<cache>/index-v1/<first 16 hex of sha256(registry)>/<org>/<name>.json`. Each
+//! file is replaced atomically and durably ([`crate::fsx::write_atomic`]). A file that is
+//! unreadable or does not parse reads as empty: the index is a cache of facts the registry
+//! (or the lock) gives again, and the digests it records are checked before use.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError};
+use crate::ids::RepoId;
+use crate::manifest::Sha256Digest;
+
+/// The directory of the index inside the cache directory; the suffix is the layout version.
+pub const INDEX_DIR: &str = "index-v1";
+
+/// The releases known for one repository on one registry, by version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownReleases {
+    /// Version (semver text) → where it was found.
+    pub releases: BTreeMap<String, KnownRelease>,
+}
+
+/// One release seen before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownRelease {
+    /// The commit the release was read at.
+    pub commit: String,
+    /// The SHA-256 of its manifest bytes (a blob in the store).
+    pub manifest_sha256: Sha256Digest,
+    /// The SHA-256 of its signature, when it had one (a blob in the store).
+    #[serde(default)]
+    pub signature_sha256: Option<Sha256Digest>,
+}
+
+impl Store {
+    /// The index file of `repo` on the registry described by `registry` (any stable text
+    /// naming it: a URL or a directory).
+    pub fn index_path(&self, registry: &str, repo: &RepoId) -> PathBuf {
+        let key = crate::verify::sha256(registry.as_bytes()).to_string();
+        self.cache
+            .join(INDEX_DIR)
+            .join(&key[..16])
+            .join(repo.org())
+            .join(format!("{}.json", repo.name()))
+    }
+
+    /// The releases known for `repo` on `registry`; empty when none are, or when the file
+    /// is unreadable or invalid.
+    pub fn known_releases(&self, registry: &str, repo: &RepoId) -> KnownReleases {
+        std::fs::read(self.index_path(registry, repo))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records `release` as `version` of `repo` on `registry`, replacing the index file
+    /// atomically and durably.
+    pub fn record_release(
+        &self,
+        registry: &str,
+        repo: &RepoId,
+        version: &semver::Version,
+        release: KnownRelease,
+    ) -> Result<(), StoreError> {
+        let path = self.index_path(registry, repo);
+        let mut known = self.known_releases(registry, repo);
+        known.releases.insert(version.to_string(), release);
+        let dir = path.parent().unwrap_or(&self.cache);
+        std::fs::create_dir_all(dir).map_err(StoreError::io("cannot create", dir))?;
+        let bytes = serde_json::to_vec_pretty(&known).map_err(|e| StoreError::io("cannot encode", &path)(std::io::Error::other(e)))?;
+        crate::fsx::write_atomic(&path, &bytes).map_err(|e| StoreError::Io {
+            what: e.what,
+            path,
+            source: e.source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_replace_atomically_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let repo: RepoId = "acme/k".parse().unwrap();
+        assert_eq!(s.known_releases("reg", &repo), KnownReleases::default());
+        let r = KnownRelease {
+            commit: "c".repeat(40),
+            manifest_sha256: crate::verify::sha256(b"m"),
+            signature_sha256: None,
+        };
+        s.record_release("reg", &repo, &semver::Version::new(1, 0, 0), r.clone()).unwrap();
+        s.record_release("reg", &repo, &semver::Version::new(1, 1, 0), r.clone()).unwrap();
+        let known = s.known_releases("reg", &repo);
+        assert_eq!(known.releases.len(), 2);
+        assert_eq!(known.releases["1.1.0"], r);
+        assert!(s.index_path("reg", &repo).starts_with(d.path().join(INDEX_DIR)));
+        // Another registry has its own index.
+        assert!(s.known_releases("other", &repo).releases.is_empty());
+        // Nothing but the index file in its directory: no temp file left behind.
+        let dir = s.index_path("reg", &repo).parent().unwrap().to_owned();
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
+    }
+}

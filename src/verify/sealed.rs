@@ -1,0 +1,130 @@
+//! Verified bytes in a place nobody else can change.
+//!
+//! Verification happens before `dlopen`, because a library's constructors run inside
+//! `dlopen`. On Linux the bytes are copied into a memfd, the memfd is sealed against any
+//! further change, the *sealed* bytes are hashed, and that memfd is what `dlopen` opens
+//! (through `/proc/self/fd/N`). A file swapped on disk after the check changes nothing.
+//! Elsewhere a private read-only copy is verified and loaded.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+
+use super::{FileSource, VerifyError};
+use crate::manifest::{FileEntry, Variant};
+
+/// A file whose bytes were verified in a place nobody else can change.
+pub struct Verified {
+    /// Linux: the sealed memfd. Elsewhere: the private read-only copy.
+    file: File,
+    #[cfg(not(target_os = "linux"))]
+    _dir: tempfile::TempDir,
+    #[cfg(not(target_os = "linux"))]
+    path: PathBuf,
+}
+
+impl Verified {
+    /// Leaks the descriptor, so it stays open (and its number reserved) for the life of
+    /// the process.
+    pub fn keep_open(self) {
+        #[cfg(unix)]
+        {
+            use std::os::fd::IntoRawFd;
+            let _ = self.file.into_raw_fd();
+        }
+        #[cfg(not(unix))]
+        std::mem::forget(self);
+    }
+
+    /// The path `dlopen` should open.
+    pub fn load_path(&self) -> PathBuf {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.path.clone()
+        }
+    }
+}
+
+/// Copies at most `entry.size + 1` bytes of the release file into private storage, makes
+/// it immutable, and hashes what is there.
+pub fn open_verified(source: &dyn FileSource, variant: &Variant, entry: &FileEntry) -> Result<Verified, VerifyError> {
+    let src = source.open(variant, entry)?;
+    let io = |what: &'static str| {
+        let path = entry.path.to_string();
+        move |source| VerifyError::Io { what, path, source }
+    };
+    let (mut file, verified) = private_file(entry).map_err(io("cannot create private storage for"))?;
+    let copied = std::io::copy(&mut src.take(entry.size + 1), &mut file).map_err(io("cannot read"))?;
+    if copied != entry.size {
+        return Err(VerifyError::SizeMismatch {
+            path: entry.path.clone(),
+            expected: entry.size,
+            actual: copied,
+        });
+    }
+    seal(&file).map_err(io("cannot seal"))?;
+    // Hash the sealed bytes: exactly what dlopen will map.
+    let mut reader = file.try_clone().map_err(io("cannot reopen"))?;
+    std::io::Seek::rewind(&mut reader).map_err(io("cannot rewind"))?;
+    let (actual, n) = super::sha256_reader(&mut reader).map_err(io("cannot hash"))?;
+    if n != entry.size {
+        return Err(VerifyError::SizeMismatch {
+            path: entry.path.clone(),
+            expected: entry.size,
+            actual: n,
+        });
+    }
+    if actual != entry.sha256 {
+        return Err(VerifyError::DigestMismatch {
+            path: entry.path.clone(),
+            expected: entry.sha256,
+            actual,
+        });
+    }
+    Ok(verified(file))
+}
+
+#[cfg(target_os = "linux")]
+fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(format!("khub:{}", entry.path.components().last().unwrap_or("lib"))).unwrap_or_default();
+    // SAFETY: a valid NUL-terminated name and flags; the returned fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    Ok((file, |file| Verified { file }))
+}
+
+#[cfg(target_os = "linux")]
+fn seal(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -> Verified)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(entry.path.components().last().unwrap_or("lib"));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    Ok((file, move |file| Verified { file, _dir: dir, path }))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn seal(file: &File) -> std::io::Result<()> {
+    let mut p = file.metadata()?.permissions();
+    p.set_readonly(true);
+    file.set_permissions(p)
+}
