@@ -172,8 +172,16 @@ pub const ALL: &[&str] = &[
     CUDA_HOME,
     KHUB_HIPCC,
     KHUB_INCLUDE,
-    PATH,
 ];
+
+/// Variables of the process that khub consults but that are not khub settings (a test or
+/// an embedding host that clears [`ALL`] keeps these): only through [`var_os`].
+pub const SYSTEM: &[&str] = &[PATH];
+
+/// Whether `var` is registered: in [`ALL`] or [`SYSTEM`].
+fn registered(var: &str) -> bool {
+    ALL.contains(&var) || SYSTEM.contains(&var)
+}
 
 /// A snapshot of the environment variables khub reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -222,12 +230,12 @@ impl Environment {
     }
 }
 
-/// The live value of `var`, which must be one of [`ALL`] (a name missing from the registry
-/// reads as unset, and fails debug builds): for the lookups that must see the process
+/// The live value of `var`, which must be one of [`ALL`] or [`SYSTEM`] (a name missing
+/// from the registry reads as unset, and fails debug builds): for the lookups that must see the process
 /// environment itself rather than a snapshot. Empty counts as unset.
 pub fn var_os(var: &str) -> Option<OsString> {
-    debug_assert!(ALL.contains(&var), "{var} is not registered in env::ALL");
-    if !ALL.contains(&var) {
+    debug_assert!(registered(var), "{var} is not registered in env::ALL or env::SYSTEM");
+    if !registered(var) {
         return None;
     }
     #[allow(clippy::disallowed_methods)] // the registry's one live lookup
@@ -237,8 +245,8 @@ pub fn var_os(var: &str) -> Option<OsString> {
 /// As [`var_os`], but an empty value is returned as set: `CUDA_VISIBLE_DEVICES=""` means
 /// "no device" to the driver, not "unset".
 pub fn var_os_raw(var: &str) -> Option<OsString> {
-    debug_assert!(ALL.contains(&var), "{var} is not registered in env::ALL");
-    if !ALL.contains(&var) {
+    debug_assert!(registered(var), "{var} is not registered in env::ALL or env::SYSTEM");
+    if !registered(var) {
         return None;
     }
     #[allow(clippy::disallowed_methods)] // the registry's one live lookup, empty kept
