@@ -212,8 +212,14 @@ impl HubOptions {
     /// Options from an environment snapshot: registry, store, offline mode and the host
     /// facts (probed, with any overrides the snapshot holds).
     pub fn from_env(env: Environment) -> Result<Self, HubError> {
-        use crate::env as vars;
         let host = HostFacts::detect(&ProbeOptions::with_env(env.clone())?)?.facts;
+        Self::from_env_for_host(env, host)
+    }
+
+    /// As [`HubOptions::from_env`], for host facts the caller already has (probed once, in
+    /// a helper process, or read from a profile): nothing is probed here.
+    pub fn from_env_for_host(env: Environment, host: HostFacts) -> Result<Self, HubError> {
+        use crate::env as vars;
         let offline = [vars::KHUB_OFFLINE, vars::HF_HUB_OFFLINE]
             .iter()
             .any(|v| env.get(v).is_some_and(|v| !matches!(v.trim(), "0" | "false" | "no")));

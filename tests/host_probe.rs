@@ -642,3 +642,34 @@ fn cli_host_profile_replaces_probing_and_env_overrides_win() {
     assert_eq!(v["sources"]["cuda.devices"]["var"], "KHUB_CUDA_ARCH");
     assert_eq!(v["sources"]["libc"]["kind"], "profile", "untouched facts keep the profile");
 }
+
+/// Regression (issue 10): a registry command probed the host twice, the second time
+/// in-process, so a driver that crashes in `cuInit` took `khub fetch` down with SIGSEGV even
+/// though the CLI's own probe ran it in a helper process.
+#[test]
+fn a_crashing_driver_does_not_take_a_registry_command_down() {
+    use std::os::unix::process::ExitStatusExt;
+    let fx = Fixture::new();
+    let crash = fx.lib(Mode::Crash);
+    let nvml = fx.missing("libnvidia-ml.so.1");
+    let registry = fx.path().join("empty-registry");
+    std::fs::create_dir_all(&registry).unwrap();
+    let mut cmd = std::process::Command::new(KHUB);
+    for var in khub::env::ALL {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .args(["fetch", "acme/activation", "--offline", "--registry"])
+        .arg(&registry)
+        .arg("--cache")
+        .arg(fx.path().join("cache"))
+        .env("KHUB_LIBCUDA", &crash)
+        .env("KHUB_LIBNVML", &nvml)
+        .env("HOME", fx.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), None, "killed by a signal: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error:"), "{stderr}");
+}

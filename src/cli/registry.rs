@@ -42,11 +42,10 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     let env = Environment::capture();
     let mut probe = super::probe_options(host)?;
     probe.env = env.clone();
+    // The host is probed once, here, under the CLI's isolation (a helper process for the
+    // driver) and with --host applied; the hub takes these facts as they are.
     let facts = HostFacts::detect(&probe)?.facts;
-    let mut o = HubOptions::from_env(env).map(|mut o| {
-        o.host = facts.clone();
-        o
-    })?;
+    let mut o = HubOptions::from_env_for_host(env, facts)?;
     if let Some(r) = &args.registry {
         o.registry = RegistrySpec::parse(r);
     }
