@@ -384,6 +384,7 @@ fn load_code(e: &LoadError) -> c_int {
         LoadError::TypeMismatch { .. } => KHUB_E_SIGNATURE_MISMATCH,
         LoadError::Io { .. } => KHUB_E_IO,
         LoadError::Dlopen { .. }
+        | LoadError::Helper { .. }
         | LoadError::NoEntry { .. }
         | LoadError::AbiRefused { .. }
         | LoadError::BadDescriptor { .. }

@@ -53,6 +53,15 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// The helper process that describes a library failed (the library crashed in its
+    /// initialisers, or is not a khub kernel).
+    #[error("`{path}`: {message}")]
+    Helper {
+        /// The library.
+        path: String,
+        /// What the helper said.
+        message: String,
+    },
     /// `dlopen` refused the verified library.
     #[error("dlopen of `{path}` failed: {message}")]
     Dlopen {
@@ -308,7 +317,7 @@ pub struct FileReport {
 }
 
 /// One export.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ExportReport {
     /// The name.
     pub name: String,
@@ -558,7 +567,7 @@ fn remember_loaded(d: Sha256Digest, lib: &'static libloading::Library) {
 }
 
 /// What a kernel library's descriptor declares, read by loading it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Description {
     /// The kernel's name.
     pub name: String,
@@ -603,6 +612,40 @@ pub fn describe_library(path: &Path) -> Result<Description, LoadError> {
                 selftest: f.selftest.is_some(),
             })
             .collect(),
+    })
+}
+
+/// The hidden `khub` subcommand that describes a library in a helper process.
+pub const DESCRIBE_SUBCOMMAND: &str = "__describe";
+
+/// As [`describe_library`], in a helper process: runs `<helper> __describe LIB` (the `khub`
+/// binary, or any program that prints [`describe_library`]'s result as JSON) so the
+/// library's initialisers cannot affect this process.
+pub fn describe_library_in(helper: &Path, path: &Path) -> Result<Description, LoadError> {
+    let shown = path.display().to_string();
+    let out = std::process::Command::new(helper)
+        .arg(DESCRIBE_SUBCOMMAND)
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| LoadError::Io {
+            what: "cannot run the describe helper for",
+            path: shown.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(LoadError::Helper {
+            path: shown,
+            message: match stderr.trim() {
+                "" => format!("the helper {} exited with {}", helper.display(), out.status),
+                s => s.trim_start_matches("error: ").to_owned(),
+            },
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| LoadError::Helper {
+        path: shown,
+        message: format!("the helper {} printed no description: {e}", helper.display()),
     })
 }
 

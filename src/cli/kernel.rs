@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use khub::host::ProbeOptions;
@@ -30,6 +30,7 @@ impl Toolchain {
             nvcc_args: self.nvcc_args.clone(),
             hip: self.hip.clone(),
             only: Vec::new(),
+            describe_helper: std::env::current_exe().ok(),
         }
     }
 }
@@ -209,11 +210,7 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
 /// Runs `khub __describe LIB` and parses its JSON.
 fn describe_isolated(lib: &Path) -> Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
-    let out = std::process::Command::new(exe).arg("__describe").arg(lib).output()?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim().trim_start_matches("error: "));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(serde_json::to_value(khub::load::describe_library_in(&exe, lib)?)?)
 }
 
 /// `khub __describe`: loads a library in this (child) process and prints its descriptor.

@@ -757,6 +757,35 @@ pub fn parse_kfd_properties(text: &str) -> Option<String> {
     gfx_name_from_target_version(value("gfx_target_version")?)
 }
 
+/// Where ROCm installs by default, relative to the file-system root.
+pub const DEFAULT_ROCM_ROOT: &str = "opt/rocm";
+
+/// The library directories of a ROCm install: `lib`, `lib64`.
+pub fn rocm_lib_dirs(rocm: &Path) -> [PathBuf; 2] {
+    [rocm.join("lib"), rocm.join("lib64")]
+}
+
+/// The system library directories where a distribution's HIP runtime lives (Debian's
+/// `libamdhip64-dev` uses the multiarch one), under the file-system root `root`.
+pub fn system_lib_dirs(root: &Path) -> [PathBuf; 3] {
+    [
+        root.join(format!("usr/lib/{}-linux-gnu", std::env::consts::ARCH)),
+        root.join("usr/lib64"),
+        root.join("usr/lib"),
+    ]
+}
+
+/// The ROCm install roots to search on this machine: `$ROCM_PATH` (live), then
+/// `/opt/rocm`.
+pub fn rocm_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = env::var_os(env::ROCM_PATH).map(PathBuf::from).into_iter().collect();
+    let default = Path::new("/").join(DEFAULT_ROCM_ROOT);
+    if !roots.contains(&default) {
+        roots.push(default);
+    }
+    roots
+}
+
 /// Reads `6.3.1-48` (the contents of `.info/version`) as 6.3.
 pub fn parse_rocm_version(text: &str) -> Option<MajorMinor> {
     text.trim().split(['-', '\n']).next()?.parse().ok()
@@ -775,7 +804,7 @@ pub fn parse_rocm_version(text: &str) -> Option<MajorMinor> {
 ///
 /// `Err` lists what was tried.
 pub fn rocm_user_space_version(root: &Path, rocm_path: Option<&Path>) -> Result<(MajorMinor, String), String> {
-    let rocm = rocm_path.map(Path::to_path_buf).unwrap_or_else(|| root.join("opt/rocm"));
+    let rocm = rocm_path.map(Path::to_path_buf).unwrap_or_else(|| root.join(DEFAULT_ROCM_ROOT));
     let info = rocm.join(".info/version");
     let mut tried = Vec::new();
     match std::fs::read_to_string(&info) {
@@ -785,13 +814,7 @@ pub fn rocm_user_space_version(root: &Path, rocm_path: Option<&Path>) -> Result<
         },
         Err(e) => tried.push(format!("{}: {e}", info.display())),
     }
-    let dirs = [
-        rocm.join("lib"),
-        rocm.join("lib64"),
-        root.join(format!("usr/lib/{}-linux-gnu", std::env::consts::ARCH)),
-        root.join("usr/lib64"),
-        root.join("usr/lib"),
-    ];
+    let dirs: Vec<PathBuf> = rocm_lib_dirs(&rocm).into_iter().chain(system_lib_dirs(root)).collect();
     match hip_runtime_version(&dirs) {
         Ok((v, file)) => Ok((v, format!("{} (HIP runtime file name; not loaded)", file.display()))),
         Err(why) => {

@@ -31,7 +31,7 @@ use std::process::Command;
 use serde::Deserialize;
 
 use crate::inspect::{InspectError, inspect_file};
-use crate::load::{Description, LoadError, describe_library};
+use crate::load::{Description, LoadError, describe_library, describe_library_in};
 use crate::manifest::{
     CudaVariant, Export, FileEntry, KernelInfo, Manifest, ManifestError, RelPath, RocmVariant, SCHEMA_MAJOR, SCHEMA_MINOR, Variant,
 };
@@ -285,6 +285,10 @@ pub struct BuildOptions {
     pub hip: Option<PathBuf>,
     /// Only these variant ids (all when empty).
     pub only: Vec<String>,
+    /// Reading a built library's descriptor runs its initialisers. With a helper (the
+    /// `khub` binary), that happens in a child process (`khub __describe`); without one,
+    /// in this process (the library is one the caller just built).
+    pub describe_helper: Option<PathBuf>,
 }
 
 /// One variant that was built.
@@ -439,7 +443,7 @@ pub struct HipRuntime {
 /// answers `--version` as clang. The runtime: see [`find_hip_runtime`]. `Err` says what is
 /// missing and how to get it.
 pub fn find_hip(explicit: Option<&Path>) -> Result<HipToolchain, String> {
-    let rocm = rocm_roots();
+    let rocm = crate::host::probe::rocm_roots();
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         candidates.push(p.to_owned());
@@ -487,35 +491,20 @@ pub fn find_hip(explicit: Option<&Path>) -> Result<HipToolchain, String> {
     })
 }
 
-/// ROCm install roots to search: `$ROCM_PATH`, then `/opt/rocm`.
-fn rocm_roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = crate::env::var_os(crate::env::ROCM_PATH).map(PathBuf::from).into_iter().collect();
-    let default = PathBuf::from("/opt/rocm");
-    if !roots.contains(&default) {
-        roots.push(default);
-    }
-    roots
-}
-
 /// Finds the HIP runtime to build against: under a ROCm root (`include/hip`,
 /// `lib/libamdhip64.so`), else the system's (`/usr/include/hip` and the multiarch library
 /// directory, where Debian's `libamdhip64-dev` puts them). The version comes from
 /// `hip/hip_version.h` next to the headers, else `<root>/.info/version`, else
 /// `share/hip/version`.
 pub fn find_hip_runtime(rocm_roots: &[PathBuf]) -> Result<HipRuntime, String> {
-    let multiarch = format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH);
+    use crate::host::probe::{rocm_lib_dirs, system_lib_dirs};
     let mut layouts: Vec<(PathBuf, PathBuf, Vec<PathBuf>)> = rocm_roots
         .iter()
-        .map(|r| (r.clone(), r.join("include"), vec![r.join("lib"), r.join("lib64")]))
+        .map(|r| (r.clone(), r.join("include"), rocm_lib_dirs(r).to_vec()))
         .collect();
-    layouts.push((
-        PathBuf::from("/usr"),
-        PathBuf::from("/usr/include"),
-        [multiarch.as_str(), "/usr/lib64", "/usr/lib", "/usr/local/lib"]
-            .iter()
-            .map(PathBuf::from)
-            .collect(),
-    ));
+    let mut system = system_lib_dirs(Path::new("/")).to_vec();
+    system.push(PathBuf::from("/usr/local/lib"));
+    layouts.push((PathBuf::from("/usr"), PathBuf::from("/usr/include"), system));
     let mut looked = Vec::new();
     for (root, include, libs) in layouts {
         let header = include.join("hip/hip_runtime_api.h");
@@ -815,7 +804,7 @@ pub struct Inspected {
 /// backend and exports, and the embedded device code (CUDA cubins and PTX; AMD code
 /// objects, whose set of target ids must equal the declared one), and for rocm variants
 /// that the declared ROCm major is the linked HIP runtime's.
-pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Inspected, PackageError> {
+pub fn check_variant(config: &PackageConfig, built: &BuiltVariant, describe_helper: Option<&Path>) -> Result<Inspected, PackageError> {
     let v = &built.config;
     let mismatch = |message: String| PackageError::Mismatch {
         variant: v.id.clone(),
@@ -832,7 +821,11 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant) -> Result<Ins
             crate::abi::ENTRY_SYMBOL
         )));
     }
-    let description = describe_library(&built.library).map_err(|source| PackageError::Describe {
+    let description = match describe_helper {
+        Some(helper) => describe_library_in(helper, &built.library),
+        None => describe_library(&built.library),
+    }
+    .map_err(|source| PackageError::Describe {
         variant: v.id.clone(),
         source,
     })?;
@@ -963,7 +956,7 @@ pub fn package(
     let mut variants = Vec::new();
     let mut exports: Option<Vec<Export>> = None;
     for built in &report.built {
-        let inspected = check_variant(&config, built)?;
+        let inspected = check_variant(&config, built, options.describe_helper.as_deref())?;
         let device_code: Vec<String> = inspected
             .cuda_code
             .iter()
