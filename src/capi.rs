@@ -32,13 +32,13 @@ use serde::Serialize;
 
 use crate::abi::{DLTensor, Signature};
 use crate::env as vars;
-use crate::host::{Environment, HostFacts};
+use crate::host::Environment;
 use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};
 use crate::registry::{RegistryError, RepoId};
 use crate::release::ReleaseError;
-use crate::resolve::{Preferences, Resolution, resolve};
+use crate::resolve::{Explain, ExplainRelease, Preferences, resolve};
 use crate::store::StoreError;
 use crate::verify::VerifyError;
 use crate::version::parse_requirement;
@@ -219,21 +219,6 @@ struct ProvenanceJson<'a> {
     #[serde(flatten)]
     origin: &'a Origin,
     loaded: LoadReport,
-}
-
-/// The document `khub_hub_explain_json` returns: `khub explain --json`'s, plus the
-/// release it was resolved from.
-#[derive(Serialize)]
-struct ExplainJson<'a> {
-    format: u32,
-    repo: String,
-    requirement: &'a str,
-    registry: &'a str,
-    version: String,
-    commit: &'a str,
-    host: &'a HostFacts,
-    chosen: Option<&'a str>,
-    resolution: &'a Resolution,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -933,17 +918,14 @@ pub unsafe extern "C" fn khub_hub_explain_json(
         parse_requirement(requirement).map_err(|e| Failure::invalid(e.to_string()))?;
         let release = h.hub.resolve_release(&repo, requirement)?;
         let resolution = resolve(&release.manifest, h.hub.host(), &h.preferences);
-        let doc = json(&ExplainJson {
-            format: 1,
+        // `khub explain --json`'s document, plus the release it was resolved from.
+        let doc = json(&Explain::new(&resolution, h.hub.host()).with_release(ExplainRelease {
             repo: repo.to_string(),
             requirement,
             registry: &h.registry,
             version: release.version.to_string(),
             commit: &release.commit,
-            host: h.hub.host(),
-            chosen: resolution.best().map(|c| c.id.as_str()),
-            resolution: &resolution,
-        })?;
+        }))?;
         // SAFETY: checked by clear_out.
         unsafe { put_string(out, doc) };
         Ok(())

@@ -4,20 +4,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use serde::Serialize;
 
 use khub::host::{HostFacts, ProbeOptions};
-use khub::resolve::{Preferences, Resolution, Verdict, describe_host, resolve};
-
-/// The JSON document `khub explain --json` prints (documented in docs/cli.md).
-#[derive(Serialize)]
-struct ExplainJson<'a> {
-    /// Format version of this document.
-    format: u32,
-    host: &'a HostFacts,
-    chosen: Option<&'a str>,
-    resolution: &'a Resolution,
-}
+use khub::resolve::{Explain, Preferences, Resolution, Verdict, describe_host, resolve};
 
 pub fn run(manifest: &Path, options: &ProbeOptions, prefs: &Preferences, json: bool) -> Result<ExitCode> {
     let m = super::read_manifest(manifest)?;
@@ -25,13 +14,8 @@ pub fn run(manifest: &Path, options: &ProbeOptions, prefs: &Preferences, json: b
     let r = resolve(&m, &host, prefs);
     let chosen = r.best().map(|c| c.id.as_str());
     if json {
-        let doc = ExplainJson {
-            format: 1,
-            host: &host,
-            chosen,
-            resolution: &r,
-        };
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        // The JSON document is documented in docs/cli.md.
+        println!("{}", serde_json::to_string_pretty(&Explain::new(&r, &host))?);
     } else {
         print!("{}", render(&r, &host));
     }

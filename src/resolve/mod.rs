@@ -15,20 +15,23 @@
 //!
 //! Nothing here does I/O; the host facts arrive as a value.
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::fmt;
 
 use serde::Serialize;
 
+use crate::abi::ABI_MAJOR;
 use crate::host::{CudaDevice, HostFacts, RocmDevice};
 use crate::manifest::{CudaVariant, Manifest, RocmVariant, Variant, XpuVariant};
 use crate::platform::{
-    AmdTarget, Backend, CpuArch, CudaArch, CudaFeatureSet, CudartLinkage, FeatureState, Libc, LibcFamily, MajorMinor, Os, X86Level,
-    generic_member_since,
+    AmdTarget, Backend, CudaArch, CudaFeatureSet, CudartLinkage, FeatureState, Libc, LibcFamily, MajorMinor, X86Level, generic_member_since,
 };
 
-/// The kernel ABI major this khub speaks (`include/khub_kernel.h`).
-pub const KERNEL_ABI_MAJOR: u32 = 1;
+mod explain;
+mod rejection;
+
+pub use explain::{Explain, ExplainRelease};
+pub use rejection::{Closeness, Rejection, RejectionKind};
 
 /// What the caller wants, beyond what the host can run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -153,360 +156,8 @@ impl fmt::Display for Score {
     }
 }
 
-/// Why a variant cannot run on the host, or was set aside by a preference.
-///
-/// Variants are declared in the order the checks run; [`Rejection::stage`] groups them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "reason", rename_all_fields = "kebab-case")]
-#[non_exhaustive]
-pub enum Rejection {
-    /// Another variant was forced by the caller.
-    NotSelected {
-        /// The forced variant.
-        selected: String,
-    },
-    /// The caller asked for another backend.
-    BackendNotPreferred {
-        /// The backend asked for.
-        want: Backend,
-    },
-    /// The release speaks a kernel ABI this khub does not.
-    AbiUnsupported {
-        /// The release's ABI major.
-        need: u32,
-        /// The ABI major this khub speaks.
-        have: u32,
-    },
-    /// Built for another operating system.
-    OsMismatch {
-        /// The variant's OS.
-        need: Os,
-        /// The host's OS.
-        have: Os,
-    },
-    /// Built for another CPU architecture.
-    CpuArchMismatch {
-        /// The variant's architecture.
-        need: CpuArch,
-        /// The host's architecture.
-        have: CpuArch,
-    },
-    /// Built against another C library (glibc vs musl), or the host's is unknown.
-    LibcMismatch {
-        /// The variant's libc.
-        need: LibcFamily,
-        /// The host's, if known.
-        have: Option<LibcFamily>,
-    },
-    /// Needs a newer glibc (the manylinux rule).
-    GlibcTooOld {
-        /// The variant's floor.
-        need: MajorMinor,
-        /// The host's version.
-        have: MajorMinor,
-    },
-    /// Needs a newer musl.
-    MuslTooOld {
-        /// The variant's floor.
-        need: MajorMinor,
-        /// The host's version.
-        have: MajorMinor,
-    },
-    /// Needs a newer macOS.
-    MacOsTooOld {
-        /// The variant's floor.
-        need: MajorMinor,
-        /// The host's version, if known.
-        have: Option<MajorMinor>,
-    },
-    /// The host has no device of this backend.
-    BackendUnavailable {
-        /// The variant's backend.
-        backend: Backend,
-        /// What host detection said.
-        why: String,
-    },
-    /// The driver supports an older CUDA major than the toolkit that built the variant.
-    DriverTooOld {
-        /// The variant's toolkit.
-        need: MajorMinor,
-        /// The CUDA version the driver supports.
-        have: MajorMinor,
-    },
-    /// The variant links cudart dynamically and the host process has no CUDA runtime.
-    RuntimeMissing {
-        /// The runtime it needs.
-        need: MajorMinor,
-    },
-    /// The variant links a cudart of another major than the host process's.
-    RuntimeMajorMismatch {
-        /// The variant's toolkit.
-        need: MajorMinor,
-        /// The host's runtime.
-        have: MajorMinor,
-    },
-    /// The variant links a newer cudart minor than the host process has.
-    RuntimeTooOld {
-        /// The variant's toolkit.
-        need: MajorMinor,
-        /// The host's runtime.
-        have: MajorMinor,
-    },
-    /// The host's ROCm version is not known.
-    RocmVersionUnknown {
-        /// The variant's ROCm version.
-        need: MajorMinor,
-    },
-    /// Built for another ROCm major (HIP runtimes of different majors are incompatible).
-    RocmMajorMismatch {
-        /// The variant's ROCm.
-        need: MajorMinor,
-        /// The host's ROCm.
-        have: MajorMinor,
-    },
-    /// Built for another ROCm minor, which the publisher did not declare compatible.
-    RocmMinorNotDeclared {
-        /// The variant's ROCm.
-        need: MajorMinor,
-        /// The host's ROCm.
-        have: MajorMinor,
-    },
-    /// Built with a Metal language version the host's macOS cannot load.
-    MslTooNew {
-        /// The macOS that version needs.
-        need_macos: MajorMinor,
-        /// The host's macOS, if known.
-        have: Option<MajorMinor>,
-    },
-    /// Built with another oneAPI release.
-    OneApiMismatch {
-        /// The variant's oneAPI.
-        need: MajorMinor,
-        /// The host's, if known.
-        have: Option<MajorMinor>,
-    },
-    /// Needs a higher x86-64 level.
-    CpuLevelTooLow {
-        /// The variant's level.
-        need: X86Level,
-        /// The host's level, if known.
-        have: Option<X86Level>,
-    },
-    /// Needs CPU features the host lacks.
-    CpuFeaturesMissing {
-        /// The missing features, sorted.
-        missing: Vec<String>,
-    },
-    /// The host's devices of this backend are not known in enough detail to match code.
-    DeviceUnknown {
-        /// The backend.
-        backend: Backend,
-    },
-    /// Carries arch-specific code (`sm_90a`) for another compute capability of the same
-    /// major; arch-specific code never runs on another device.
-    ArchSpecificOnly {
-        /// The device, e.g. `cuda:0 (9.0)`.
-        device: String,
-        /// The device code the variant carries.
-        have: Vec<String>,
-    },
-    /// The driver is an older minor of the toolkit's major: minor-version compatibility
-    /// applies, but only to cubins, and the variant has only PTX for this device.
-    MvcNeedsSass {
-        /// The device.
-        device: String,
-        /// The variant's toolkit.
-        toolkit: MajorMinor,
-        /// The driver's CUDA version.
-        driver: MajorMinor,
-    },
-    /// Has a code object for the device (exact or generic) whose xnack or sramecc setting does not
-    /// match the device's (or the device's state is unknown).
-    FeatureMismatch {
-        /// The device.
-        device: String,
-        /// The code objects the variant carries.
-        have: Vec<String>,
-    },
-    /// Carries no device code that runs on the device.
-    NoDeviceCode {
-        /// The device.
-        device: String,
-        /// The device code the variant carries.
-        have: Vec<String>,
-    },
-    /// Would only run through JIT compilation, which the caller forbade.
-    JitForbidden {
-        /// The device.
-        device: String,
-    },
-}
-
-impl Rejection {
-    /// How far the checks got before this rejection, 0 to 8: a higher stage is a closer
-    /// miss (compat-rules.md §7.2).
-    pub fn stage(&self) -> u8 {
-        use Rejection::*;
-        match self {
-            NotSelected { .. } | BackendNotPreferred { .. } => 0,
-            AbiUnsupported { .. } => 1,
-            OsMismatch { .. } | CpuArchMismatch { .. } => 2,
-            LibcMismatch { .. } | GlibcTooOld { .. } | MuslTooOld { .. } | MacOsTooOld { .. } => 3,
-            BackendUnavailable { .. } => 4,
-            DriverTooOld { .. }
-            | RuntimeMissing { .. }
-            | RuntimeMajorMismatch { .. }
-            | RuntimeTooOld { .. }
-            | RocmVersionUnknown { .. }
-            | RocmMajorMismatch { .. }
-            | RocmMinorNotDeclared { .. }
-            | MslTooNew { .. }
-            | OneApiMismatch { .. } => 5,
-            CpuLevelTooLow { .. } | CpuFeaturesMissing { .. } => 6,
-            DeviceUnknown { .. } | ArchSpecificOnly { .. } | MvcNeedsSass { .. } | FeatureMismatch { .. } | NoDeviceCode { .. } => 7,
-            JitForbidden { .. } => 8,
-        }
-    }
-
-    /// How close this miss came to running: the [`Rejection::stage`], then a rank within
-    /// the stage (a glibc that is too old is closer than a wrong libc family; a cubin for
-    /// another minor is closer than no code for the device at all). Closest misses sort
-    /// first among rejections.
-    pub fn closeness(&self) -> (u8, u8) {
-        use Rejection::*;
-        let within = match self {
-            LibcMismatch { .. } | DriverTooOld { .. } | RocmVersionUnknown { .. } | RocmMajorMismatch { .. } | DeviceUnknown { .. } => 0,
-            RuntimeMissing { .. } | RuntimeMajorMismatch { .. } | NoDeviceCode { .. } => 1,
-            RuntimeTooOld { .. } | ArchSpecificOnly { .. } | FeatureMismatch { .. } => 2,
-            MvcNeedsSass { .. } => 3,
-            GlibcTooOld { .. } | MuslTooOld { .. } | MacOsTooOld { .. } | RocmMinorNotDeclared { .. } => 3,
-            _ => 0,
-        };
-        (self.stage(), within)
-    }
-
-    /// The reason's name, as in JSON output (`GlibcTooOld`).
-    pub fn code(&self) -> &'static str {
-        use Rejection::*;
-        match self {
-            NotSelected { .. } => "NotSelected",
-            BackendNotPreferred { .. } => "BackendNotPreferred",
-            AbiUnsupported { .. } => "AbiUnsupported",
-            OsMismatch { .. } => "OsMismatch",
-            CpuArchMismatch { .. } => "CpuArchMismatch",
-            LibcMismatch { .. } => "LibcMismatch",
-            GlibcTooOld { .. } => "GlibcTooOld",
-            MuslTooOld { .. } => "MuslTooOld",
-            MacOsTooOld { .. } => "MacOsTooOld",
-            BackendUnavailable { .. } => "BackendUnavailable",
-            DriverTooOld { .. } => "DriverTooOld",
-            RuntimeMissing { .. } => "RuntimeMissing",
-            RuntimeMajorMismatch { .. } => "RuntimeMajorMismatch",
-            RuntimeTooOld { .. } => "RuntimeTooOld",
-            RocmVersionUnknown { .. } => "RocmVersionUnknown",
-            RocmMajorMismatch { .. } => "RocmMajorMismatch",
-            RocmMinorNotDeclared { .. } => "RocmMinorNotDeclared",
-            MslTooNew { .. } => "MslTooNew",
-            OneApiMismatch { .. } => "OneApiMismatch",
-            CpuLevelTooLow { .. } => "CpuLevelTooLow",
-            CpuFeaturesMissing { .. } => "CpuFeaturesMissing",
-            DeviceUnknown { .. } => "DeviceUnknown",
-            ArchSpecificOnly { .. } => "ArchSpecificOnly",
-            MvcNeedsSass { .. } => "MvcNeedsSass",
-            FeatureMismatch { .. } => "FeatureMismatch",
-            NoDeviceCode { .. } => "NoDeviceCode",
-            JitForbidden { .. } => "JitForbidden",
-        }
-    }
-
-    /// What would change the outcome, for a user reading why nothing fits.
-    pub fn hint(&self) -> &'static str {
-        use Rejection::*;
-        match self {
-            NotSelected { .. } | BackendNotPreferred { .. } | JitForbidden { .. } => {
-                "drop the preference (--prefer) that set this variant aside"
-            }
-            AbiUnsupported { .. } => "use a khub that speaks this kernel ABI, or a release built for ABI 1",
-            OsMismatch { .. } | CpuArchMismatch { .. } => "the publisher needs to build for this platform",
-            LibcMismatch { .. } | GlibcTooOld { .. } | MuslTooOld { .. } => {
-                "run on a newer distribution, or ask for a build against an older libc (set KHUB_LIBC to simulate another host)"
-            }
-            MacOsTooOld { .. } | MslTooNew { .. } => "update macOS, or ask for a build with a lower deployment target",
-            BackendUnavailable { .. } => {
-                "run where that GPU is visible, or simulate one with --host FILE or KHUB_CUDA_ARCH / KHUB_AMD_GPU_ARCH"
-            }
-            DriverTooOld { .. } | MvcNeedsSass { .. } => "update the GPU driver, or ask for cubins (sm_XY) for this device",
-            RuntimeMissing { .. } | RuntimeMajorMismatch { .. } | RuntimeTooOld { .. } => {
-                "load a matching CUDA runtime in the process (set KHUB_CUDA_RUNTIME to declare it), or use a variant with static cudart"
-            }
-            RocmVersionUnknown { .. } => "set KHUB_ROCM_VERSION, or install ROCm so /opt/rocm/.info/version exists",
-            RocmMajorMismatch { .. } | RocmMinorNotDeclared { .. } => {
-                "install the ROCm release the variant was built for, or ask for a build for yours"
-            }
-            OneApiMismatch { .. } => "install the oneAPI release the variant was built for",
-            CpuLevelTooLow { .. } | CpuFeaturesMissing { .. } => "ask for a baseline CPU build",
-            DeviceUnknown { .. } => "set KHUB_CUDA_ARCH or KHUB_AMD_GPU_ARCH to the device's architecture",
-            ArchSpecificOnly { .. } | NoDeviceCode { .. } => "ask the publisher for code for this device (a cubin for its arch, or PTX)",
-            FeatureMismatch { .. } => "ask for a build with xnack/sramecc left as any, or state the device's mode in KHUB_AMD_GPU_ARCH",
-        }
-    }
-}
-
-fn list(v: &[String]) -> String {
-    if v.is_empty() { "nothing".to_owned() } else { v.join(", ") }
-}
-
 fn opt<T: fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string)
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use Rejection::*;
-        write!(f, "{}: ", self.code())?;
-        match self {
-            NotSelected { selected } => write!(f, "variant `{selected}` was requested"),
-            BackendNotPreferred { want } => write!(f, "backend {want} was requested"),
-            AbiUnsupported { need, have } => write!(f, "release speaks kernel ABI {need}, this khub speaks {have}"),
-            OsMismatch { need, have } => write!(f, "built for {need}, host is {have}"),
-            CpuArchMismatch { need, have } => write!(f, "built for {need}, host is {have}"),
-            LibcMismatch { need, have } => write!(f, "built against {need}, host runs {}", opt(have)),
-            GlibcTooOld { need, have } => write!(f, "needs glibc {need}, host has {have}"),
-            MuslTooOld { need, have } => write!(f, "needs musl {need}, host has {have}"),
-            MacOsTooOld { need, have } => write!(f, "needs macOS {need}, host runs {}", opt(have)),
-            BackendUnavailable { backend, why } => write!(f, "no {backend} device: {why}"),
-            DriverTooOld { need, have } => write!(f, "built with CUDA {need}, driver supports CUDA {have}"),
-            RuntimeMissing { need } => write!(
-                f,
-                "links libcudart.so.{} dynamically ({need}); host has no CUDA runtime",
-                need.major
-            ),
-            RuntimeMajorMismatch { need, have } => write!(f, "links cudart {need}, host runtime is {have} (another major)"),
-            RuntimeTooOld { need, have } => write!(f, "links cudart {need}, host runtime is {have}"),
-            RocmVersionUnknown { need } => write!(f, "built for ROCm {need}; host ROCm version unknown"),
-            RocmMajorMismatch { need, have } => write!(f, "built for ROCm {need}, host runs ROCm {have} (another major)"),
-            RocmMinorNotDeclared { need, have } => write!(f, "built for ROCm {need}, host runs ROCm {have}, not declared compatible"),
-            MslTooNew { need_macos, have } => write!(f, "Metal library needs macOS {need_macos}, host runs {}", opt(have)),
-            OneApiMismatch { need, have } => write!(f, "built with oneAPI {need}, host has {}", opt(have)),
-            CpuLevelTooLow { need, have } => write!(f, "needs {need}, host is {}", opt(have)),
-            CpuFeaturesMissing { missing } => write!(f, "host CPU lacks {}", missing.join(", ")),
-            DeviceUnknown { backend } => write!(f, "the {backend} devices' architectures are unknown"),
-            ArchSpecificOnly { device, have } => write!(
-                f,
-                "{device}: arch-specific code runs only on its exact device; variant has {}",
-                list(have)
-            ),
-            MvcNeedsSass { device, toolkit, driver } => {
-                write!(
-                    f,
-                    "{device}: driver supports CUDA {driver} < toolkit {toolkit}; minor-version compatibility needs a cubin, variant has only PTX"
-                )
-            }
-            FeatureMismatch { device, have } => write!(f, "{device}: xnack/sramecc setting does not match; variant has {}", list(have)),
-            NoDeviceCode { device, have } => write!(f, "{device}: no code runs on it; variant has {}", list(have)),
-            JitForbidden { device } => write!(f, "{device}: only PTX/SPIR-V would run, and JIT was forbidden"),
-        }
-    }
 }
 
 /// The decision for one variant.
@@ -555,6 +206,24 @@ impl Candidate {
             Verdict::Rejected { reason } => Some(reason),
         }
     }
+
+    /// Where the candidate sorts in a [`Resolution`]: by [`Rank`], then by id.
+    fn sort_key(&self) -> (Rank<'_>, &str) {
+        let rank = match &self.verdict {
+            Verdict::Accepted { score } => Rank::Accepted(Reverse(score)),
+            Verdict::Rejected { reason } => Rank::Rejected(Reverse(reason.closeness())),
+        };
+        (rank, &self.id)
+    }
+}
+
+/// A candidate's place in a [`Resolution`], first first (the derived `Ord`): accepted
+/// variants before rejected ones, the greatest [`Score`] first among the accepted, the
+/// closest miss ([`Closeness`]) first among the rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank<'a> {
+    Accepted(Reverse<&'a Score>),
+    Rejected(Reverse<Closeness>),
 }
 
 /// Every variant of a manifest, best first, with the host facts and preferences used.
@@ -669,14 +338,7 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
         .collect();
     // Ids are unique (manifest validation), so the order is total and an unstable sort is
     // deterministic.
-    candidates.sort_unstable_by(|a, b| match (&a.verdict, &b.verdict) {
-        (Verdict::Accepted { score: x }, Verdict::Accepted { score: y }) => y.cmp(x).then_with(|| a.id.cmp(&b.id)),
-        (Verdict::Accepted { .. }, Verdict::Rejected { .. }) => Ordering::Less,
-        (Verdict::Rejected { .. }, Verdict::Accepted { .. }) => Ordering::Greater,
-        (Verdict::Rejected { reason: x }, Verdict::Rejected { reason: y }) => {
-            y.closeness().cmp(&x.closeness()).then_with(|| a.id.cmp(&b.id))
-        }
-    });
+    candidates.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     Resolution {
         kernel: manifest.kernel.name.clone(),
         version: manifest.kernel.version.to_string(),
@@ -713,10 +375,10 @@ fn judge(manifest: &Manifest, v: &Variant, host: &HostFacts, prefs: &Preferences
         return Err(Rejection::BackendNotPreferred { want });
     }
     // Stage 1: the kernel ABI.
-    if manifest.kernel.abi != KERNEL_ABI_MAJOR {
+    if manifest.kernel.abi != ABI_MAJOR {
         return Err(Rejection::AbiUnsupported {
             need: manifest.kernel.abi,
-            have: KERNEL_ABI_MAJOR,
+            have: ABI_MAJOR,
         });
     }
     // Stage 2: platform.
