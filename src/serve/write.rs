@@ -1,0 +1,329 @@
+//! The write API: creating repositories and committing releases. Refs are derived from the
+//! release directories, so tag and branch requests are only checked against them.
+//!
+//! This module parses the wire format; the release itself is checked, staged and moved
+//! into place by [`crate::registry::dir::commit_release`].
+
+use std::io::{self, BufRead, BufReader, Read};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{ApiError, Reply, clip, parse_json, read_body, read_json};
+use super::read::{load_repo, rel_path};
+use super::routes::{Ctx, Kind, Params};
+use super::{MAX_COMMIT_BYTES, MAX_JSON_BYTES};
+use crate::manifest::RelPath;
+use crate::registry::RepoId;
+use crate::registry::dir::{CommitError, commit_release};
+
+/// `POST /api/repos/create`: creates a repository directory (and its organisation's).
+pub(super) fn create_repo(ctx: &Ctx, rq: &mut tiny_http::Request, _: &Params) -> Result<Reply, ApiError> {
+    #[derive(Deserialize)]
+    struct Req {
+        name: String,
+        #[serde(default)]
+        organization: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+    }
+    let r: Req = read_json(rq)?;
+    let kind = match r.kind.as_deref() {
+        None | Some("model") => Kind::Model,
+        Some("kernel") => Kind::Kernel,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "this server hosts models and kernels only, not {}",
+                clip(other)
+            )));
+        }
+    };
+    let id = match (r.organization.as_deref(), r.name.contains('/')) {
+        (Some(org), false) => format!("{org}/{}", r.name),
+        (None, true) => r.name.clone(),
+        (Some(org), true) if r.name.starts_with(&format!("{org}/")) => r.name.clone(),
+        (None, false) => {
+            return Err(ApiError::bad_request(
+                "give the repository as org/name (this server has no user namespace)",
+            ));
+        }
+        (Some(_), true) => return Err(ApiError::bad_request("`name` and `organization` disagree")),
+    };
+    let repo: RepoId = id
+        .parse()
+        .map_err(|e: crate::registry::RepoIdError| ApiError::bad_request(e.to_string()))?;
+    let url = ctx.repo_url(kind, &repo);
+    let org_dir = ctx.state.root.join(repo.org());
+    match std::fs::symlink_metadata(&org_dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(ApiError::internal(format!("{} is not a directory", org_dir.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::create_dir(&org_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ApiError::internal(format!("creating {}: {e}", org_dir.display()))),
+        },
+        Err(e) => return Err(ApiError::internal(format!("{}: {e}", org_dir.display()))),
+    }
+    match std::fs::create_dir(org_dir.join(repo.name())) {
+        Ok(()) => Ok(Reply::json(
+            200,
+            &json!({ "url": url, "name": repo.to_string(), "id": repo.to_string() }),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(ApiError::new(409, Some("RepoExists"), "You already created this repo")
+            .with_body(json!({ "error": "You already created this repo", "url": url }))),
+        Err(e) => Err(ApiError::internal(format!("creating {repo}: {e}"))),
+    }
+}
+
+/// `POST /api/{P}/{org}/{name}/preupload/{rev}`: every file is a regular (inline) upload.
+pub(super) fn preupload(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+    #[derive(Deserialize)]
+    struct File {
+        path: String,
+    }
+    #[derive(Deserialize)]
+    struct Req {
+        #[serde(default)]
+        files: Vec<File>,
+    }
+    let r: Req = read_json(rq)?;
+    load_repo(ctx, &p.repo)?;
+    commit_branch(p.rev())?;
+    let mut out = Vec::new();
+    for f in r.files {
+        rel_path(&f.path)?;
+        out.push(json!({ "path": f.path, "uploadMode": "regular", "shouldIgnore": false }));
+    }
+    Ok(Reply::json(200, &json!({ "files": out, "commitOid": null })))
+}
+
+/// The branch a commit may target: `main`, or `v<major>` (`Some(major)`).
+fn commit_branch(rev: &str) -> Result<Option<u64>, ApiError> {
+    let b = rev.strip_prefix("refs/heads/").unwrap_or(rev);
+    if b == "main" {
+        return Ok(None);
+    }
+    if let Some(n) = b
+        .strip_prefix('v')
+        .filter(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|n| n.parse().ok())
+    {
+        return Ok(Some(n));
+    }
+    Err(ApiError::bad_request(format!(
+        "commit to `main` or to `v<major>`, not `{}`: each commit creates one release, and refs are derived from the releases",
+        clip(rev)
+    )))
+}
+
+#[derive(Deserialize)]
+struct CommitLine {
+    key: String,
+    #[serde(default)]
+    value: Value,
+}
+
+/// `POST /api/{P}/{org}/{name}/commit/{rev}`: an NDJSON commit that creates exactly one new
+/// release, written by [`commit_release`].
+pub(super) fn commit(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+    if ctx.flag("create_pr") {
+        return Err(ApiError::bad_request(
+            "pull requests are not supported: commit a new release instead",
+        ));
+    }
+    let repo = load_repo(ctx, &p.repo)?;
+    let major = commit_branch(p.rev())?;
+    if rq.body_length().is_some_and(|n| n as u64 > MAX_COMMIT_BYTES) {
+        return Err(ApiError::too_large(MAX_COMMIT_BYTES));
+    }
+    let files = CommitFiles {
+        reader: BufReader::with_capacity(256 * 1024, rq.as_reader().take(MAX_COMMIT_BYTES + 1)),
+        total: 0,
+        line: Vec::new(),
+    };
+    let release = commit_release(&ctx.state.root, &repo.id, major, files)?;
+    let oid = release.commit;
+    Ok(Reply::json(
+        200,
+        &json!({
+            "success": true,
+            "commitUrl": format!("{}/commit/{oid}", ctx.repo_url(p.kind, &repo.id)),
+            "commitOid": oid,
+            "commitMessage": format!("release {}", release.version),
+            "pullRequestUrl": null,
+        }),
+    ))
+}
+
+/// The files of an NDJSON commit body, decoded one line at a time.
+struct CommitFiles<R> {
+    reader: R,
+    /// The bytes read so far.
+    total: u64,
+    line: Vec<u8>,
+}
+
+impl<R: BufRead> CommitFiles<R> {
+    /// The next file operation's path and bytes; `None` at the end of the body.
+    fn next_file(&mut self) -> Result<Option<(RelPath, Vec<u8>)>, ApiError> {
+        loop {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.line)
+                .map_err(|e| ApiError::bad_request(format!("reading the commit: {e}")))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.total += n as u64;
+            if self.total > MAX_COMMIT_BYTES {
+                return Err(ApiError::too_large(MAX_COMMIT_BYTES));
+            }
+            let text = self.line.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            let op: CommitLine = serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("invalid NDJSON line: {e}")))?;
+            match op.key.as_str() {
+                "header" => {}
+                "file" => return file_op(&op.value).map(Some),
+                "deletedFile" | "deletedFolder" => {
+                    return Err(ApiError::bad_request(
+                        "releases are immutable: a commit cannot delete files (each commit creates a new release directory)",
+                    ));
+                }
+                "lfsFile" => {
+                    return Err(ApiError::bad_request(
+                        "this server only accepts regular uploads (files inline in the commit, base64), not LFS; it answers `regular` to preupload",
+                    ));
+                }
+                other => return Err(ApiError::bad_request(format!("unknown commit operation `{}`", clip(other)))),
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for CommitFiles<R> {
+    type Item = Result<(RelPath, Vec<u8>), ApiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_file().transpose()
+    }
+}
+
+/// The path and bytes of a `file` operation: its content inline, UTF-8 or base64.
+fn file_op(value: &Value) -> Result<(RelPath, Vec<u8>), ApiError> {
+    let str_field = |name: &str| value.get(name).and_then(Value::as_str);
+    let path = str_field("path").ok_or_else(|| ApiError::bad_request("a file operation has no `path`"))?;
+    let rel = rel_path(path)?;
+    let content = str_field("content").ok_or_else(|| ApiError::bad_request(format!("file `{}` has no `content`", clip(path))))?;
+    let bytes = match str_field("encoding").unwrap_or("utf-8") {
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(content)
+            .map_err(|e| ApiError::bad_request(format!("file `{}`: invalid base64: {e}", clip(path))))?,
+        "utf-8" | "utf8" => content.as_bytes().to_vec(),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "file `{}`: unknown encoding `{}`",
+                clip(path),
+                clip(other)
+            )));
+        }
+    };
+    Ok((rel, bytes))
+}
+
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> ApiError {
+        match e {
+            CommitError::RepoNotFound { repo } => ApiError::repo_not_found(&repo.to_string()),
+            CommitError::ReleaseExists { .. } => ApiError::new(409, Some("ReleaseExists"), e.to_string()),
+            CommitError::Io { .. } => ApiError::internal(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+/// `POST`/`DELETE /api/{P}/{org}/{name}/tag/{rev}`: tags are derived, so creating the tag a
+/// release has is accepted and anything else refused.
+pub(super) fn tag(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+    let (id, rev) = (p.repo.as_str(), p.rev());
+    let derived = |m: String| derived_refs(m, TAGS_RULE);
+    if ctx.method == "DELETE" {
+        return Err(refuse_delete(ctx, id, "tag", rev, TAGS_RULE));
+    }
+    #[derive(Deserialize)]
+    struct Req {
+        tag: String,
+    }
+    let r: Req = read_json(rq)?;
+    let repo = load_repo(ctx, id)?;
+    let release = repo.release(rev)?;
+    let expected = format!("v{}", release.version);
+    if r.tag == expected {
+        Ok(Reply::json(
+            200,
+            &json!({ "name": expected, "ref": format!("refs/tags/{expected}"), "targetCommit": release.commit }),
+        ))
+    } else {
+        Err(derived(format!("the tag of {} is `{expected}`, not `{}`", clip(rev), clip(&r.tag))))
+    }
+}
+
+/// `POST`/`DELETE /api/{P}/{org}/{name}/branch/{branch}`: branches are derived, so creating
+/// one that exists (at the same release) is accepted and anything else refused.
+pub(super) fn branch(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+    let (id, branch) = (p.repo.as_str(), p.rev());
+    let derived = |m: String| derived_refs(m, BRANCHES_RULE);
+    if ctx.method == "DELETE" {
+        return Err(refuse_delete(ctx, id, "branch", branch, BRANCHES_RULE));
+    }
+    #[derive(Deserialize, Default)]
+    struct Req {
+        #[serde(default, rename = "startingPoint")]
+        starting_point: Option<String>,
+    }
+    let body = read_body(rq, MAX_JSON_BYTES)?;
+    let r: Req = if body.trim_ascii().is_empty() {
+        Req::default()
+    } else {
+        parse_json(&body)?
+    };
+    let repo = load_repo(ctx, id)?;
+    commit_branch(branch).map_err(|_| derived(format!("`{}` cannot be created", clip(branch))))?;
+    let name = branch.strip_prefix("refs/heads/").unwrap_or(branch);
+    let current = repo.refs.branches.iter().find(|b| b.name == name).map(|b| b.commit.clone());
+    let target = match r.starting_point.as_deref() {
+        Some(sp) => Some(repo.release(sp)?),
+        None => None,
+    };
+    match (current, target) {
+        (Some(cur), Some(t)) if cur != t.commit => Err(derived(format!("`{name}` points at {cur}, not at {}", t.commit))),
+        (None, Some(t)) => Err(derived(format!(
+            "`{name}` has no release yet, so it cannot point at release {}",
+            t.version
+        ))),
+        (cur, _) => Ok(Reply::json(
+            200,
+            &json!({ "name": name, "ref": format!("refs/heads/{name}"), "targetCommit": cur }),
+        )),
+    }
+}
+
+const TAGS_RULE: &str = "tags are derived from release directories (v<version>)";
+const BRANCHES_RULE: &str = "branches are derived from release directories (main and v<major>)";
+
+/// A ref request that the releases do not back: refs are derived from them.
+fn derived_refs(message: String, rule: &str) -> ApiError {
+    ApiError::new(409, Some("DerivedRefs"), format!("{message}: {rule}"))
+}
+
+/// The answer to deleting a ref (`what` is `tag` or `branch`): refused, once the repository
+/// is known to exist.
+fn refuse_delete(ctx: &Ctx, id: &str, what: &str, name: &str, rule: &str) -> ApiError {
+    match load_repo(ctx, id) {
+        Ok(_) => derived_refs(format!("cannot delete {what} `{}`", clip(name)), rule),
+        Err(e) => e,
+    }
+}
