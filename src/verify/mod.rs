@@ -4,13 +4,15 @@
 //! - [`sealed`]: a file's bytes copied into private, sealed storage and checked against the
 //!   manifest, so what `dlopen` maps is exactly what was hashed;
 //! - [`sign`]: minisign signatures over a release manifest and the claim they carry;
-//! - [`trust`]: the host's trust policy (who may sign what) and the rollback state.
+//! - [`trust`]: the host's trust policy (who may sign what);
+//! - [`rollback`]: the highest version seen per repository, outside the cache.
 //!
 //! This module decides. It reads from a [`FileSource`] handed to it and never opens a
 //! registry, the store or a library itself: the store and the loader call it, it calls
 //! neither.
 
 pub mod digest;
+pub mod rollback;
 pub mod sealed;
 pub mod sign;
 pub mod trust;
