@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use hf_hub::{HFClient, HFError, HFRepository, RepoType};
 
 use super::{GitRef, Refs, Registry, RegistryError, RepoId};
-use crate::host::Environment;
+use crate::env::Environment;
 use crate::manifest::RelPath;
 
 /// The public Hugging Face Hub.
