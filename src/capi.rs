@@ -361,7 +361,6 @@ fn release_code(e: &ReleaseError) -> c_int {
         ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } => KHUB_E_VERIFY,
         ReleaseError::Verify(e) => verify_code(e),
         ReleaseError::UnknownVariant(_) => KHUB_E_NOT_FOUND,
-        ReleaseError::Io { .. } => KHUB_E_IO,
         ReleaseError::ManifestRead { .. } | ReleaseError::Manifest { .. } => KHUB_E_LOAD,
     }
 }
@@ -373,7 +372,6 @@ fn load_code(e: &LoadError) -> c_int {
         LoadError::Verify(e) => verify_code(e),
         LoadError::UnknownVariant(_) | LoadError::NoSuchFunction { .. } => KHUB_E_NOT_FOUND,
         LoadError::TypeMismatch { .. } => KHUB_E_SIGNATURE_MISMATCH,
-        LoadError::Io { .. } => KHUB_E_IO,
         LoadError::Dlopen { .. }
         | LoadError::Helper { .. }
         | LoadError::NoEntry { .. }

@@ -42,17 +42,6 @@ pub enum LoadError {
     /// A forced variant id is not in the release.
     #[error("the release has no variant `{0}`; `khub explain` lists them")]
     UnknownVariant(String),
-    /// Reading or copying a file failed.
-    #[error("{what} `{path}`: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
     /// The helper process that describes a library failed (the library crashed in its
     /// initialisers, or is not a khub kernel).
     #[error("`{path}`: {message}")]
@@ -587,10 +576,12 @@ pub struct Description {
 /// unloaded.
 pub fn describe_library(path: &Path) -> Result<Description, LoadError> {
     let shown = path.display().to_string();
-    let abs = std::path::absolute(path).map_err(|source| LoadError::Io {
-        what: "cannot resolve",
-        path: shown.clone(),
-        source,
+    let abs = std::path::absolute(path).map_err(|source| {
+        LoadError::Verify(crate::verify::VerifyError::Io {
+            what: "cannot resolve",
+            path: shown.clone(),
+            source,
+        })
     })?;
     let lib = dlopen(&abs).map_err(|message| LoadError::Dlopen {
         path: shown.clone(),
@@ -628,10 +619,12 @@ pub fn describe_library_in(helper: &Path, path: &Path) -> Result<Description, Lo
         .arg(path)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|source| LoadError::Io {
-            what: "cannot run the describe helper for",
-            path: shown.clone(),
-            source,
+        .map_err(|source| {
+            LoadError::Verify(crate::verify::VerifyError::Io {
+                what: "cannot run the describe helper for",
+                path: shown.clone(),
+                source,
+            })
         })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);

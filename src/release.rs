@@ -54,17 +54,6 @@ pub enum ReleaseError {
     /// A file of a variant failed verification.
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    /// Listing or reading the tree failed.
-    #[error("{what} `{path}`: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// A release directory on disk: `khub.toml` and the files it lists.
@@ -77,10 +66,12 @@ pub struct Release {
 impl Release {
     /// Opens a release directory and reads its manifest. The root is made absolute.
     pub fn open(dir: &Path) -> Result<Release, ReleaseError> {
-        let root = std::path::absolute(dir).map_err(|source| ReleaseError::Io {
-            what: "cannot resolve",
-            path: dir.display().to_string(),
-            source,
+        let root = std::path::absolute(dir).map_err(|source| {
+            ReleaseError::Verify(VerifyError::Io {
+                what: "cannot resolve",
+                path: dir.display().to_string(),
+                source,
+            })
         })?;
         let path = root.join("khub.toml");
         let bytes = std::fs::read(&path).map_err(|source| ReleaseError::ManifestRead {
@@ -116,31 +107,37 @@ impl Release {
         let mut stack = vec![(self.root.clone(), String::new())];
         let mut seen = 0usize;
         while let Some((dir, prefix)) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(|source| ReleaseError::Io {
-                what: "cannot list",
-                path: dir.display().to_string(),
-                source,
-            })?;
-            for e in entries {
-                let e = e.map_err(|source| ReleaseError::Io {
+            let entries = std::fs::read_dir(&dir).map_err(|source| {
+                ReleaseError::Verify(VerifyError::Io {
                     what: "cannot list",
                     path: dir.display().to_string(),
                     source,
+                })
+            })?;
+            for e in entries {
+                let e = e.map_err(|source| {
+                    ReleaseError::Verify(VerifyError::Io {
+                        what: "cannot list",
+                        path: dir.display().to_string(),
+                        source,
+                    })
                 })?;
                 seen += 1;
                 if seen > 1_000_000 {
-                    return Err(ReleaseError::Io {
+                    return Err(ReleaseError::Verify(VerifyError::Io {
                         what: "too many entries in",
                         path: self.root.display().to_string(),
                         source: std::io::Error::other("more than a million entries"),
-                    });
+                    }));
                 }
                 let name = e.file_name().to_string_lossy().into_owned();
                 let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-                let t = e.file_type().map_err(|source| ReleaseError::Io {
-                    what: "cannot inspect",
-                    path: rel.clone(),
-                    source,
+                let t = e.file_type().map_err(|source| {
+                    ReleaseError::Verify(VerifyError::Io {
+                        what: "cannot inspect",
+                        path: rel.clone(),
+                        source,
+                    })
                 })?;
                 if t.is_symlink() {
                     return Err(ReleaseError::NotRegular {

@@ -92,10 +92,12 @@ pub fn publish(
     let manifest = release.manifest().clone();
     let root = release.root().to_owned();
     let mut files: Vec<(String, PathBuf, u64, crate::manifest::Sha256Digest)> = Vec::new();
-    let manifest_bytes = std::fs::read(root.join("khub.toml")).map_err(|source| LoadError::Io {
-        what: "cannot read",
-        path: "khub.toml".into(),
-        source,
+    let manifest_bytes = std::fs::read(root.join("khub.toml")).map_err(|source| {
+        LoadError::Verify(crate::verify::VerifyError::Io {
+            what: "cannot read",
+            path: "khub.toml".into(),
+            source,
+        })
     })?;
     files.push((
         "khub.toml".into(),
@@ -106,10 +108,12 @@ pub fn publish(
     let sig_path = root.join(crate::registry::SIGNATURE_FILE);
     let signed = sig_path.is_file();
     if signed {
-        let sig = std::fs::read(&sig_path).map_err(|source| LoadError::Io {
-            what: "cannot read",
-            path: crate::registry::SIGNATURE_FILE.into(),
-            source,
+        let sig = std::fs::read(&sig_path).map_err(|source| {
+            LoadError::Verify(crate::verify::VerifyError::Io {
+                what: "cannot read",
+                path: crate::registry::SIGNATURE_FILE.into(),
+                source,
+            })
         })?;
         files.push((
             crate::registry::SIGNATURE_FILE.into(),
