@@ -234,12 +234,7 @@ impl Environment {
 /// from the registry reads as unset, and fails debug builds): for the lookups that must see the process
 /// environment itself rather than a snapshot. Empty counts as unset.
 pub fn var_os(var: &str) -> Option<OsString> {
-    debug_assert!(registered(var), "{var} is not registered in env::ALL or env::SYSTEM");
-    if !registered(var) {
-        return None;
-    }
-    #[allow(clippy::disallowed_methods)] // the registry's one live lookup
-    std::env::var_os(var).filter(|v| !v.is_empty())
+    var_os_raw(var).filter(|v| !v.is_empty())
 }
 
 /// As [`var_os`], but an empty value is returned as set: `CUDA_VISIBLE_DEVICES=""` means
