@@ -291,7 +291,7 @@ impl From<HubError> for Failure {
             HubError::Manifest { .. } | HubError::TagMismatch { .. } => KHUB_E_REGISTRY,
             HubError::NoVariant(_) | HubError::LockedVariantUnfit { .. } => KHUB_E_NO_VARIANT,
             HubError::OfflineMiss { .. } => KHUB_E_OFFLINE_MISS,
-            HubError::LockDigestMismatch { .. } => KHUB_E_VERIFY,
+            HubError::LockDigestMismatch { .. } | HubError::DamagedBlob { .. } | HubError::UnusableRelease { .. } => KHUB_E_VERIFY,
             HubError::Io { .. } => KHUB_E_IO,
         };
         Failure::new(code, e.to_string())
@@ -329,6 +329,7 @@ fn registry_code(e: &RegistryError) -> c_int {
         RegistryError::RepoNotFound { .. } | RegistryError::NotFound { .. } => KHUB_E_NOT_FOUND,
         RegistryError::Offline { .. } => KHUB_E_OFFLINE_MISS,
         RegistryError::Io { .. } => KHUB_E_IO,
+        RegistryError::NotRegular { .. } => KHUB_E_VERIFY,
         RegistryError::Unauthorized { .. }
         | RegistryError::RateLimited { .. }
         | RegistryError::TooLarge { .. }
@@ -358,8 +359,9 @@ fn verify_code(e: &VerifyError) -> c_int {
 
 fn release_code(e: &ReleaseError) -> c_int {
     match e {
-        ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } => KHUB_E_VERIFY,
+        ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } | ReleaseError::NonUtf8Name { .. } => KHUB_E_VERIFY,
         ReleaseError::Verify(e) => verify_code(e),
+        ReleaseError::Trust(_) => KHUB_E_TRUST,
         ReleaseError::UnknownVariant(_) => KHUB_E_NOT_FOUND,
         ReleaseError::ManifestRead { .. } | ReleaseError::Manifest { .. } => KHUB_E_LOAD,
     }
@@ -367,7 +369,7 @@ fn release_code(e: &ReleaseError) -> c_int {
 
 fn load_code(e: &LoadError) -> c_int {
     match e {
-        LoadError::NoVariant(_) => KHUB_E_NO_VARIANT,
+        LoadError::NoVariant(_) | LoadError::CpuUnsupported { .. } => KHUB_E_NO_VARIANT,
         LoadError::Release(e) => release_code(e),
         LoadError::Verify(e) => verify_code(e),
         LoadError::UnknownVariant(_) | LoadError::NoSuchFunction { .. } => KHUB_E_NOT_FOUND,

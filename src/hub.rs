@@ -3,12 +3,17 @@
 //! A [`Hub`] ties the pieces together: host facts, a registry, the store and the
 //! resolver. Its jobs, and the network traffic each makes:
 //!
-//! - [`Hub::resolve_release`]: refs (one request), then the manifest at the chosen commit
-//!   (one file download, skipped when the store already holds it).
+//! - [`Hub::resolve_release`]: refs (one request), then the manifest and its signature at
+//!   the chosen commit (always from the registry when online: the store is a cache, never
+//!   the authority on which bytes a release holds).
 //! - [`Hub::fetch`]: the above, then only the chosen variant's files, downloaded in
 //!   parallel and streamed through SHA-256 into the store; files already in the store are
-//!   not downloaded again.
-//! - [`Hub::load`]: fetch, then verify and load from the store.
+//!   re-hashed, not downloaded again, unless damaged (then quarantined and downloaded).
+//! - [`Hub::load`]: fetch, then verify and load from the store; a file damaged on disk is
+//!   quarantined and downloaded again once.
+//!
+//! The known-release index and the rollback state advance only once a release's manifest
+//! passed the trust policy and its chosen files were verified ([`Hub::accept`]).
 //! - [`Hub::lock`] / [`Hub::load_locked`]: pin releases in `khub.lock`; a locked load reads
 //!   the lock and the store only.
 //!
@@ -102,6 +107,35 @@ pub enum HubError {
         store: PathBuf,
         /// The command that would fetch it.
         command: String,
+    },
+    /// A blob in the store does not hash to its name: it was moved to quarantine.
+    #[error(
+        "{what}: the stored copy at {} is damaged (its sha256 differs from its name){}; run `{command}` to fetch it again, or `khub cache verify --repair` to check the whole store",
+        blob.display(),
+        quarantined.as_ref().map(|q| format!(" and was moved to {}", q.display())).unwrap_or_default()
+    )]
+    DamagedBlob {
+        /// What the blob is.
+        what: String,
+        /// Where it was.
+        blob: PathBuf,
+        /// Where it is now, if it was still there to move.
+        quarantined: Option<PathBuf>,
+        /// The command that fetches it again.
+        command: String,
+    },
+    /// A release directory of a directory registry that the requirement would select
+    /// cannot be used.
+    #[error("release {version} of {repo} in the directory registry {registry} cannot be used: {why}; fix or remove that directory")]
+    UnusableRelease {
+        /// The repository.
+        repo: RepoId,
+        /// The registry.
+        registry: String,
+        /// The directory's version.
+        version: String,
+        /// What is wrong with it.
+        why: String,
     },
     /// A file's digest in the lock differs from the locked manifest's.
     #[error("khub.lock pins `{path}` of {repo} to sha256 {locked}, but the locked manifest says {manifest}; run `khub lock` again")]
@@ -262,6 +296,8 @@ pub struct ResolvedRelease {
     pub commit: String,
     /// The manifest's raw bytes' digest.
     pub manifest_sha256: Sha256Digest,
+    /// The digest of the manifest's signature file, when the release is signed.
+    pub signature_sha256: Option<Sha256Digest>,
     /// The manifest.
     pub manifest: Manifest,
 }
@@ -343,6 +379,11 @@ impl Hub {
         &self.options.host
     }
 
+    /// The registry, as the index and `khub cache ls` name it.
+    pub fn registry_name(&self) -> String {
+        self.options.registry.describe()
+    }
+
     /// Whether offline mode is on.
     pub fn offline(&self) -> bool {
         self.options.offline
@@ -371,6 +412,10 @@ impl Hub {
             commit: commit.to_owned(),
             manifest_sha256: manifest,
             signature_sha256: signature,
+            accepted_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
         };
         Ok(self
             .store
@@ -396,7 +441,27 @@ impl Hub {
                 branches: Vec::new(),
             },
         };
-        let selected = select(&refs, &req).ok_or_else(|| {
+        let selected = select(&refs, &req);
+        // A release the registry holds but cannot serve is reported, not chosen around.
+        if let Some(reg) = self.registry.as_deref() {
+            let chosen = match &selected {
+                Some(Selected::Tag { version, .. }) => Some(version.clone()),
+                _ => None,
+            };
+            let blocking = reg
+                .unusable(repo)
+                .into_iter()
+                .find(|(v, _)| req.matches(v) && chosen.as_ref().is_none_or(|c| v > c));
+            if let Some((version, why)) = blocking {
+                return Err(HubError::UnusableRelease {
+                    repo: repo.clone(),
+                    registry: self.options.registry.describe(),
+                    version: version.to_string(),
+                    why,
+                });
+            }
+        }
+        let selected = selected.ok_or_else(|| {
             let mut have: Vec<String> = crate::version::releases(&refs).iter().map(|(v, _, _)| v.to_string()).collect();
             if have.is_empty() {
                 have.push("no releases".into());
@@ -417,26 +482,30 @@ impl Hub {
             }
         })?;
         let commit = selected.commit().to_owned();
-        // The manifest and its signature: from the store if a previous fetch of this commit
-        // stored them, else from the registry.
-        let cached = known.releases.values().find(|k| k.commit == commit).cloned();
-        let from_store = cached.as_ref().and_then(|k| {
-            let bytes = read_blob(&self.store, &k.manifest_sha256).ok()?;
-            let sig = match &k.signature_sha256 {
-                Some(d) => Some(read_blob(&self.store, d).ok()?),
-                None => None,
-            };
-            Some((bytes, sig))
-        });
-        let (bytes, signature) = match from_store {
-            Some(found) => found,
+        // The manifest and its signature. Online, the registry decides: they are fetched
+        // for the commit its refs name, never taken from the store, whose index and blobs
+        // are a cache that whoever can write the cache directory could have planted.
+        // Offline, the index is all there is: its entry names the manifest by digest, the
+        // blob is re-hashed, and the manifest must name the version the entry is filed
+        // under (below); the trust policy checks the bytes as it does online.
+        let (bytes, signature) = match self.registry.as_deref() {
+            Some(reg) => (reg.manifest(repo, &commit)?, reg.signature(repo, &commit)?),
             None => {
-                let reg = self.registry.as_deref().ok_or_else(|| HubError::OfflineMiss {
+                let miss = || HubError::OfflineMiss {
                     what: format!("the manifest of {repo} at {commit}"),
                     store: self.store.root().to_owned(),
                     command: format!("khub fetch {repo} --version '{requirement}'"),
-                })?;
-                (reg.manifest(repo, &commit)?, reg.signature(repo, &commit)?)
+                };
+                let k = known.releases.values().find(|k| k.commit == commit).ok_or_else(miss)?;
+                let what = format!("the manifest of {repo} at {commit}");
+                let bytes = self.read_blob_healing(&k.manifest_sha256, &what, || format!("khub fetch {repo} --version '{requirement}'"))?;
+                let sig = match &k.signature_sha256 {
+                    Some(d) => Some(self.read_blob_healing(d, &format!("the signature of {repo} at {commit}"), || {
+                        format!("khub fetch {repo} --version '{requirement}'")
+                    })?),
+                    None => None,
+                };
+                (bytes, sig)
             }
         };
         // The trust policy decides on the raw bytes, before the manifest is parsed. A branch
@@ -481,25 +550,67 @@ impl Hub {
             }
             _ => {}
         }
-        // Rollback: never go below the highest version seen under the same requirement.
+        // Rollback: never go below the highest version seen under the same requirement. The
+        // state advances only in [`Hub::accept`], once the chosen files are verified too.
         if let Some(dir) = &self.options.state_dir {
             let state = crate::verify::trust::RollbackState::open(dir)?;
             state.check(&self.options.trust, repo, &req, &manifest.kernel.version)?;
-            state.record(repo, &manifest.kernel.version)?;
         }
         let digest = self.store.insert_bytes("khub.toml", &bytes)?;
         let sig_digest = match &signature {
             Some(sig) => Some(self.store.insert_bytes(crate::registry::SIGNATURE_FILE, sig)?),
             None => None,
         };
-        self.remember(repo, &manifest.kernel.version, &commit, digest, sig_digest)?;
         Ok(ResolvedRelease {
             repo: repo.clone(),
             version: manifest.kernel.version.clone(),
             commit,
             manifest_sha256: digest,
+            signature_sha256: sig_digest,
             manifest,
         })
+    }
+
+    /// Records `release` as accepted, after its manifest passed the trust policy and the
+    /// files chosen from it were verified: the known-release index (what offline mode
+    /// resolves against) and the rollback state advance here and nowhere else, so a release
+    /// that was merely announced (a tag whose files never arrive or fail verification)
+    /// changes neither.
+    fn accept(&self, release: &ResolvedRelease) -> Result<(), HubError> {
+        if let Some(dir) = &self.options.state_dir {
+            crate::verify::trust::RollbackState::open(dir)?.record(&release.repo, &release.version)?;
+        }
+        self.remember(
+            &release.repo,
+            &release.version,
+            &release.commit,
+            release.manifest_sha256,
+            release.signature_sha256,
+        )
+    }
+
+    /// Reads a whole blob that must hash to `d` (a manifest or a signature). A damaged
+    /// copy is moved to the store's quarantine and reported with the command that repairs
+    /// it.
+    fn read_blob_healing(&self, d: &Sha256Digest, what: &str, command: impl Fn() -> String) -> Result<Vec<u8>, HubError> {
+        match read_blob(&self.store, d) {
+            Err(HubError::Store(StoreError::DigestMismatch { .. })) => {
+                let blob = self.store.blob_path(d);
+                let quarantined = self.store.quarantine(d)?;
+                Err(HubError::DamagedBlob {
+                    what: what.to_owned(),
+                    blob,
+                    quarantined,
+                    command: command(),
+                })
+            }
+            Err(HubError::Store(StoreError::Missing { .. })) => Err(HubError::OfflineMiss {
+                what: what.to_owned(),
+                store: self.store.root().to_owned(),
+                command: command(),
+            }),
+            other => other,
+        }
     }
 
     /// The variant of `release` for this host.
@@ -507,13 +618,26 @@ impl Hub {
         choose(&release.manifest, &self.options.host, &self.options.preferences)
     }
 
-    /// Downloads `variants` of `release` into the store (files already there are skipped),
-    /// in parallel, each streamed through SHA-256.
+    /// Downloads `variants` of `release` into the store, in parallel, each streamed through
+    /// SHA-256. Files already there are re-hashed first: a damaged copy is moved to the
+    /// store's quarantine and downloaded again.
     pub fn fetch_variants(
         &self,
         release: &ResolvedRelease,
         variants: &[&Variant],
         progress: &dyn Progress,
+    ) -> Result<FetchReport, HubError> {
+        self.fetch_files(release, variants, progress, true)
+    }
+
+    /// As [`Hub::fetch_variants`]; with `verify_present` off, files already in the store
+    /// are trusted to be intact (the loader re-hashes them anyway, see [`Hub::load_release`]).
+    fn fetch_files(
+        &self,
+        release: &ResolvedRelease,
+        variants: &[&Variant],
+        progress: &dyn Progress,
+        verify_present: bool,
     ) -> Result<FetchReport, HubError> {
         let mut wanted: BTreeMap<Sha256Digest, &crate::manifest::FileEntry> = BTreeMap::new();
         for v in variants {
@@ -521,8 +645,16 @@ impl Hub {
                 wanted.entry(f.sha256).or_insert(f);
             }
         }
-        let (present, missing): (Vec<&crate::manifest::FileEntry>, Vec<&crate::manifest::FileEntry>) =
-            wanted.values().copied().partition(|f| self.store.contains(&f.sha256, f.size));
+        let mut present = Vec::new();
+        let mut missing = Vec::new();
+        for f in wanted.values().copied() {
+            let here = if verify_present {
+                self.store.verify_blob(&f.sha256, f.size)?
+            } else {
+                self.store.contains(&f.sha256, f.size)
+            };
+            if here { present.push(f) } else { missing.push(f) }
+        }
         for f in &present {
             progress.finish(f.path.as_str(), false);
         }
@@ -579,6 +711,9 @@ impl Hub {
         Ok(report)
     }
 
+    /// Downloads one file into the store. Bytes that do not match the manifest (size or
+    /// digest: a transfer corrupted on the way) are discarded by the store and the download
+    /// is tried again, up to [`CORRUPT_DOWNLOAD_ATTEMPTS`] times in all.
     fn fetch_one(
         &self,
         registry: &dyn Registry,
@@ -586,19 +721,46 @@ impl Hub {
         f: &crate::manifest::FileEntry,
         progress: &dyn Progress,
     ) -> Result<(bool, u64), HubError> {
-        progress.start(f.path.as_str(), f.size);
-        let mut fill = |w: &mut dyn Write| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-            let mut counting = Counting {
-                inner: w,
-                progress,
-                file: f.path.as_str(),
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            progress.start(f.path.as_str(), f.size);
+            // The registry's own error, kept typed (the store only sees it as text).
+            let mut failed: Option<RegistryError> = None;
+            let mut fill = |w: &mut dyn Write| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+                let mut counting = Counting {
+                    inner: w,
+                    progress,
+                    file: f.path.as_str(),
+                };
+                match registry.fetch(&release.repo, &release.commit, &f.path, f.size, &mut counting) {
+                    Ok(n) => Ok(n),
+                    Err(e) => {
+                        let text = e.to_string();
+                        failed = Some(e);
+                        Err(text.into())
+                    }
+                }
             };
-            Ok(registry.fetch(&release.repo, &release.commit, &f.path, f.size, &mut counting)?)
-        };
-        let inserted = self.store.insert_with(f.path.as_str(), &f.sha256, f.size, &mut fill)?;
-        let downloaded = matches!(inserted, crate::store::Inserted::Written(_));
-        progress.finish(f.path.as_str(), downloaded);
-        Ok((downloaded, if downloaded { f.size } else { 0 }))
+            let inserted = match self.store.insert_with(f.path.as_str(), &f.sha256, f.size, &mut fill) {
+                Ok(i) => i,
+                Err(StoreError::Fill { .. }) if failed.is_some() => {
+                    return Err(HubError::Registry(
+                        failed.take().ok_or(RegistryError::Offline { what: String::new() })?,
+                    ));
+                }
+                Err(e @ (StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. })) => {
+                    if attempt >= CORRUPT_DOWNLOAD_ATTEMPTS {
+                        return Err(e.into());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let downloaded = matches!(inserted, crate::store::Inserted::Written(_));
+            progress.finish(f.path.as_str(), downloaded);
+            return Ok((downloaded, if downloaded { f.size } else { 0 }));
+        }
     }
 
     /// Resolves `requirement` and fetches the variant for this host (or every variant).
@@ -609,7 +771,9 @@ impl Hub {
         } else {
             vec![self.choose_variant(&release)?]
         };
-        self.fetch_variants(&release, &variants, progress)
+        let report = self.fetch_variants(&release, &variants, progress)?;
+        self.accept(&release)?;
+        Ok(report)
     }
 
     /// Resolves, fetches what is missing, verifies and loads.
@@ -625,12 +789,51 @@ impl Hub {
 
     /// As [`Hub::load`], also returning the release that was loaded (version, commit,
     /// manifest digest), for provenance.
+    ///
+    /// A stored file that fails verification at load time (damaged on disk since it was
+    /// fetched) is moved to the store's quarantine, downloaded again and loaded again,
+    /// once; offline, the error names the damaged blob and the command that repairs it.
     pub fn load_release(&self, repo: &RepoId, requirement: &str) -> Result<(ResolvedRelease, Kernel), HubError> {
         let release = self.resolve_release(repo, requirement)?;
         let variant = self.choose_variant(&release)?;
-        self.fetch_variants(&release, &[variant], &Quiet)?;
-        let kernel = load_from(&StoreSource { store: &self.store }, &release.manifest, &variant.id)?;
+        self.fetch_files(&release, &[variant], &Quiet, false)?;
+        let source = StoreSource { store: &self.store };
+        let kernel = match load_from(&source, &release.manifest, &variant.id) {
+            Ok(k) => k,
+            Err(e) if is_damage(&e) => {
+                let command = format!("khub fetch {repo} --version '={}'", release.version);
+                self.quarantine_damaged(variant, &release, e, &command)?;
+                self.fetch_files(&release, &[variant], &Quiet, false)?;
+                load_from(&source, &release.manifest, &variant.id)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.accept(&release)?;
         Ok((release, kernel))
+    }
+
+    /// After a load found a damaged stored file: re-hashes the variant's files, moving the
+    /// damaged ones to quarantine. Online that is all (the caller fetches them again);
+    /// offline the load cannot go on, and the error names the blob and the repair.
+    fn quarantine_damaged(&self, variant: &Variant, release: &ResolvedRelease, e: LoadError, command: &str) -> Result<(), HubError> {
+        let mut first = None;
+        for f in &variant.files {
+            if !self.store.verify_blob(&f.sha256, f.size)? && first.is_none() {
+                first = Some((f, self.store.blob_path(&f.sha256)));
+            }
+        }
+        if self.registry.is_some() {
+            return Ok(());
+        }
+        match first {
+            Some((f, blob)) => Err(HubError::DamagedBlob {
+                what: format!("file `{}` of {} {}", f.path, release.repo, release.version),
+                quarantined: self.store.quarantined_path(&f.sha256),
+                blob,
+                command: command.to_owned(),
+            }),
+            None => Err(e.into()),
+        }
     }
 
     /// Locks every kernel `app` declares for each target host (`(label, facts)`), fetching
@@ -657,6 +860,7 @@ impl Hub {
                 chosen.push(v);
             }
             self.fetch_variants(&release, &chosen, progress)?;
+            self.accept(&release)?;
             lock.upsert(LockedKernel {
                 repo: repo.clone(),
                 requirement: requirement.clone(),
@@ -729,8 +933,43 @@ impl Hub {
                 });
             }
         }
-        Ok(load_from(&StoreSource { store: &self.store }, &manifest, &variant.id)?)
+        match load_from(&StoreSource { store: &self.store }, &manifest, &variant.id) {
+            Err(e) if is_damage(&e) => {
+                let release = ResolvedRelease {
+                    repo: repo.clone(),
+                    version: entry.version.clone(),
+                    commit: entry.commit.clone(),
+                    manifest_sha256: entry.manifest_sha256,
+                    signature_sha256: None,
+                    manifest: manifest.clone(),
+                };
+                // A locked load makes no registry request: report, even online.
+                self.quarantine_damaged(variant, &release, e, &fetch_cmd)?;
+                Err(HubError::OfflineMiss {
+                    what: format!("an intact copy of {repo} {} (variant `{}`)", entry.version, variant.id),
+                    store: self.store.root().to_owned(),
+                    command: fetch_cmd,
+                })
+            }
+            other => Ok(other?),
+        }
     }
+}
+
+/// How many times a file whose bytes arrive corrupted is downloaded before giving up.
+const CORRUPT_DOWNLOAD_ATTEMPTS: u32 = 3;
+
+/// Whether a load failed because a file's bytes are not the manifest's (damaged on disk),
+/// as opposed to a missing file or a library that does not load.
+fn is_damage(e: &LoadError) -> bool {
+    let v = match e {
+        LoadError::Verify(v) | LoadError::Release(crate::release::ReleaseError::Verify(v)) => v,
+        _ => return false,
+    };
+    matches!(
+        v,
+        crate::verify::VerifyError::DigestMismatch { .. } | crate::verify::VerifyError::SizeMismatch { .. }
+    )
 }
 
 /// Resolves `manifest` for `host`, returning the chosen variant.

@@ -33,6 +33,20 @@ pub enum LoadError {
     /// No variant runs on this host.
     #[error(transparent)]
     NoVariant(#[from] NoVariantFits),
+    /// The variant's host code needs an architecture or CPU features this processor does
+    /// not have. Host facts from a profile (`--host`) or an override (`KHUB_CPU_LEVEL`) may
+    /// describe another machine; running its code here would die with SIGILL.
+    #[error(
+        "variant `{variant}` needs {needs}, which this processor does not have ({has}); it cannot run on this machine whatever the host facts say (were they simulated with --host, KHUB_HOST_PROFILE or KHUB_CPU_LEVEL?): load it on a matching machine, or choose another variant"
+    )]
+    CpuUnsupported {
+        /// The variant.
+        variant: String,
+        /// What it needs that is missing.
+        needs: String,
+        /// What this processor is.
+        has: String,
+    },
     /// The release directory could not be opened, or its tree holds what it must not.
     #[error(transparent)]
     Release(#[from] ReleaseError),
@@ -466,7 +480,57 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
     })
 }
 
+/// This processor's x86-64 level and features, detected once.
+fn real_cpu() -> &'static (Option<crate::platform::X86Level>, std::collections::BTreeSet<String>) {
+    static CPU: std::sync::OnceLock<(Option<crate::platform::X86Level>, std::collections::BTreeSet<String>)> = std::sync::OnceLock::new();
+    CPU.get_or_init(crate::host::probe::cpu_features)
+}
+
+/// Refuses a variant whose host code this processor cannot run, from the processor itself
+/// (never from host facts, which a profile or an override may have simulated): the
+/// architecture, the x86-64 level and every named CPU feature. Loading runs the library's
+/// initialisers and calls run its code, so this comes before both.
+pub fn check_cpu(variant: &Variant) -> Result<(), LoadError> {
+    let this = crate::host::probe::this_arch();
+    let refuse = |needs: String, has: String| LoadError::CpuUnsupported {
+        variant: variant.id.clone(),
+        needs,
+        has,
+    };
+    if variant.arch != this {
+        return Err(refuse(format!("a {} processor", variant.arch), format!("{this}")));
+    }
+    let (level, features) = real_cpu();
+    let has = || match level {
+        Some(l) => format!("{this}, level {l}"),
+        None => format!("{this}"),
+    };
+    if let (Some(need), Some(have)) = (variant.cpu_level, level)
+        && need > *have
+    {
+        return Err(refuse(format!("x86-64 level {need}"), has()));
+    }
+    let missing: Vec<&str> = variant
+        .cpu_features
+        .iter()
+        .filter(|f| !features.contains(*f))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(refuse(
+            format!(
+                "the CPU feature{} {}",
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", ")
+            ),
+            has(),
+        ));
+    }
+    Ok(())
+}
+
 fn load_verified(source: &dyn FileSource, manifest: &Manifest, variant: &Variant, after_verify: &dyn Fn()) -> Result<Kernel, LoadError> {
+    check_cpu(variant)?;
     // Verify every file first; keep the library's private copy for dlopen.
     let mut library = None;
     for entry in &variant.files {

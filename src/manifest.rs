@@ -383,6 +383,14 @@ pub enum PathError {
     /// The path holds a `..` or `.` component, or an empty one.
     #[error("path `{0}` has a `..`, `.` or empty component; write a plain relative path such as `variants/cpu/libk.so`")]
     BadComponent(String),
+    /// A component of the path is longer than file systems allow.
+    #[error("path `{path}` has a component of {len} bytes; the limit is 255 bytes a component (a file system limit)")]
+    ComponentTooLong {
+        /// The path, with control characters escaped.
+        path: String,
+        /// The component's length in bytes.
+        len: usize,
+    },
     /// The path holds a character that is not allowed.
     #[error("path `{path}` contains {what}; use `/` separators and printable characters only")]
     BadCharacter {
@@ -415,8 +423,14 @@ fn check_rel_path(s: &str) -> Result<(), PathError> {
         return Err(PathError::Absolute(shown()));
     }
     for c in s.split('/') {
-        if c.is_empty() || c == "." || c == ".." || c.len() > 255 {
+        if c.is_empty() || c == "." || c == ".." {
             return Err(PathError::BadComponent(shown()));
+        }
+        if c.len() > 255 {
+            return Err(PathError::ComponentTooLong {
+                path: shown(),
+                len: c.len(),
+            });
         }
     }
     Ok(())

@@ -38,6 +38,15 @@ pub enum ReleaseError {
         /// The file.
         path: String,
     },
+    /// A file or directory name in the release is not UTF-8; manifests name files in UTF-8
+    /// and a lossy comparison could let an unlisted file pass as a listed one.
+    #[error("the release at {} holds an entry whose name is not UTF-8 (`{path}`): rename or remove it", root.display())]
+    NonUtf8Name {
+        /// The release root.
+        root: PathBuf,
+        /// The path, non-UTF-8 bytes escaped.
+        path: String,
+    },
     /// A forced variant id is not in the release.
     #[error("the release has no variant `{0}`; `khub explain` lists them")]
     UnknownVariant(String),
@@ -54,13 +63,24 @@ pub enum ReleaseError {
     /// A file of a variant failed verification.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// The trust policy refuses the release.
+    #[error(transparent)]
+    Trust(Box<crate::verify::trust::TrustError>),
 }
+
+/// The signature file beside a release's manifest.
+const SIGNATURE_FILE: &str = "khub.toml.minisig";
+/// The largest signature file read.
+const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
 
 /// A release directory on disk: `khub.toml` and the files it lists.
 #[derive(Debug, Clone)]
 pub struct Release {
     root: PathBuf,
     manifest: Manifest,
+    /// The manifest's bytes as read, which the manifest was parsed from: what a signature
+    /// covers.
+    manifest_bytes: Vec<u8>,
 }
 
 impl Release {
@@ -79,7 +99,82 @@ impl Release {
             source,
         })?;
         let manifest = Manifest::from_bytes(&bytes).map_err(|source| ReleaseError::Manifest { path, source })?;
-        Ok(Release { root, manifest })
+        Ok(Release {
+            root,
+            manifest,
+            manifest_bytes: bytes,
+        })
+    }
+
+    /// Applies the trust policy to this local release (see
+    /// [`crate::verify::trust::TrustPolicy::check_local`]): a local directory is trusted no
+    /// more than a registry's release. `khub load ./dir` calls it unless `--skip-trust`.
+    pub fn check_trust(
+        &self,
+        policy: &crate::verify::trust::TrustPolicy,
+        now_unix: u64,
+    ) -> Result<crate::verify::trust::TrustDecision, ReleaseError> {
+        let signature = self.signature()?;
+        policy
+            .check_local(
+                &self.root,
+                &self.manifest.kernel.version,
+                &self.manifest_bytes,
+                signature.as_deref(),
+                now_unix,
+            )
+            .map_err(|e| ReleaseError::Trust(Box::new(e)))
+    }
+
+    /// The manifest's bytes, exactly as read when the release was opened.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The release's signature (`khub.toml.minisig`), if it has one. Read with the same
+    /// care as every file of a release: no symlink, a regular file, at most 64 KiB.
+    pub fn signature(&self) -> Result<Option<Vec<u8>>, ReleaseError> {
+        let rel = crate::manifest::RelPath::new(SIGNATURE_FILE).map_err(|e| {
+            ReleaseError::Verify(VerifyError::Io {
+                what: "cannot name",
+                path: SIGNATURE_FILE.into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?;
+        let f = match crate::fsx::open_under(&self.root, &rel) {
+            Ok(f) => f,
+            Err(crate::fsx::OpenError::Missing { .. }) => return Ok(None),
+            Err(crate::fsx::OpenError::NotRegular { path, what, .. }) => {
+                return Err(ReleaseError::NotRegular {
+                    root: self.root.clone(),
+                    path,
+                    what,
+                });
+            }
+            Err(e) => {
+                return Err(ReleaseError::Verify(VerifyError::Io {
+                    what: "cannot open",
+                    path: self.root.join(SIGNATURE_FILE).display().to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                }));
+            }
+        };
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_SIGNATURE_BYTES + 1), &mut buf).map_err(|source| {
+            ReleaseError::Verify(VerifyError::Io {
+                what: "cannot read",
+                path: self.root.join(SIGNATURE_FILE).display().to_string(),
+                source,
+            })
+        })?;
+        if buf.len() as u64 > MAX_SIGNATURE_BYTES {
+            return Err(ReleaseError::Verify(VerifyError::Io {
+                what: "refusing",
+                path: self.root.join(SIGNATURE_FILE).display().to_string(),
+                source: std::io::Error::other(format!("larger than {MAX_SIGNATURE_BYTES} bytes")),
+            }));
+        }
+        Ok(Some(buf))
     }
 
     /// The manifest.
@@ -130,8 +225,21 @@ impl Release {
                         source: std::io::Error::other("more than a million entries"),
                     }));
                 }
-                let name = e.file_name().to_string_lossy().into_owned();
-                let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+                // Byte-exact: a name that is not UTF-8 is refused, never compared lossily
+                // (a manifest listing `lib\u{fffd}.so` must not admit `lib\xff.so`).
+                let raw = e.file_name();
+                let Some(name) = raw.to_str() else {
+                    let shown = raw.to_string_lossy().escape_default().to_string();
+                    return Err(ReleaseError::NonUtf8Name {
+                        root: self.root.clone(),
+                        path: if prefix.is_empty() { shown } else { format!("{prefix}/{shown}") },
+                    });
+                };
+                let rel = if prefix.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                };
                 let t = e.file_type().map_err(|source| {
                     ReleaseError::Verify(VerifyError::Io {
                         what: "cannot inspect",

@@ -31,6 +31,7 @@ impl Toolchain {
             hip: self.hip.clone(),
             only: Vec::new(),
             describe_helper: std::env::current_exe().ok(),
+            force: false,
         }
     }
 }
@@ -55,8 +56,9 @@ pub fn build(kernel_dir: &Path, out: Option<&Path>, tc: &Toolchain) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn package(kernel_dir: &Path, out: &Path, tc: &Toolchain, json: bool) -> Result<ExitCode> {
-    let (manifest, report) = package::package(kernel_dir, out, &tc.options(), &mut log(json))?;
+pub fn package(kernel_dir: &Path, out: &Path, force: bool, tc: &Toolchain, json: bool) -> Result<ExitCode> {
+    let options = BuildOptions { force, ..tc.options() };
+    let (manifest, report) = package::package(kernel_dir, out, &options, &mut log(json))?;
     if json {
         #[derive(Serialize)]
         struct Doc<'a> {

@@ -12,6 +12,7 @@ use khub::manifest::Manifest;
 use khub::platform::Backend;
 use khub::resolve::Preferences;
 
+mod cache;
 mod explain;
 mod host;
 mod kernel;
@@ -65,9 +66,12 @@ enum Command {
     Package {
         /// The kernel directory (holding kernel.toml).
         kernel: PathBuf,
-        /// The release directory to write.
+        /// The release directory to write: new or empty.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Empty a non-empty --out directory first.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         toolchain: ToolchainArgs,
         /// Print JSON.
@@ -155,6 +159,11 @@ enum Command {
         #[command(flatten)]
         registry: registry::RegistryArgs,
     },
+    /// Look into the store and heal it: list, re-hash, remove.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Remove store blobs that no lockfile pins, and stale temporary files.
     Gc {
         /// Lockfiles whose files to keep (repeatable; default: ./khub.lock if present).
@@ -215,6 +224,10 @@ enum Command {
         /// Create the repository if it does not exist.
         #[arg(long)]
         create: bool,
+        /// The trust policy loads will apply, checked before anything is uploaded (default:
+        /// KHUB_TRUST_POLICY, then ~/.config/khub/trust.toml, else the permissive default).
+        #[arg(long, value_name = "FILE")]
+        trust: Option<PathBuf>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -294,11 +307,21 @@ impl ToolchainArgs {
     }
 }
 
-/// Which kernel to load: a release directory, or a repository from a registry or a lock.
+/// Which kernel to load: a repository from a registry or a lock, or a release directory
+/// named as a path.
 #[derive(clap::Args, Debug)]
 struct TargetArgs {
-    /// A release directory, or a repository `org/name`.
-    target: String,
+    /// A repository `org/name`, or a release directory written as a path (`./dir`,
+    /// `../dir`, `/abs/dir`). `org/name` always means a repository, even where a directory
+    /// of that name exists.
+    #[arg(required_unless_present = "path")]
+    target: Option<String>,
+    /// A release directory (the same as writing it as a path).
+    #[arg(long, value_name = "DIR", conflicts_with = "target")]
+    path: Option<PathBuf>,
+    /// Development only: load a release directory without applying the trust policy.
+    #[arg(long)]
+    skip_trust: bool,
     /// For a repository: a version requirement.
     #[arg(long, default_value = "*")]
     version: String,
@@ -315,24 +338,118 @@ struct TargetArgs {
     registry: registry::RegistryArgs,
 }
 
+/// `khub cache …`.
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// The releases in the store: versions, complete variants, sizes, last use.
+    Ls {
+        /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every blob; exit 1 when one is damaged (and not repaired).
+    Verify {
+        /// Move damaged blobs to quarantine and fetch them again from the registry they
+        /// came from (when it is the current one and the network is allowed).
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Forget releases and delete the blobs only they use.
+    Rm {
+        /// The repository `org/name`.
+        repo: Option<String>,
+        /// Only this version (as `khub cache ls` shows it).
+        #[arg(long, requires = "repo")]
+        version: Option<String>,
+        /// Everything: every release and every blob.
+        #[arg(long, conflicts_with = "repo")]
+        all: bool,
+        /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
+}
+
+/// What a target names.
+enum Target {
+    /// A release directory.
+    Path(PathBuf),
+    /// A repository.
+    Repo(String),
+}
+
+/// Reads a target: a path form is a directory, anything else must be `org/name`.
+fn classify(target: &str) -> Result<Target> {
+    let is_path = target == "."
+        || target == ".."
+        || target.starts_with('/')
+        || target.starts_with("./")
+        || target.starts_with("../")
+        || target.starts_with("~/");
+    if is_path {
+        let p = match target.strip_prefix("~/") {
+            Some(rest) => khub::env::var_os(khub::env::HOME).map(PathBuf::from).unwrap_or_default().join(rest),
+            None => PathBuf::from(target),
+        };
+        return Ok(Target::Path(p));
+    }
+    match target.parse::<khub::registry::RepoId>() {
+        Ok(_) => Ok(Target::Repo(target.to_owned())),
+        Err(e) if Path::new(target).join("khub.toml").is_file() => {
+            bail!("`{target}` is not a repository ({e}); to load the release directory of that name, write it as a path: ./{target}")
+        }
+        Err(e) => bail!("`{target}` is neither a repository org/name ({e}) nor a path (write a directory as ./dir or /abs/dir)"),
+    }
+}
+
 impl TargetArgs {
     /// Loads the kernel; returns it and how long loading took.
     fn open(self) -> Result<(khub::Kernel, std::time::Duration)> {
         let prefs = parse_preferences(&self.select.prefer)?;
         let started = std::time::Instant::now();
-        let dir = Path::new(&self.target);
-        let kernel = if dir.join("khub.toml").is_file() {
-            let host = detect_host(&probe_options(self.select.host)?)?;
-            khub::Release::open(dir)?.load(&host, &prefs)?
-        } else {
-            if !self.target.contains('/') || dir.exists() {
-                bail!(
-                    "`{}` is neither a release directory (no khub.toml in it) nor a repository org/name",
-                    self.target
-                );
+        let target = match (&self.path, &self.target) {
+            (Some(p), _) => Target::Path(p.clone()),
+            (None, Some(t)) => classify(t)?,
+            (None, None) => bail!("name a repository org/name, or a release directory with --path DIR"),
+        };
+        let kernel = match target {
+            Target::Path(dir) => {
+                if self.locked {
+                    bail!(
+                        "--locked loads only what {} pins, by repository: name the repository (org/name), not the directory {}",
+                        self.lock.display(),
+                        dir.display()
+                    );
+                }
+                if !dir.join("khub.toml").is_file() {
+                    bail!("{} is not a release directory: there is no khub.toml in it", dir.display());
+                }
+                let release = khub::Release::open(&dir)?;
+                if !self.skip_trust {
+                    let policy = registry::trust_policy(&self.registry)?;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    release.check_trust(&policy, now)?;
+                }
+                let host = detect_host(&probe_options(self.select.host)?)?;
+                release.load(&host, &prefs)?
             }
-            let locked = self.locked.then_some(self.lock.as_path());
-            registry::load_kernel(&self.target, &self.version, locked, &self.registry, self.select.host, prefs)?
+            Target::Repo(repo) => {
+                if self.skip_trust {
+                    bail!("--skip-trust applies to release directories only; a repository is always checked against the trust policy");
+                }
+                let locked = self.locked.then_some(self.lock.as_path());
+                registry::load_kernel(&repo, &self.version, locked, &self.registry, self.select.host, prefs)?
+            }
         };
         Ok((kernel, started.elapsed()))
     }
@@ -377,9 +494,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Package {
             kernel,
             out,
+            force,
             toolchain,
             json,
-        } => kernel::package(&kernel, &out, &toolchain.into_toolchain(), json),
+        } => kernel::package(&kernel, &out, force, &toolchain.into_toolchain(), json),
         Command::Inspect { library, json } => kernel::inspect(&library, json),
         Command::Load { target, json } => {
             let (k, took) = target.open()?;
@@ -416,6 +534,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
+        Command::Cache { command } => match command {
+            CacheCommand::Ls { cache: c, json } => cache::ls(c.as_ref(), json),
+            CacheCommand::Verify { repair, json, registry } => cache::verify(&registry, repair, json),
+            CacheCommand::Rm {
+                repo,
+                version,
+                all,
+                cache: c,
+            } => cache::rm(c.as_ref(), repo.as_deref(), version.as_deref(), all),
+        },
         Command::Gc {
             keep,
             dry_run,
@@ -473,12 +601,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             to,
             registry,
             create,
+            trust,
             json,
         } => {
             let repo: khub::registry::RepoId = to.parse()?;
             let env = Environment::capture();
             let config = khub::registry::hf::HubConfig::from_env(&env, registry.as_deref())?;
-            let report = khub::package::publish::publish(&release, &repo, config, create, &mut |line: &str| {
+            let policy = registry::trust_policy(&registry::RegistryArgs {
+                trust,
+                ..Default::default()
+            })?;
+            let report = khub::package::publish::publish(&release, &repo, config, create, Some(&policy), &mut |line: &str| {
                 if !json {
                     eprintln!("{line}");
                 }

@@ -55,14 +55,23 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     if let Some(c) = &args.cache {
         o.cache = c.clone();
     }
-    if let Some(t) = &args.trust {
-        o.trust = khub::verify::trust::TrustPolicy::read(t)?;
+    if args.trust.is_some() {
+        o.trust = trust_policy(args)?;
     }
     if args.allow_rollback {
         o.trust = o.trust.allow_rollback("*");
     }
     o.preferences = prefs;
     Ok(Hub::new(o)?)
+}
+
+/// The trust policy: `--trust FILE`, else the environment's (KHUB_TRUST_POLICY, then
+/// ~/.config/khub/trust.toml, else the permissive default).
+pub fn trust_policy(args: &RegistryArgs) -> Result<khub::verify::trust::TrustPolicy> {
+    Ok(match &args.trust {
+        Some(t) => khub::verify::trust::TrustPolicy::read(t)?,
+        None => khub::verify::trust::TrustPolicy::from_env(&Environment::capture())?,
+    })
 }
 
 /// Progress bars on a terminal, nothing otherwise.
@@ -228,7 +237,25 @@ pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<
             }
         }
     }
+    // What gc keeps must be intact: a damaged kept blob is quarantined (and then removed
+    // below), so the next fetch downloads it again.
+    let mut damaged = 0usize;
+    if !dry_run {
+        for (d, size) in store.list()? {
+            if keep.contains(&d) && !store.verify_blob(&d, size)? {
+                damaged += 1;
+            }
+        }
+    }
     let report = store.gc(&keep, dry_run)?;
+    if damaged > 0 {
+        println!(
+            "{damaged} pinned blob{} failed verification and {} removed; `khub fetch` (or `khub lock`) downloads {} again",
+            if damaged == 1 { "" } else { "s" },
+            if damaged == 1 { "was" } else { "were" },
+            if damaged == 1 { "it" } else { "them" }
+        );
+    }
     println!(
         "{} {} blob{} ({} bytes), kept {}, removed {} temporary file{} (pinned by: {})",
         if dry_run { "would remove" } else { "removed" },

@@ -94,7 +94,8 @@ fn this_os() -> Os {
     }
 }
 
-fn this_arch() -> CpuArch {
+/// The architecture this process runs on.
+pub fn this_arch() -> CpuArch {
     match std::env::consts::ARCH {
         "aarch64" => CpuArch::Aarch64,
         _ => CpuArch::X86_64,

@@ -189,6 +189,15 @@ impl ConfigRocm {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PackageError {
+    /// The output directory already holds files.
+    #[error(
+        "{} is not empty: a release directory must hold only what its new khub.toml lists (an old khub.toml.minisig or old variant files would go out with it); choose an empty or new directory, or pass --force to empty it first",
+        path.display()
+    )]
+    OutNotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The config could not be read.
     #[error("cannot read {}: {source}", path.display())]
     ConfigRead {
@@ -289,6 +298,10 @@ pub struct BuildOptions {
     /// `khub` binary), that happens in a child process (`khub __describe`); without one,
     /// in this process (the library is one the caller just built).
     pub describe_helper: Option<PathBuf>,
+    /// [`package`] only: empty an existing, non-empty output directory first instead of
+    /// refusing it (a release directory must hold what its new manifest lists and nothing
+    /// else: an old signature or old variant files would be published with it).
+    pub force: bool,
 }
 
 /// One variant that was built.
@@ -942,6 +955,44 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant, describe_help
     })
 }
 
+/// Makes sure `out` is an empty directory: creates it, or (with `force`) empties it, or
+/// refuses it when it holds anything.
+fn prepare_out(out: &Path, force: bool) -> Result<(), PackageError> {
+    let write = |source| PackageError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return std::fs::create_dir_all(out).map_err(write),
+        Err(e) => return Err(write(e)),
+        Ok(m) if !m.is_dir() => {
+            return Err(write(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "exists and is not a directory",
+            )));
+        }
+        Ok(_) => {}
+    }
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(out).map_err(write)?.collect::<Result<_, _>>().map_err(write)?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return Err(PackageError::OutNotEmpty { path: out.to_owned() });
+    }
+    for e in entries {
+        let p = e.path();
+        let is_dir = e.file_type().map_err(write)?.is_dir();
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.map_err(|source| PackageError::Write { path: p, source })?;
+    }
+    Ok(())
+}
+
 /// Builds, inspects and writes a release directory: `out/khub.toml` and
 /// `out/variants/<id>/…`. Returns the manifest and the build report.
 pub fn package(
@@ -951,8 +1002,16 @@ pub fn package(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Manifest, BuildReport), PackageError> {
     let config = PackageConfig::read(kernel_dir)?;
+    prepare_out(out, options.force)?;
     let variants_dir = out.join("variants");
     let report = build(kernel_dir, &variants_dir, options, log)?;
+    // A skipped variant leaves no directory behind.
+    for (id, _) in &report.skipped {
+        let dir = variants_dir.join(id);
+        if dir.is_dir() {
+            std::fs::remove_dir_all(&dir).map_err(|source| PackageError::Write { path: dir.clone(), source })?;
+        }
+    }
     let mut variants = Vec::new();
     let mut exports: Option<Vec<Export>> = None;
     for built in &report.built {

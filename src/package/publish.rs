@@ -16,6 +16,49 @@ use crate::load::LoadError;
 use crate::registry::hf::{HubConfig, HubRegistry};
 use crate::registry::{Registry, RegistryError, RepoId};
 use crate::release::Release;
+use crate::verify::trust::{TrustError, TrustPolicy};
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks a release's signature before it is published as `repo`: its claim must name
+/// `repo` and the manifest's version (read from the signature, then, when the policy
+/// trusts keys for `repo`, verified with them, exactly as a load will).
+fn check_signature(
+    dir: &Path,
+    repo: &RepoId,
+    manifest: &crate::manifest::Manifest,
+    bytes: &[u8],
+    sig: &[u8],
+    trust: Option<&TrustPolicy>,
+) -> Result<(), PublishError> {
+    let invalid = |e: crate::verify::sign::SignError| {
+        PublishError::Trust(Box::new(TrustError::MalformedClaim {
+            repo: repo.clone(),
+            version: manifest.kernel.version.clone(),
+            source: Box::new(e),
+        }))
+    };
+    let comment = crate::verify::sign::unverified_trusted_comment(sig).map_err(invalid)?;
+    let claim: crate::verify::sign::ReleaseClaim = comment.parse().map_err(invalid)?;
+    if claim.repo != *repo || claim.version != manifest.kernel.version {
+        return Err(PublishError::SignedForOther {
+            claimed: format!("{} {}", claim.repo, claim.version),
+            to: format!("{repo} {}", manifest.kernel.version),
+            repo: repo.to_string(),
+            dir: dir.display().to_string(),
+        });
+    }
+    if let Some(policy) = trust {
+        policy
+            .check(repo, &manifest.kernel.version, bytes, Some(sig), now_unix())
+            .map_err(|e| PublishError::Trust(Box::new(e)))?;
+    }
+    Ok(())
+}
 
 /// Publishing failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +73,23 @@ pub enum PublishError {
     /// The registry refused or failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The signature is for another repository or version than the one published.
+    #[error(
+        "the release is signed for {claimed}, but would be published as {to}: every load would refuse it as a replay, and a published release cannot be replaced; nothing was uploaded. Sign it again for this repository (`khub sign {dir} --key KEY --repo {repo}`) or publish to the repository it was signed for"
+    )]
+    SignedForOther {
+        /// What the signature claims, `org/name version`.
+        claimed: String,
+        /// What it would be published as.
+        to: String,
+        /// The repository published to.
+        repo: String,
+        /// The release directory.
+        dir: String,
+    },
+    /// The trust policy would refuse the release at load time.
+    #[error("the trust policy would refuse this release at load time, so nothing was uploaded: {0}")]
+    Trust(Box<TrustError>),
     /// The release read back differs from what was sent.
     #[error("after upload, {what} read back from {registry} differs from the local release ({detail}); do not use this release")]
     Mismatch {
@@ -84,43 +144,39 @@ pub fn publish(
     repo: &RepoId,
     config: HubConfig,
     create: bool,
+    trust: Option<&TrustPolicy>,
     log: &mut dyn FnMut(&str),
 ) -> Result<PublishReport, PublishError> {
-    // 1. Check the release locally.
+    // 1. Check the release locally, as a load would: the tree, every digest, and the
+    // signature against the repository and version it is published as.
     let release = Release::open(dir)?;
     release.check_tree()?;
     let manifest = release.manifest().clone();
     let root = release.root().to_owned();
     let mut files: Vec<(String, PathBuf, u64, crate::manifest::Sha256Digest)> = Vec::new();
-    let manifest_bytes = std::fs::read(root.join("khub.toml")).map_err(|source| {
-        LoadError::Verify(crate::verify::VerifyError::Io {
-            what: "cannot read",
-            path: "khub.toml".into(),
-            source,
-        })
-    })?;
+    // The bytes the manifest was parsed from: what is uploaded is what was checked.
+    let manifest_bytes = release.manifest_bytes().to_vec();
     files.push((
         "khub.toml".into(),
         root.join("khub.toml"),
         manifest_bytes.len() as u64,
         crate::verify::sha256(&manifest_bytes),
     ));
-    let sig_path = root.join(crate::registry::SIGNATURE_FILE);
-    let signed = sig_path.is_file();
-    if signed {
-        let sig = std::fs::read(&sig_path).map_err(|source| {
-            LoadError::Verify(crate::verify::VerifyError::Io {
-                what: "cannot read",
-                path: crate::registry::SIGNATURE_FILE.into(),
-                source,
-            })
-        })?;
+    let signature = release.signature()?;
+    let signed = signature.is_some();
+    if let Some(sig) = &signature {
+        check_signature(dir, repo, &manifest, &manifest_bytes, sig, trust)?;
         files.push((
             crate::registry::SIGNATURE_FILE.into(),
-            sig_path.clone(),
+            root.join(crate::registry::SIGNATURE_FILE),
             sig.len() as u64,
-            crate::verify::sha256(&sig),
+            crate::verify::sha256(sig),
         ));
+    } else if let Some(policy) = trust {
+        let now = now_unix();
+        policy
+            .check(repo, &manifest.kernel.version, &manifest_bytes, None, now)
+            .map_err(|e| PublishError::Trust(Box::new(e)))?;
     }
     let mut seen = std::collections::BTreeSet::new();
     for v in &manifest.variants {

@@ -59,6 +59,24 @@ pub fn repo_dir(root: &Path, repo: &RepoId) -> PathBuf {
 /// name is not a version, whose manifest is missing or invalid, or whose manifest names
 /// another version are skipped and reported in the second list.
 pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<String>), RegistryError> {
+    let scan = scan_repo_detailed(root, repo)?;
+    Ok((scan.releases, scan.skipped))
+}
+
+/// What [`scan_repo_detailed`] found in a repository directory.
+#[derive(Debug, Default)]
+pub struct RepoScan {
+    /// The usable releases, highest version first.
+    pub releases: Vec<ReleaseDir>,
+    /// Every entry skipped, as `name: why`, sorted.
+    pub skipped: Vec<String>,
+    /// The skipped entries named like a version (meant as releases), with why each is
+    /// unusable: a resolver reports these rather than silently choosing around them.
+    pub unusable: Vec<(Version, String)>,
+}
+
+/// As [`scan_repo`], keeping apart the skipped entries that are named like a release.
+pub fn scan_repo_detailed(root: &Path, repo: &RepoId) -> Result<RepoScan, RegistryError> {
     let dir = repo_dir(root, repo);
     let meta = std::fs::symlink_metadata(&dir);
     match meta {
@@ -76,6 +94,11 @@ pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<Str
     })?;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
+    let mut unusable: Vec<(Version, String)> = Vec::new();
+    let mut refuse = |version: &Version, name: &str, why: String, skipped: &mut Vec<String>| {
+        skipped.push(format!("{name}: {why}"));
+        unusable.push((version.clone(), why));
+    };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
         let Ok(version) = name.parse::<Version>() else {
@@ -84,9 +107,21 @@ pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<Str
             }
             continue;
         };
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            skipped.push(format!("{name}: not a directory"));
-            continue;
+        match e.file_type() {
+            Ok(t) if t.is_dir() => {}
+            Ok(t) if t.is_symlink() => {
+                refuse(
+                    &version,
+                    &name,
+                    "it is a symlink; release directories must be real directories".into(),
+                    &mut skipped,
+                );
+                continue;
+            }
+            _ => {
+                refuse(&version, &name, "it is not a directory".into(), &mut skipped);
+                continue;
+            }
         }
         let manifest_path = RelPath::new("khub.toml").map_err(|e| RegistryError::Io {
             what: "khub.toml".into(),
@@ -104,13 +139,13 @@ pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<Str
                 ) {
                     Ok(_) => buf,
                     Err(err) => {
-                        skipped.push(format!("{name}: {err}"));
+                        refuse(&version, &name, err.to_string(), &mut skipped);
                         continue;
                     }
                 }
             }
             Err(err) => {
-                skipped.push(format!("{name}: {err}"));
+                refuse(&version, &name, err.to_string(), &mut skipped);
                 continue;
             }
         };
@@ -121,13 +156,23 @@ pub fn scan_repo(root: &Path, repo: &RepoId) -> Result<(Vec<ReleaseDir>, Vec<Str
                 dir: e.path(),
                 manifest_bytes: bytes,
             }),
-            Ok(m) => skipped.push(format!("{name}: khub.toml says version {}", m.kernel.version)),
-            Err(err) => skipped.push(format!("{name}: {err}")),
+            Ok(m) => refuse(
+                &version,
+                &name,
+                format!("its khub.toml says version {}", m.kernel.version),
+                &mut skipped,
+            ),
+            Err(err) => refuse(&version, &name, format!("its khub.toml is not valid: {err}"), &mut skipped),
         }
     }
     out.sort_by(|a, b| b.version.cmp(&a.version));
     skipped.sort();
-    Ok((out, skipped))
+    unusable.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(RepoScan {
+        releases: out,
+        skipped,
+        unusable,
+    })
 }
 
 /// The refs derived from a repository's releases (see the module docs).
@@ -482,6 +527,10 @@ impl Registry for DirRegistry {
         Ok(self.release(repo, commit)?.manifest_bytes)
     }
 
+    fn unusable(&self, repo: &RepoId) -> Vec<(Version, String)> {
+        scan_repo_detailed(&self.root, repo).map(|s| s.unusable).unwrap_or_default()
+    }
+
     fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError> {
         let release = self.release(repo, commit)?;
         let mut f = crate::fsx::open_under(&release.dir, path).map_err(|e| match e {
@@ -489,6 +538,12 @@ impl Registry for DirRegistry {
                 repo: repo.clone(),
                 registry: self.describe(),
                 what: format!("file `{path}` at {commit}"),
+            },
+            crate::fsx::OpenError::NotRegular { path: bad, what, .. } => RegistryError::NotRegular {
+                registry: self.describe(),
+                repo: repo.clone(),
+                path: bad,
+                what,
             },
             other => RegistryError::Io {
                 what: format!("reading `{path}`"),

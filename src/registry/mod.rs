@@ -88,6 +88,18 @@ pub enum RegistryError {
         /// What happened.
         message: String,
     },
+    /// A file of a release, or a directory on its path, is a symlink or not a regular file.
+    #[error("`{path}` of {repo} on {registry} is {what}; a registry serves regular files only")]
+    NotRegular {
+        /// The registry.
+        registry: String,
+        /// The repository.
+        repo: RepoId,
+        /// The path, relative to the release.
+        path: String,
+        /// What was found.
+        what: &'static str,
+    },
     /// Local I/O failed.
     #[error("{what}: {source}")]
     Io {
@@ -129,6 +141,13 @@ pub trait Registry: Send + Sync {
     /// `limit` bytes are written: a longer file is an error, so a hostile server cannot fill
     /// the disk.
     fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError>;
+
+    /// Releases of `repo` this registry holds but cannot serve (a directory registry's
+    /// release directory that is a symlink, or whose manifest is invalid), by version, with
+    /// why. A resolver refuses to choose around them silently.
+    fn unusable(&self, _repo: &RepoId) -> Vec<(semver::Version, String)> {
+        Vec::new()
+    }
 }
 
 /// Copies at most `limit` bytes from `r` into `w`, failing if `r` has more.

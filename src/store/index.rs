@@ -22,6 +22,10 @@ pub const INDEX_DIR: &str = "index-v1";
 /// The releases known for one repository on one registry, by version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownReleases {
+    /// The registry these releases were verified against (as [`crate::hub::RegistrySpec`]
+    /// describes it); absent in files written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
     /// Version (semver text) → where it was found.
     pub releases: BTreeMap<String, KnownRelease>,
 }
@@ -36,6 +40,25 @@ pub struct KnownRelease {
     /// The SHA-256 of its signature, when it had one (a blob in the store).
     #[serde(default)]
     pub signature_sha256: Option<Sha256Digest>,
+    /// When the release was last accepted (fetched, locked or loaded online), in seconds
+    /// since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at: Option<u64>,
+}
+
+/// One release recorded in the index, as [`Store::index_entries`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The registry, when the index file records it.
+    pub registry: Option<String>,
+    /// The repository.
+    pub repo: RepoId,
+    /// The version, as recorded.
+    pub version: String,
+    /// What was recorded.
+    pub release: KnownRelease,
+    /// The index file.
+    pub file: PathBuf,
 }
 
 impl Store {
@@ -70,15 +93,99 @@ impl Store {
     ) -> Result<(), StoreError> {
         let path = self.index_path(registry, repo);
         let mut known = self.known_releases(registry, repo);
+        known.registry = Some(registry.to_owned());
         known.releases.insert(version.to_string(), release);
+        self.write_index_file(&path, &known)
+    }
+
+    fn write_index_file(&self, path: &std::path::Path, known: &KnownReleases) -> Result<(), StoreError> {
         let dir = path.parent().unwrap_or(&self.cache);
         std::fs::create_dir_all(dir).map_err(StoreError::io("cannot create", dir))?;
-        let bytes = serde_json::to_vec_pretty(&known).map_err(|e| StoreError::io("cannot encode", &path)(std::io::Error::other(e)))?;
-        crate::fsx::write_atomic(&path, &bytes).map_err(|e| StoreError::Io {
+        let bytes = serde_json::to_vec_pretty(known).map_err(|e| StoreError::io("cannot encode", path)(std::io::Error::other(e)))?;
+        crate::fsx::write_atomic(path, &bytes).map_err(|e| StoreError::Io {
             what: e.what,
-            path,
+            path: path.to_owned(),
             source: e.source,
         })
+    }
+
+    /// Every release the index records, on every registry, sorted by repository and
+    /// version. Files that do not parse, and names that are not `org/name`, are skipped.
+    pub fn index_entries(&self) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        let root = self.cache.join(INDEX_DIR);
+        let dirs = |p: &std::path::Path| -> Vec<std::fs::DirEntry> {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for key in dirs(&root) {
+            for org in dirs(&key.path()) {
+                let Ok(files) = std::fs::read_dir(org.path()) else { continue };
+                for f in files.filter_map(Result::ok) {
+                    let name = f.file_name();
+                    let (Some(org_name), Some(file_name)) = (org.file_name().to_str().map(str::to_owned), name.to_str()) else {
+                        continue;
+                    };
+                    let Some(repo_name) = file_name.strip_suffix(".json") else {
+                        continue;
+                    };
+                    let Ok(repo) = format!("{org_name}/{repo_name}").parse::<RepoId>() else {
+                        continue;
+                    };
+                    let Some(known) = std::fs::read(f.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<KnownReleases>(&b).ok())
+                    else {
+                        continue;
+                    };
+                    for (version, release) in known.releases {
+                        out.push(IndexEntry {
+                            registry: known.registry.clone(),
+                            repo: repo.clone(),
+                            version,
+                            release,
+                            file: f.path(),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.repo, &a.version, &a.registry).cmp(&(&b.repo, &b.version, &b.registry)));
+        out
+    }
+
+    /// Removes the releases of `repo` from the index (all of them, or only `version`), on
+    /// every registry; returns what was removed. The blobs stay: [`Store::gc`] removes
+    /// those nothing else references.
+    pub fn forget(&self, repo: &RepoId, version: Option<&str>) -> Result<Vec<IndexEntry>, StoreError> {
+        let mut removed = Vec::new();
+        let entries: Vec<IndexEntry> = self
+            .index_entries()
+            .into_iter()
+            .filter(|e| &e.repo == repo && version.is_none_or(|v| e.version == v))
+            .collect();
+        let files: std::collections::BTreeSet<PathBuf> = entries.iter().map(|e| e.file.clone()).collect();
+        for file in files {
+            let Some(mut known) = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<KnownReleases>(&b).ok())
+            else {
+                continue;
+            };
+            known.releases.retain(|v, _| version.is_some_and(|want| v != want));
+            if known.releases.is_empty() {
+                std::fs::remove_file(&file).map_err(StoreError::io("cannot remove", &file))?;
+            } else {
+                self.write_index_file(&file, &known)?;
+            }
+        }
+        removed.extend(entries);
+        Ok(removed)
     }
 }
 
@@ -96,6 +203,7 @@ mod tests {
             commit: "c".repeat(40),
             manifest_sha256: crate::verify::sha256(b"m"),
             signature_sha256: None,
+            accepted_at: None,
         };
         s.record_release("reg", &repo, &semver::Version::new(1, 0, 0), r.clone()).unwrap();
         s.record_release("reg", &repo, &semver::Version::new(1, 1, 0), r.clone()).unwrap();

@@ -78,7 +78,7 @@ use crate::verify::{FileSource, HashingWriter, VerifyError};
 
 mod index;
 use crate::manifest::{FileEntry, Sha256Digest, Variant};
-pub use index::{KnownRelease, KnownReleases};
+pub use index::{IndexEntry, KnownRelease, KnownReleases};
 
 /// The name of the store's directory inside the cache directory; the suffix is the layout
 /// version.
@@ -270,6 +270,8 @@ pub struct GcReport {
     pub kept: usize,
     /// Abandoned temp files removed.
     pub tmp_removed: usize,
+    /// Quarantined (damaged) blobs removed.
+    pub quarantine_removed: usize,
 }
 
 /// A held store lock; released when dropped.
@@ -398,6 +400,10 @@ impl Store {
 
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
     }
 
     fn locks_dir(&self) -> PathBuf {
@@ -601,10 +607,14 @@ impl Store {
         Ok(Inserted::Written(size))
     }
 
-    /// Stores `bytes`, computing their digest; returns it. Present blobs are left alone.
+    /// Stores `bytes`, computing their digest; returns it. A present blob is re-hashed
+    /// (these are small: manifests and signatures) and replaced when damaged.
     pub fn insert_bytes(&self, label: &str, bytes: &[u8]) -> Result<Sha256Digest, StoreError> {
         let d = crate::verify::sha256(bytes);
         let len = bytes.len() as u64;
+        if self.contains(&d, len) {
+            self.verify_blob(&d, len)?;
+        }
         self.insert_with(label, &d, len, &mut |w| {
             w.write_all(bytes)?;
             Ok(len)
@@ -613,8 +623,9 @@ impl Store {
     }
 
     /// Rehashes the blob `d`: `Ok(true)` when it is a regular file of `size` bytes with
-    /// that digest. A damaged blob (or a symlink in its place) is evicted and `Ok(false)`
-    /// returned, as for a missing one, so that the next fetch writes it afresh.
+    /// that digest. A damaged blob is moved to quarantine (a symlink in its place is
+    /// removed) and `Ok(false)` returned, as for a missing one, so that the next fetch
+    /// writes it afresh.
     pub fn verify_blob(&self, d: &Sha256Digest, size: u64) -> Result<bool, StoreError> {
         let pin = self.pin()?;
         let _entry = self.lock_entry(&pin, d)?;
@@ -632,11 +643,94 @@ impl Store {
         if n == size && actual == *d {
             return Ok(true);
         }
-        remove_file(&path)?;
+        self.move_to_quarantine(d)?;
+        Ok(false)
+    }
+
+    /// Reads the whole blob `d` (at most `limit` bytes: manifests, signatures) and checks
+    /// that it hashes to its name ([`StoreError::DigestMismatch`] otherwise).
+    pub fn read_verified(&self, d: &Sha256Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(d);
+        let f = self.open_blob(d)?;
+        let mut buf = Vec::new();
+        f.take(limit + 1)
+            .read_to_end(&mut buf)
+            .map_err(StoreError::io("cannot read", &path))?;
+        let actual = crate::verify::sha256(&buf);
+        if actual != *d {
+            return Err(StoreError::DigestMismatch {
+                path: path.display().to_string(),
+                expected: *d,
+                actual,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Rehashes the blob `d` without changing anything: `Ok(true)` when it is a regular
+    /// file whose bytes hash to its name. For `khub cache verify` without `--repair`.
+    pub fn check_blob(&self, d: &Sha256Digest) -> Result<bool, StoreError> {
+        let path = self.blob_path(d);
+        let file = match self.open_blob(d) {
+            Ok(f) => f,
+            Err(StoreError::Missing { .. } | StoreError::NotRegular { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let (actual, _) = crate::verify::sha256_reader(file).map_err(StoreError::io("cannot read", &path))?;
+        Ok(actual == *d)
+    }
+
+    /// Moves the blob `d` to quarantine (`store-v1/quarantine/<hex>`, replacing an older
+    /// copy there), out of every reader's way but kept for inspection; `khub gc` and
+    /// `khub cache rm` delete it. Returns where it went, or `None` when there was no blob.
+    /// Call it only for a blob that failed verification.
+    pub fn quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
+        let pin = self.pin()?;
+        let _entry = self.lock_entry(&pin, d)?;
+        self.move_to_quarantine(d)
+    }
+
+    /// Where the quarantined copy of `d` is, if there is one.
+    pub fn quarantined_path(&self, d: &Sha256Digest) -> Option<PathBuf> {
+        let p = self.quarantine_dir().join(d.to_string());
+        lstat(&p).ok().flatten().map(|_| p)
+    }
+
+    /// The quarantined blobs: digest (as named) and size.
+    pub fn quarantined(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out: Vec<(String, u64)> = read_dir(&self.quarantine_dir())?
+            .into_iter()
+            .filter(|e| e.meta.is_file())
+            .map(|e| (e.name, e.meta.len()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Moves (the caller holds the entry lock) a damaged blob to quarantine.
+    fn move_to_quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.blob_path(d);
+        match lstat(&path)? {
+            None => return Ok(None),
+            Some(m) if !m.is_file() => {
+                remove_file(&path)?;
+                if let Some(shard) = path.parent() {
+                    sync_dir(shard)?;
+                }
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
+        let qdir = self.quarantine_dir();
+        std::fs::create_dir_all(&qdir).map_err(StoreError::io("cannot create", &qdir))?;
+        expect_dir(&qdir)?;
+        let target = qdir.join(d.to_string());
+        std::fs::rename(&path, &target).map_err(StoreError::io("cannot move to quarantine", &path))?;
         if let Some(shard) = path.parent() {
             sync_dir(shard)?;
         }
-        Ok(false)
+        sync_dir(&qdir)?;
+        Ok(Some(target))
     }
 
     /// Every blob in the store, with its size, sorted by digest. Symlinks and names that
@@ -721,6 +815,13 @@ impl Store {
             if !writers_may_be_active || age > STALE_TMP_AGE {
                 remove(&entry.path)?;
                 report.tmp_removed += 1;
+            }
+        }
+
+        for entry in read_dir(&self.quarantine_dir())? {
+            if entry.meta.is_file() || entry.meta.is_symlink() {
+                remove(&entry.path)?;
+                report.quarantine_removed += 1;
             }
         }
 

@@ -312,6 +312,7 @@ fn gc_removes_what_is_not_kept() {
         removed_bytes: 7,
         kept: 1,
         tmp_removed: 1,
+        quarantine_removed: 0,
     };
     assert_eq!(dry, expected);
     assert_eq!(files_under(s.root()), before, "a dry run removes nothing");
@@ -335,7 +336,8 @@ fn gc_removes_what_is_not_kept() {
             removed: 2,
             removed_bytes: 10,
             kept: 0,
-            tmp_removed: 0
+            tmp_removed: 0,
+            quarantine_removed: 0,
         }
     );
     assert!(files_under(&s.root().join("blobs")).is_empty());

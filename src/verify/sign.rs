@@ -592,6 +592,8 @@ pub fn sign(sk: &SecretKey, data: &[u8], claim: &ReleaseClaim) -> Result<String,
 /// A `.minisig` file, checked for shape and exact lengths.
 struct ParsedSignature {
     key_id: String,
+    /// The trusted comment, as written (unverified).
+    trusted_comment: String,
     /// The file rewritten from the checked parts: four lines, base64 re-encoded. The
     /// crate's parser sees only this, so it cannot read a line the checks skipped (a
     /// blank line would shift its lines, and an empty global signature makes its verifier
@@ -628,6 +630,7 @@ fn parse_signature(minisig: &[u8]) -> Result<ParsedSignature, SignError> {
     }
     let global = decode_exact(WHAT, None, "global signature", global, GLOBAL_SIGNATURE_BYTES)?;
     Ok(ParsedSignature {
+        trusted_comment: trusted[TRUSTED_PREFIX.len()..].to_owned(),
         key_id: key_id_hex(&sig[2..10]),
         canonical: format!("{untrusted}\n{}\n{trusted}\n{}\n", BASE64.encode(&sig), BASE64.encode(&global)),
     })
@@ -639,6 +642,13 @@ fn parse_signature(minisig: &[u8]) -> Result<ParsedSignature, SignError> {
 /// The id is only a hint: it authorizes nothing until [`verify`] succeeds.
 pub fn signature_key_id(minisig: &[u8]) -> Result<String, SignError> {
     parse_signature(minisig).map(|p| p.key_id)
+}
+
+/// The trusted comment of a signature, read without verifying it: for a release that has
+/// no repository of its own (a local directory), the release it claims to be, whose keys
+/// then verify it. Authorizes nothing until [`verify`] succeeds.
+pub fn unverified_trusted_comment(minisig: &[u8]) -> Result<String, SignError> {
+    parse_signature(minisig).map(|p| p.trusted_comment)
 }
 
 /// Verifies a `.minisig` signature of `data` with `pk`: the signature over the data and the

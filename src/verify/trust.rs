@@ -60,6 +60,24 @@ const POLICY_HINT: &str = "the trust policy (KHUB_TRUST_POLICY, or $XDG_CONFIG_H
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrustError {
+    /// A local release directory is unsigned where the policy wants signatures.
+    #[error(
+        "the release at {} is unsigned, and the trust policy requires signatures or trusts publisher keys: sign it (`khub sign`), or pass --skip-trust to load it for development",
+        dir.display()
+    )]
+    UnsignedLocal {
+        /// The release directory.
+        dir: PathBuf,
+    },
+    /// A local release's signature does not say which release it signs.
+    #[error("the signature of the release at {} names no release khub can check: {source}; sign it again with `khub sign`", dir.display())]
+    LocalClaim {
+        /// The release directory.
+        dir: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: Box<SignError>,
+    },
     /// The policy file could not be read.
     #[error("cannot read the trust policy {}: {source}; fix the file or point KHUB_TRUST_POLICY elsewhere", path.display())]
     ReadPolicy {
@@ -654,6 +672,38 @@ impl TrustPolicy {
             key_id: verified.key_id,
             claim,
         })
+    }
+}
+
+impl TrustPolicy {
+    /// Decides on a release read from a local directory, which has no repository of its
+    /// own. A signed release is checked exactly as [`TrustPolicy::check`] checks the
+    /// repository its signature claims (so it is accepted only when a key trusted for that
+    /// repository made it, for this version). An unsigned one is accepted only when the
+    /// policy requires no signature and trusts no key at all; `allow-unsigned` patterns
+    /// name repositories and so do not apply.
+    pub fn check_local(
+        &self,
+        dir: &Path,
+        version: &semver::Version,
+        manifest: &[u8],
+        signature: Option<&[u8]>,
+        now_unix: u64,
+    ) -> Result<TrustDecision, TrustError> {
+        self.validate()?;
+        match signature {
+            Some(sig) => {
+                let bad = |source| TrustError::LocalClaim {
+                    dir: dir.to_owned(),
+                    source: Box::new(source),
+                };
+                let comment = sign::unverified_trusted_comment(sig).map_err(bad)?;
+                let claim: ReleaseClaim = comment.parse().map_err(bad)?;
+                self.check(&claim.repo, version, manifest, Some(sig), now_unix)
+            }
+            None if !self.require_signature && self.publishers.is_empty() => Ok(TrustDecision::Unsigned),
+            None => Err(TrustError::UnsignedLocal { dir: dir.to_owned() }),
+        }
     }
 }
 
