@@ -212,7 +212,10 @@ fn a_rollback_is_refused_unless_allowed() {
     let state = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let h = hub(reg.path(), cache.path(), strict(&k), Some(state.path()));
+    // Resolving alone records nothing: the state advances once the files are verified.
     assert_eq!(h.resolve_release(&repo(), "^0.1").unwrap().version.to_string(), "0.1.1");
+    assert!(!state.path().join("rollback.toml").exists());
+    assert_eq!(h.fetch(&repo(), "^0.1", false, &khub::hub::Quiet).unwrap().version, "0.1.1");
     // The registry now hides 0.1.1 (a mirror serving stale refs).
     std::fs::remove_dir_all(&newer).unwrap();
     let fresh = tempfile::tempdir().unwrap();

@@ -108,3 +108,28 @@ fn error_codes_are_distinct() {
     ];
     assert_eq!(codes.to_vec(), (1..=15).collect::<Vec<c_int>>());
 }
+
+#[test]
+fn refused_files_and_damaged_blobs_are_verification_errors() {
+    let repo: RepoId = "acme/k".parse().unwrap();
+    let symlinked = HubError::Registry(RegistryError::NotRegular {
+        registry: "/srv/registry".into(),
+        repo: repo.clone(),
+        path: "variants/cpu/libk.so".into(),
+        what: "a symlink",
+    });
+    assert_eq!(Failure::from(symlinked).code, KHUB_E_VERIFY);
+    let damaged = HubError::DamagedBlob {
+        what: "file `variants/cpu/libk.so` of acme/k 0.1.0".into(),
+        blob: "/cache/store-v1/blobs/ab/abcd".into(),
+        quarantined: None,
+        command: "khub fetch acme/k --version '=0.1.0'".into(),
+    };
+    assert_eq!(Failure::from(damaged).code, KHUB_E_VERIFY);
+    let cpu = LoadError::CpuUnsupported {
+        variant: "cpu-x86_64-v4-linux".into(),
+        needs: "x86-64 level x86-64-v4".into(),
+        has: "x86_64, level x86-64-v3".into(),
+    };
+    assert_eq!(Failure::from(cpu).code, KHUB_E_NO_VARIANT);
+}
