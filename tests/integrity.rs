@@ -524,3 +524,27 @@ fn a_symlinked_library_in_a_directory_registry_is_a_verification_error() {
     );
     assert!(e.to_string().contains("symlink"), "{e}");
 }
+
+#[test]
+fn publish_refuses_a_library_the_loader_could_not_load() {
+    let work = tempfile::tempdir().unwrap();
+    let rel = work.path().join("rel");
+    copy_dir(common::example_release(), &rel);
+    // A variant whose "library" is not an ELF object, with the manifest updated to match
+    // (so the digests check out and only the loader's own checks can catch it).
+    let lib = rel.join("variants/cpu-x86_64-v1-linux/libactivation.so");
+    let old = std::fs::read(&lib).unwrap();
+    let bogus = b"#!/bin/sh\necho not a library\n".to_vec();
+    std::fs::write(&lib, &bogus).unwrap();
+    assert_ne!(old, bogus);
+    let mut m = Manifest::from_bytes(&std::fs::read(rel.join("khub.toml")).unwrap()).unwrap();
+    let v = m.variants.iter_mut().find(|v| v.id == "cpu-x86_64-v1-linux").unwrap();
+    v.files[0].sha256 = khub::verify::sha256(&bogus);
+    v.files[0].size = bogus.len() as u64;
+    std::fs::write(rel.join("khub.toml"), m.to_toml_string().unwrap()).unwrap();
+    khub::Release::open(&rel).unwrap().verify_variant("cpu-x86_64-v1-linux").unwrap();
+    let config = khub::registry::hf::HubConfig::new("http://127.0.0.1:9");
+    let e = khub::package::publish::publish(&rel, &repo(), config, true, None, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, khub::package::publish::PublishError::NotLoadable { .. }), "{e}");
+    assert!(e.to_string().contains("cpu-x86_64-v1-linux"), "{e}");
+}

@@ -24,6 +24,35 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What the loader needs of a variant's library, checked from its bytes (nothing of it
+/// runs): an ELF shared object for the variant's architecture that exports the khub entry
+/// point.
+fn check_library(root: &Path, v: &crate::manifest::Variant) -> Result<(), PublishError> {
+    let problem = |p: String| PublishError::NotLoadable {
+        variant: v.id.clone(),
+        problem: p,
+    };
+    let path = root.join(v.library.as_str());
+    let bytes = std::fs::read(&path).map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
+    let info = crate::inspect::inspect_library(&bytes).map_err(|e| problem(format!("`{}`: {e}", v.library)))?;
+    if info.machine != v.arch.name() {
+        return Err(problem(format!(
+            "`{}` is built for {}, the manifest says {}",
+            v.library,
+            info.machine,
+            v.arch.name()
+        )));
+    }
+    if !info.exports.iter().any(|e| e == crate::abi::ENTRY_SYMBOL) {
+        return Err(problem(format!(
+            "`{}` does not export `{}`, the khub entry point",
+            v.library,
+            crate::abi::ENTRY_SYMBOL
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a release's signature before it is published as `repo`: its claim must name
 /// `repo` and the manifest's version (read from the signature, then, when the policy
 /// trusts keys for `repo`, verified with them, exactly as a load will).
@@ -86,6 +115,14 @@ pub enum PublishError {
         repo: String,
         /// The release directory.
         dir: String,
+    },
+    /// A variant's library is not one the loader could load.
+    #[error("variant `{variant}`: {problem}; every load of it would fail, so nothing was uploaded (package the release again)")]
+    NotLoadable {
+        /// The variant.
+        variant: String,
+        /// What is wrong.
+        problem: String,
     },
     /// The trust policy would refuse the release at load time.
     #[error("the trust policy would refuse this release at load time, so nothing was uploaded: {0}")]
@@ -181,6 +218,7 @@ pub fn publish(
     let mut seen = std::collections::BTreeSet::new();
     for v in &manifest.variants {
         release.verify_variant(&v.id)?;
+        check_library(&root, v)?;
         for f in &v.files {
             if seen.insert(f.path.clone()) {
                 files.push((f.path.to_string(), root.join(f.path.as_str()), f.size, f.sha256));
