@@ -17,6 +17,7 @@ mod explain;
 mod host;
 mod kernel;
 mod registry;
+mod report;
 
 /// khub: a registry and loader for prebuilt compute kernels.
 #[derive(Parser, Debug)]
@@ -468,11 +469,18 @@ struct SelectArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // With --json anywhere on the command line, an error is one JSON object on stderr.
+    let json = std::env::args_os().any(|a| a == "--json");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            const FAILED: u8 = 2;
+            if json {
+                eprintln!("{}", report::json(&e, FAILED));
+            } else {
+                eprintln!("{}", report::text(&e));
+            }
+            ExitCode::from(FAILED)
         }
     }
 }

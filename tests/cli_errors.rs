@@ -1,0 +1,29 @@
+//! How the CLI reports errors: each cause once, and one JSON object on stderr with --json.
+#![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
+
+mod common;
+
+#[test]
+fn causes_are_said_once() {
+    let out = common::khub(&["inspect", "/nonexistent/libk.so"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let out = common::khub(&["host"], &[("KHUB_CPU_LEVEL", "bogus")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("bogus").count(), 1, "{err}");
+}
+
+#[test]
+fn json_errors_are_one_object_on_stderr() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = common::khub(
+        &["fetch", "acme/activation", "--registry", "/nonexistent/registry", "--json"],
+        &[("KHUB_CACHE", cache.path().to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stderr).expect("stderr is one JSON document");
+    assert!(doc["error"]["message"].as_str().unwrap().contains("/nonexistent/registry"), "{doc}");
+    assert_eq!(doc["error"]["exit-code"], 2);
+}
