@@ -27,3 +27,15 @@ fn json_errors_are_one_object_on_stderr() {
     assert!(doc["error"]["message"].as_str().unwrap().contains("/nonexistent/registry"), "{doc}");
     assert_eq!(doc["error"]["exit-code"], 2);
 }
+
+#[test]
+fn input_is_recognised_for_what_it_is() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap();
+    let out = common::khub(&["load", "/tmp/khub-does-not-exist"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/tmp/khub-does-not-exist does not exist"), "{err}");
+    let out = common::khub(&["fetch", "acme/activation", "--registry", "127.0.0.1:8080"], &[("KHUB_CACHE", c)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http://127.0.0.1:8080"), "{err}");
+}

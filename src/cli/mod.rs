@@ -430,6 +430,9 @@ impl TargetArgs {
                         dir.display()
                     );
                 }
+                if !dir.exists() {
+                    bail!("{} does not exist", dir.display());
+                }
                 if !dir.join("khub.toml").is_file() {
                     bail!("{} is not a release directory: there is no khub.toml in it", dir.display());
                 }

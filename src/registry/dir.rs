@@ -486,9 +486,19 @@ impl DirRegistry {
             source,
         })?;
         if !root.is_dir() {
+            let given = root.display().to_string();
+            let written = given.rsplit('/').next().unwrap_or_default();
+            // `127.0.0.1:8080` or `host:port` without a scheme was meant as a URL.
+            let hint = match written.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    format!("; for a server, write the URL with its scheme: http://{written}")
+                }
+                _ => String::new(),
+            };
+            let what = if root.exists() { "is not a directory" } else { "does not exist" };
             return Err(RegistryError::Io {
-                what: format!("registry directory {}", root.display()),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+                what: format!("the registry directory {given}"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what}{hint}")),
             });
         }
         Ok(DirRegistry { root })
