@@ -596,7 +596,7 @@ impl Hub {
         match read_blob(&self.store, d) {
             Err(HubError::Store(StoreError::DigestMismatch { .. })) => {
                 let blob = self.store.blob_path(d);
-                let quarantined = self.store.quarantine(d)?;
+                let quarantined = self.store.quarantine_if_damaged(d)?;
                 Err(HubError::DamagedBlob {
                     what: what.to_owned(),
                     blob,
@@ -800,7 +800,7 @@ impl Hub {
         let source = StoreSource { store: &self.store };
         let kernel = match load_from(&source, &release.manifest, &variant.id) {
             Ok(k) => k,
-            Err(e) if is_damage(&e) => {
+            Err(e) if is_damage(&e) || (self.registry.is_some() && is_unavailable(&e)) => {
                 let command = format!("khub fetch {repo} --version '={}'", release.version);
                 self.quarantine_damaged(variant, &release, e, &command)?;
                 self.fetch_files(&release, &[variant], &Quiet, false)?;
@@ -808,7 +808,11 @@ impl Hub {
             }
             Err(e) => return Err(e.into()),
         };
-        self.accept(&release)?;
+        // Offline, nothing new was accepted: the index already holds the release, and the
+        // rollback state advances on online evidence only.
+        if self.registry.is_some() {
+            self.accept(&release)?;
+        }
         Ok((release, kernel))
     }
 
@@ -883,11 +887,11 @@ impl Hub {
             repo: repo.clone(),
         })?;
         let fetch_cmd = format!("khub fetch {repo} --version '={}' --all-variants", entry.version);
-        let bytes = read_blob(&self.store, &entry.manifest_sha256).map_err(|_| HubError::OfflineMiss {
-            what: format!("the locked manifest of {repo} {} (sha256 {})", entry.version, entry.manifest_sha256),
-            store: self.store.root().to_owned(),
-            command: fetch_cmd.clone(),
-        })?;
+        let bytes = self.read_blob_healing(
+            &entry.manifest_sha256,
+            &format!("the locked manifest of {repo} {} (sha256 {})", entry.version, entry.manifest_sha256),
+            || fetch_cmd.clone(),
+        )?;
         let manifest = Manifest::from_bytes(&bytes).map_err(|source| HubError::Manifest {
             repo: repo.clone(),
             commit: entry.commit.clone(),
@@ -958,6 +962,16 @@ impl Hub {
 
 /// How many times a file whose bytes arrive corrupted is downloaded before giving up.
 const CORRUPT_DOWNLOAD_ATTEMPTS: u32 = 3;
+
+/// Whether a load failed because a stored file was not there to read (moved to quarantine
+/// or removed by another process meanwhile): online, fetching it again heals that too.
+fn is_unavailable(e: &LoadError) -> bool {
+    matches!(
+        e,
+        LoadError::Verify(crate::verify::VerifyError::Unavailable { .. })
+            | LoadError::Release(crate::release::ReleaseError::Verify(crate::verify::VerifyError::Unavailable { .. }))
+    )
+}
 
 /// Whether a load failed because a file's bytes are not the manifest's (damaged on disk),
 /// as opposed to a missing file or a library that does not load.

@@ -3,6 +3,7 @@
 //! names compare byte-exactly, publishing checks what loading checks, no SIGILL from a
 //! simulated host, directory registries report what they cannot serve.
 #![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
+#![cfg(all(unix, target_arch = "x86_64", feature = "cli", feature = "serve"))]
 
 mod common;
 
@@ -120,10 +121,28 @@ fn a_local_directory_named_like_the_repository_never_shadows_it() {
     assert!(o.status.success(), "the lock's release loads, not ./acme/activation: {}", text(&o));
     let o = khub_in(w, &["load", "acme/activation", "--registry", s(&reg), "--json"], &env);
     assert!(o.status.success(), "org/name is the registry's repository: {}", text(&o));
+    // A valid 0.2.0 in ./acme/activation does not replace the locked 0.1.0 either: the
+    // lock's manifest digest is what is loaded.
+    std::fs::remove_dir_all(&shadow).unwrap();
+    write_release(&shadow, "0.2.0");
+    let o = khub_in(w, &["load", "acme/activation", "--locked", "--offline", "--json"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let lock = std::fs::read_to_string(w.join("khub.lock")).unwrap();
+    assert!(lock.contains("version = \"0.1.0\""), "{lock}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let locked_lib = Manifest::from_bytes(&std::fs::read(reg.join("acme/activation/0.1.0/khub.toml")).unwrap())
+        .unwrap()
+        .variant("cpu-x86_64-v1-linux")
+        .unwrap()
+        .files[0]
+        .sha256
+        .to_string();
+    assert_eq!(report["files"][0]["sha256"], locked_lib.as_str());
 
-    // The directory is loaded only when named as a path; --locked never takes one.
+    // The directory is loaded only when named as a path (this one is refused: its manifest
+    // says 0.2.0, its library 0.1.0); --locked never takes one.
     let o = khub_in(w, &["load", "./acme/activation"], &env);
-    assert!(!o.status.success() && text(&o).contains("khub.toml"), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("0.2.0"), "{}", text(&o));
     let o = khub_in(w, &["load", "./acme/activation", "--locked"], &env);
     assert!(text(&o).contains("--locked loads only what"), "{}", text(&o));
     // A bare directory name is not a repository: the error says how to name the path.
@@ -180,6 +199,20 @@ fn local_releases_are_subject_to_the_trust_policy() {
     .unwrap();
     let o = khub_in(w, &["load", "./rel", "--trust", "trust.toml"], &env);
     assert!(!o.status.success(), "{}", text(&o));
+    // A signature claiming a repository the policy has no key for verifies nothing: with
+    // keys configured (even without require-signature), it is refused like an unsigned one.
+    let o = khub_in(w, &["sign", "./rel", "--key", "k.key", "--repo", "evil/x"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::write(w.join("trust.toml"), "[[publisher]]\nrepos = [\"acme/*\"]\nkeys = [\"k.pub\"]\n").unwrap();
+    let o = khub_in(w, &["load", "./rel", "--trust", "trust.toml"], &env);
+    assert!(!o.status.success(), "a claim for evil/x is not a pass: {}", text(&o));
+    std::fs::write(
+        w.join("trust.toml"),
+        "require-signature = true\nallow-unsigned = [\"evil/*\"]\n[[publisher]]\nrepos = [\"acme/*\"]\nkeys = [\"k.pub\"]\n",
+    )
+    .unwrap();
+    let o = khub_in(w, &["load", "./rel", "--trust", "trust.toml"], &env);
+    assert!(!o.status.success(), "allow-unsigned does not apply to local releases: {}", text(&o));
 }
 
 // 2. The cache index is untrusted -------------------------------------------------------
@@ -547,4 +580,71 @@ fn publish_refuses_a_library_the_loader_could_not_load() {
     let e = khub::package::publish::publish(&rel, &repo(), config, true, None, &mut |_| {}).unwrap_err();
     assert!(matches!(e, khub::package::publish::PublishError::NotLoadable { .. }), "{e}");
     assert!(e.to_string().contains("cpu-x86_64-v1-linux"), "{e}");
+}
+
+#[test]
+fn a_planted_offline_entry_is_refused_under_a_signature_policy() {
+    let (_d, reg) = registry(&["0.1.0"]);
+    let cache = tempfile::tempdir().unwrap();
+    hub_with(&reg, cache.path(), false, None)
+        .fetch(&repo(), "^0.1", false, &Quiet)
+        .unwrap();
+    // Offline, with a policy requiring signatures: the stored (unsigned) release is refused
+    // like any other unsigned release, so whatever was planted in the cache is too.
+    let env = Environment::from_pairs([("KHUB_CPU_LEVEL", "x86-64-v1")]);
+    let host = HostFacts::detect(&ProbeOptions::with_env(env.clone()).unwrap()).unwrap().facts;
+    let strict = Hub::new(HubOptions {
+        env,
+        registry: RegistrySpec::Dir(reg.clone()),
+        cache: cache.path().to_owned(),
+        offline: true,
+        host,
+        preferences: Default::default(),
+        jobs: 2,
+        trust: TrustPolicy::permissive().require_signature(true),
+        state_dir: None,
+    })
+    .unwrap();
+    let e = strict.load("acme/activation", "^0.1").unwrap_err();
+    assert!(matches!(e, HubError::Trust(_)), "{e}");
+}
+
+#[test]
+fn the_store_never_follows_a_symlinked_quarantine_nor_evicts_an_intact_blob() {
+    let cache = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("precious"), b"keep me").unwrap();
+    let store = khub::store::Store::open(cache.path()).unwrap();
+    let q = cache.path().join("store-v1/quarantine");
+    std::fs::remove_dir(&q).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &q).unwrap();
+    store.gc(&Default::default(), false).unwrap();
+    assert!(outside.path().join("precious").exists(), "gc deleted through the symlink");
+    assert!(!q.exists(), "the symlink itself is removed");
+
+    // A manifest naming an intact blob's digest with another size does not evict it.
+    let d = store.insert_bytes("x", b"shared bytes").unwrap();
+    assert!(!store.verify_blob(&d, 999).unwrap());
+    assert!(store.contains(&d, 12), "the intact blob stays");
+    assert!(store.quarantined_path(&d).is_none());
+}
+
+#[test]
+fn package_never_writes_over_its_own_sources() {
+    let work = tempfile::tempdir().unwrap();
+    let kernel = work.path().join("k");
+    copy_dir(&common::repo().join("kernels-example"), &kernel);
+    let o = khub_in(
+        work.path(),
+        &["package", "k", "--out", "k", "--force"],
+        &[("KHUB_NVCC", "/nonexistent/nvcc")],
+    );
+    assert!(!o.status.success() && text(&o).contains("over the sources"), "{}", text(&o));
+    let o = khub_in(
+        work.path(),
+        &["package", "k", "--out", ".", "--force"],
+        &[("KHUB_NVCC", "/nonexistent/nvcc")],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(kernel.join("kernel.toml").exists(), "the sources are intact");
 }

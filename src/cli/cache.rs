@@ -209,83 +209,121 @@ pub fn verify(args: &RegistryArgs, repair: bool, json: bool) -> Result<ExitCode>
             bad.push(*d);
         }
     }
-    // Which releases use each damaged blob (manifests first: a damaged manifest hides the
-    // files it lists, and refetching the release restores both).
+    // Which releases use each damaged blob, from the manifests as stored before repair (a
+    // damaged manifest's own files are unknown until it is fetched again).
     let entries = store.index_entries();
     let manifests: Vec<(IndexEntry, Option<Manifest>)> = entries.into_iter().map(|e| (e.clone(), manifest_of(&store, &e))).collect();
-    let users = |d: &Sha256Digest| -> Vec<&IndexEntry> {
-        manifests
-            .iter()
-            .filter(|(e, m)| {
-                e.release.manifest_sha256 == *d
-                    || e.release.signature_sha256 == Some(*d)
-                    || m.as_ref()
-                        .is_some_and(|m| m.variants.iter().any(|v| v.files.iter().any(|f| f.sha256 == *d)))
-            })
-            .map(|(e, _)| e)
-            .collect()
+    let uses = |e: &IndexEntry, m: &Option<Manifest>, d: &Sha256Digest| {
+        e.release.manifest_sha256 == *d
+            || e.release.signature_sha256 == Some(*d)
+            || m.as_ref()
+                .is_some_and(|m| m.variants.iter().any(|v| v.files.iter().any(|f| f.sha256 == *d)))
     };
-    let hub = if repair && !args.offline {
-        match registry::hub(args, None, Default::default()) {
-            Ok(h) if !h.offline() => Some(h),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let this_registry = hub.as_ref().map(|h| h.registry_name());
-    let mut all_fixed = true;
-    for d in &bad {
-        let used: Vec<&IndexEntry> = users(d);
-        let mut item = Damaged {
+    let mut items: Vec<Damaged> = bad
+        .iter()
+        .map(|d| Damaged {
             sha256: d.to_string(),
             path: store.blob_path(d).display().to_string(),
-            used_by: used.iter().map(|e| format!("{} {}", e.repo, e.version)).collect(),
+            used_by: manifests
+                .iter()
+                .filter(|(e, m)| uses(e, m, d))
+                .map(|(e, _)| format!("{} {}", e.repo, e.version))
+                .collect(),
             quarantined: None,
             refetched: false,
             fix: None,
-        };
-        if repair {
-            item.quarantined = store.quarantine(d)?.map(|p| p.display().to_string());
-            let mut fixed = used.is_empty();
-            for e in &used {
-                let same_registry = this_registry.is_some() && e.registry == this_registry;
-                if let (Some(h), true) = (&hub, same_registry) {
-                    match refetch(h, &e.repo, &e.version, d) {
-                        Ok(()) => fixed = true,
-                        Err(err) => item.fix = Some(format!("{} ({err:#})", fetch_command(e))),
-                    }
-                    if fixed {
-                        break;
-                    }
-                } else if item.fix.is_none() {
-                    item.fix = Some(fetch_command(e));
-                }
-            }
-            item.refetched = fixed && !used.is_empty();
-            if fixed {
-                item.fix = None;
-            } else {
-                all_fixed = false;
-            }
-        } else {
-            all_fixed = false;
+        })
+        .collect();
+    if !repair {
+        for item in &mut items {
             item.fix = Some("khub cache verify --repair".to_owned());
         }
-        report.damaged.push(item);
+    } else {
+        // 1. Quarantine, each under its entry lock, only if still damaged.
+        for (d, item) in bad.iter().zip(items.iter_mut()) {
+            item.quarantined = store.quarantine_if_damaged(d)?.map(|p| p.display().to_string());
+        }
+        // 2. Fetch again every affected release from its registry, when that is the
+        //    current one and the network is allowed: its manifest and signature (always,
+        //    online) and the variants that use a damaged blob (per the fresh manifest).
+        let hub = if args.offline {
+            None
+        } else {
+            registry::hub(args, None, Default::default()).ok().filter(|h| !h.offline())
+        };
+        let this_registry = hub.as_ref().map(|h| h.registry_name());
+        let mut fixes: Vec<String> = Vec::new();
+        for (e, m) in &manifests {
+            let affected = m.is_none() || bad.iter().any(|d| uses(e, m, d));
+            if !affected {
+                continue;
+            }
+            match (&hub, this_registry.is_some() && e.registry == this_registry) {
+                (Some(h), true) => {
+                    if let Err(err) = refetch(h, &e.repo, &e.version, &bad) {
+                        fixes.push(format!("{} (it failed: {err:#})", fetch_command(e)));
+                    }
+                }
+                _ => fixes.push(fetch_command(e)),
+            }
+        }
+        // 3. What is repaired: intact now, or used by no recorded release any more.
+        let referenced: BTreeSet<Sha256Digest> = store
+            .index_entries()
+            .iter()
+            .flat_map(|e| {
+                let mut ds = vec![e.release.manifest_sha256];
+                ds.extend(e.release.signature_sha256);
+                if let Some(m) = manifest_of(&store, e) {
+                    ds.extend(m.variants.iter().flat_map(|v| v.files.iter().map(|f| f.sha256)));
+                }
+                ds
+            })
+            .collect();
+        for (d, item) in bad.iter().zip(items.iter_mut()) {
+            let present = store.list()?.iter().any(|(x, _)| x == d);
+            item.refetched = present && store.check_blob(d)?;
+            if !item.refetched && referenced.contains(d) {
+                item.fix = Some(if fixes.is_empty() {
+                    "khub cache verify --repair (online, with the release's --registry)".to_owned()
+                } else {
+                    fixes.join("; ")
+                });
+            }
+        }
+        // A release whose manifest could not be read may hide more damage.
+        if items.iter().all(|i| i.fix.is_none()) && !fixes.is_empty() {
+            items.push(Damaged {
+                sha256: String::new(),
+                path: String::new(),
+                used_by: Vec::new(),
+                quarantined: None,
+                refetched: false,
+                fix: Some(fixes.join("; ")),
+            });
+        }
     }
+    let all_fixed = items.iter().all(|i| i.fix.is_none());
+    report.damaged = items;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let damaged = report.damaged.iter().filter(|d| !d.sha256.is_empty()).count();
         println!(
             "checked {} blob{} ({}) in {}: {} damaged",
             report.checked,
             if report.checked == 1 { "" } else { "s" },
             human(report.bytes),
             report.store,
-            report.damaged.len()
+            damaged
         );
         for d in &report.damaged {
+            if d.sha256.is_empty() {
+                if let Some(f) = &d.fix {
+                    println!("  a release's manifest is missing or damaged; to repair: {f}");
+                }
+                continue;
+            }
             let users = if d.used_by.is_empty() {
                 "used by no recorded release".to_owned()
             } else {
@@ -314,30 +352,29 @@ fn fetch_command(e: &IndexEntry) -> String {
     }
 }
 
-/// Fetches again, from the registry, what of `repo` `version` uses the blob `d`.
-fn refetch(hub: &khub::hub::Hub, repo: &RepoId, version: &str, d: &Sha256Digest) -> Result<()> {
+/// Fetches again, from the registry, release `version` of `repo`: its manifest and
+/// signature, and the variants that use one of the `bad` blobs.
+fn refetch(hub: &khub::hub::Hub, repo: &RepoId, version: &str, bad: &[Sha256Digest]) -> Result<()> {
     let release = hub.resolve_release(repo, &format!("={version}"))?;
     let variants: Vec<&khub::manifest::Variant> = release
         .manifest
         .variants
         .iter()
-        .filter(|v| v.files.iter().any(|f| f.sha256 == *d))
+        .filter(|v| v.files.iter().any(|f| bad.contains(&f.sha256)))
         .collect();
     if !variants.is_empty() {
         hub.fetch_variants(&release, &variants, &khub::hub::Quiet)?;
-    }
-    if release.manifest_sha256 != *d && release.signature_sha256 != Some(*d) && variants.is_empty() {
-        bail!("the release no longer lists that blob");
     }
     Ok(())
 }
 
 pub fn rm(cache: Option<&PathBuf>, repo: Option<&str>, version: Option<&str>, all: bool) -> Result<ExitCode> {
     let store = open_store(cache)?;
-    let before: BTreeSet<Sha256Digest> = store.list()?.into_iter().map(|(d, _)| d).collect();
     let removed = match (repo, all) {
         (Some(r), false) => {
             let id: RepoId = r.parse()?;
+            // `=0.1.0` and `v0.1.0` name 0.1.0 too.
+            let version = version.map(|v| v.trim_start_matches('=').trim_start_matches('v'));
             let removed = store.forget(&id, version)?;
             if removed.is_empty() {
                 bail!(
@@ -357,40 +394,42 @@ pub fn rm(cache: Option<&PathBuf>, repo: Option<&str>, version: Option<&str>, al
         }
         _ => bail!("name a repository (`khub cache rm org/name [--version V]`) or pass --all"),
     };
-    // Keep every blob another recorded release still uses; with --all, keep nothing.
-    let mut keep = BTreeSet::new();
-    if !all {
-        for e in store.index_entries() {
-            keep.insert(e.release.manifest_sha256);
-            keep.extend(e.release.signature_sha256);
-            if let Some(m) = manifest_of(&store, &e) {
-                for v in &m.variants {
-                    keep.extend(v.files.iter().map(|f| f.sha256));
-                }
+    let manifests_of_removed: Vec<Option<Manifest>> = removed.iter().map(|e| manifest_of(&store, e)).collect();
+    // Delete exactly the removed releases' blobs that no remaining release uses (blobs no
+    // recorded release referenced, such as a lockfile's, stay), under the exclusive gc
+    // lock; with --all, every blob (and temp files and the quarantine, through gc).
+    let report = if all {
+        let r = store.gc(&BTreeSet::new(), false)?;
+        (r.removed, r.removed_bytes)
+    } else {
+        let digests_of = |e: &IndexEntry, m: Option<Manifest>| {
+            let mut ds = vec![e.release.manifest_sha256];
+            ds.extend(e.release.signature_sha256);
+            if let Some(m) = m {
+                ds.extend(m.variants.iter().flat_map(|v| v.files.iter().map(|f| f.sha256)));
             }
-        }
-        // Blobs no recorded release referenced before stay too (a lockfile may pin them):
-        // only the removed releases' blobs go.
-        let mut theirs = BTreeSet::new();
-        for e in &removed {
-            theirs.insert(e.release.manifest_sha256);
-            theirs.extend(e.release.signature_sha256);
-            if let Some(m) = manifest_of(&store, e) {
-                for v in &m.variants {
-                    theirs.extend(v.files.iter().map(|f| f.sha256));
-                }
-            }
-        }
-        keep.extend(before.iter().filter(|d| !theirs.contains(d)).copied());
-    }
-    let report = store.gc(&keep, false)?;
+            ds
+        };
+        let still: BTreeSet<Sha256Digest> = store
+            .index_entries()
+            .iter()
+            .flat_map(|e| digests_of(e, manifest_of(&store, e)))
+            .collect();
+        let theirs: BTreeSet<Sha256Digest> = removed
+            .iter()
+            .zip(manifests_of_removed)
+            .flat_map(|(e, m)| digests_of(e, m))
+            .filter(|d| !still.contains(d))
+            .collect();
+        store.remove_blobs(&theirs)?
+    };
     println!(
         "removed {} release{} from the index, {} blob{} ({})",
         removed.len(),
         if removed.len() == 1 { "" } else { "s" },
-        report.removed,
-        if report.removed == 1 { "" } else { "s" },
-        human(report.removed_bytes)
+        report.0,
+        if report.0 == 1 { "" } else { "s" },
+        human(report.1)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -397,7 +397,10 @@ fn classify(target: &str) -> Result<Target> {
         || target.starts_with("~/");
     if is_path {
         let p = match target.strip_prefix("~/") {
-            Some(rest) => khub::env::var_os(khub::env::HOME).map(PathBuf::from).unwrap_or_default().join(rest),
+            Some(rest) => match khub::env::var_os(khub::env::HOME) {
+                Some(home) => PathBuf::from(home).join(rest),
+                None => bail!("`{target}` starts with ~/, but HOME is not set; write the directory's full path"),
+            },
             None => PathBuf::from(target),
         };
         return Ok(Target::Path(p));

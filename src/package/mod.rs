@@ -198,6 +198,14 @@ pub enum PackageError {
         /// The directory.
         path: PathBuf,
     },
+    /// The output directory is the kernel directory or holds it.
+    #[error("--out {} is or holds the kernel directory {}: the release would be written over the sources; choose a directory outside it", out.display(), kernel.display())]
+    OutHoldsSources {
+        /// The output directory.
+        out: PathBuf,
+        /// The kernel directory.
+        kernel: PathBuf,
+    },
     /// The config could not be read.
     #[error("cannot read {}: {source}", path.display())]
     ConfigRead {
@@ -1002,6 +1010,16 @@ pub fn package(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Manifest, BuildReport), PackageError> {
     let config = PackageConfig::read(kernel_dir)?;
+    // Emptying --out must never reach the sources: refuse an output directory that is the
+    // kernel directory or holds it.
+    if let (Ok(o), Ok(k)) = (out.canonicalize(), kernel_dir.canonicalize())
+        && k.starts_with(&o)
+    {
+        return Err(PackageError::OutHoldsSources {
+            out: out.to_owned(),
+            kernel: kernel_dir.to_owned(),
+        });
+    }
     prepare_out(out, options.force)?;
     let variants_dir = out.join("variants");
     let report = build(kernel_dir, &variants_dir, options, log)?;

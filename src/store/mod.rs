@@ -328,7 +328,7 @@ impl Store {
             options,
         };
         std::fs::create_dir_all(&store.root).map_err(StoreError::io("cannot create", &store.root))?;
-        for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
+        for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir(), store.quarantine_dir()] {
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -623,28 +623,135 @@ impl Store {
     }
 
     /// Rehashes the blob `d`: `Ok(true)` when it is a regular file of `size` bytes with
-    /// that digest. A damaged blob is moved to quarantine (a symlink in its place is
-    /// removed) and `Ok(false)` returned, as for a missing one, so that the next fetch
-    /// writes it afresh.
+    /// that digest. A blob whose bytes do not hash to its name is damaged: it is moved to
+    /// quarantine (a symlink in its place is removed) and `Ok(false)` returned, as for a
+    /// missing one, so that the next fetch writes it afresh. An intact blob of another size
+    /// is left alone (`Ok(false)`): a manifest naming a digest with the wrong size does not
+    /// make an intact blob that other releases use look damaged.
     pub fn verify_blob(&self, d: &Sha256Digest, size: u64) -> Result<bool, StoreError> {
         let pin = self.pin()?;
         let _entry = self.lock_entry(&pin, d)?;
+        match self.rehash(d)? {
+            Some((true, n)) => Ok(n == size),
+            Some((false, _)) => {
+                self.move_to_quarantine(d)?;
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Rehashes the blob `d` under its entry lock and moves it to quarantine when its bytes
+    /// do not hash to its name; returns where it went (`None`: intact or absent).
+    pub fn quarantine_if_damaged(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
+        let pin = self.pin()?;
+        let _entry = self.lock_entry(&pin, d)?;
+        match self.rehash(d)? {
+            Some((false, _)) => self.move_to_quarantine(d),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the blob `d` hashes to its name, and its length; `None` when absent. A
+    /// symlink or other non-file in its place is removed and reads as absent.
+    fn rehash(&self, d: &Sha256Digest) -> Result<Option<(bool, u64)>, StoreError> {
         let path = self.blob_path(d);
         let file = match self.open_blob(d) {
             Ok(f) => f,
-            Err(StoreError::Missing { .. }) => return Ok(false),
+            Err(StoreError::Missing { .. }) => return Ok(None),
             Err(StoreError::NotRegular { path: bad, .. }) if bad == path => {
                 remove_file(&path)?;
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
-        let (actual, n) = crate::verify::sha256_reader(file.take(size + 1)).map_err(StoreError::io("cannot read", &path))?;
-        if n == size && actual == *d {
-            return Ok(true);
+        let (actual, n) = crate::verify::sha256_reader(file).map_err(StoreError::io("cannot read", &path))?;
+        Ok(Some((actual == *d, n)))
+    }
+
+    /// Moves the blob `d` to quarantine (`store-v1/quarantine/<hex>`, replacing an older
+    /// copy there), out of every reader's way but kept for inspection; `khub gc` and
+    /// `khub cache rm` delete it. Returns where it went, or `None` when there was no blob.
+    /// Call it only for a blob that failed verification.
+    pub fn quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
+        let pin = self.pin()?;
+        let _entry = self.lock_entry(&pin, d)?;
+        self.move_to_quarantine(d)
+    }
+
+    /// Where the quarantined copy of `d` is, if there is one.
+    pub fn quarantined_path(&self, d: &Sha256Digest) -> Option<PathBuf> {
+        let p = self.quarantine_dir().join(d.to_string());
+        lstat(&p).ok().flatten().map(|_| p)
+    }
+
+    /// The quarantined blobs: digest (as named) and size.
+    pub fn quarantined(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        if !lstat(&self.quarantine_dir())?.is_some_and(|m| m.is_dir()) {
+            return Ok(Vec::new());
         }
-        self.move_to_quarantine(d)?;
-        Ok(false)
+        let mut out: Vec<(String, u64)> = read_dir(&self.quarantine_dir())?
+            .into_iter()
+            .filter(|e| e.meta.is_file())
+            .map(|e| (e.name, e.meta.len()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes exactly the blobs `digests` (those present), under the exclusive `gc.lock`
+    /// so that no writer or pinned reader is mid-way; returns how many and their bytes.
+    pub fn remove_blobs(&self, digests: &BTreeSet<Sha256Digest>) -> Result<(usize, u64), StoreError> {
+        let _lock = acquire(&self.gc_lock_path(), LockMode::Exclusive, self.options.lock_timeout)?;
+        let (mut n, mut bytes) = (0, 0);
+        for d in digests {
+            let path = self.blob_path(d);
+            if let Some(m) = lstat(&path)? {
+                remove_file(&path)?;
+                n += 1;
+                bytes += if m.is_file() { m.len() } else { 0 };
+                if let Some(shard) = path.parent() {
+                    sync_dir(shard)?;
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+
+    /// Moves (the caller holds the entry lock) a damaged blob to quarantine.
+    fn move_to_quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.blob_path(d);
+        match lstat(&path)? {
+            None => return Ok(None),
+            Some(m) if !m.is_file() => {
+                remove_file(&path)?;
+                if let Some(shard) = path.parent() {
+                    sync_dir(shard)?;
+                }
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
+        let qdir = self.quarantine_dir();
+        match std::fs::create_dir(&qdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "cannot create",
+                    path: qdir,
+                    source,
+                });
+            }
+        }
+        expect_dir(&qdir)?;
+        let target = qdir.join(d.to_string());
+        std::fs::rename(&path, &target).map_err(StoreError::io("cannot move to quarantine", &path))?;
+        if let Some(shard) = path.parent() {
+            sync_dir(shard)?;
+        }
+        sync_dir(&qdir)?;
+        Ok(Some(target))
     }
 
     /// Reads the whole blob `d` (at most `limit` bytes: manifests, signatures) and checks
@@ -667,70 +774,20 @@ impl Store {
         Ok(buf)
     }
 
-    /// Rehashes the blob `d` without changing anything: `Ok(true)` when it is a regular
-    /// file whose bytes hash to its name. For `khub cache verify` without `--repair`.
+    /// Rehashes the blob `d` without changing anything: `Ok(true)` when it hashes to its
+    /// name or is absent (removed meanwhile by gc or a healer: nothing damaged is there),
+    /// `Ok(false)` when its bytes (or a symlink in its place) are not what its name says.
+    /// For `khub cache verify` without `--repair`.
     pub fn check_blob(&self, d: &Sha256Digest) -> Result<bool, StoreError> {
         let path = self.blob_path(d);
         let file = match self.open_blob(d) {
             Ok(f) => f,
-            Err(StoreError::Missing { .. } | StoreError::NotRegular { .. }) => return Ok(false),
+            Err(StoreError::Missing { .. }) => return Ok(true),
+            Err(StoreError::NotRegular { .. }) => return Ok(false),
             Err(e) => return Err(e),
         };
         let (actual, _) = crate::verify::sha256_reader(file).map_err(StoreError::io("cannot read", &path))?;
         Ok(actual == *d)
-    }
-
-    /// Moves the blob `d` to quarantine (`store-v1/quarantine/<hex>`, replacing an older
-    /// copy there), out of every reader's way but kept for inspection; `khub gc` and
-    /// `khub cache rm` delete it. Returns where it went, or `None` when there was no blob.
-    /// Call it only for a blob that failed verification.
-    pub fn quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
-        let pin = self.pin()?;
-        let _entry = self.lock_entry(&pin, d)?;
-        self.move_to_quarantine(d)
-    }
-
-    /// Where the quarantined copy of `d` is, if there is one.
-    pub fn quarantined_path(&self, d: &Sha256Digest) -> Option<PathBuf> {
-        let p = self.quarantine_dir().join(d.to_string());
-        lstat(&p).ok().flatten().map(|_| p)
-    }
-
-    /// The quarantined blobs: digest (as named) and size.
-    pub fn quarantined(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut out: Vec<(String, u64)> = read_dir(&self.quarantine_dir())?
-            .into_iter()
-            .filter(|e| e.meta.is_file())
-            .map(|e| (e.name, e.meta.len()))
-            .collect();
-        out.sort();
-        Ok(out)
-    }
-
-    /// Moves (the caller holds the entry lock) a damaged blob to quarantine.
-    fn move_to_quarantine(&self, d: &Sha256Digest) -> Result<Option<PathBuf>, StoreError> {
-        let path = self.blob_path(d);
-        match lstat(&path)? {
-            None => return Ok(None),
-            Some(m) if !m.is_file() => {
-                remove_file(&path)?;
-                if let Some(shard) = path.parent() {
-                    sync_dir(shard)?;
-                }
-                return Ok(None);
-            }
-            Some(_) => {}
-        }
-        let qdir = self.quarantine_dir();
-        std::fs::create_dir_all(&qdir).map_err(StoreError::io("cannot create", &qdir))?;
-        expect_dir(&qdir)?;
-        let target = qdir.join(d.to_string());
-        std::fs::rename(&path, &target).map_err(StoreError::io("cannot move to quarantine", &path))?;
-        if let Some(shard) = path.parent() {
-            sync_dir(shard)?;
-        }
-        sync_dir(&qdir)?;
-        Ok(Some(target))
     }
 
     /// Every blob in the store, with its size, sorted by digest. Symlinks and names that
@@ -818,11 +875,20 @@ impl Store {
             }
         }
 
-        for entry in read_dir(&self.quarantine_dir())? {
-            if entry.meta.is_file() || entry.meta.is_symlink() {
-                remove(&entry.path)?;
-                report.quarantine_removed += 1;
+        // Never through a symlink: whoever can write the cache could point `quarantine/`
+        // anywhere. A symlink in its place is removed itself, never what it points to.
+        let qdir = self.quarantine_dir();
+        match lstat(&qdir)? {
+            Some(m) if m.is_dir() => {
+                for entry in read_dir(&qdir)? {
+                    if entry.meta.is_file() || entry.meta.is_symlink() {
+                        remove(&entry.path)?;
+                        report.quarantine_removed += 1;
+                    }
+                }
             }
+            Some(_) => remove(&qdir)?,
+            None => {}
         }
 
         // Safe only because nobody holds or waits for an entry lock without holding

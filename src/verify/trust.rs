@@ -699,7 +699,14 @@ impl TrustPolicy {
                 };
                 let comment = sign::unverified_trusted_comment(sig).map_err(bad)?;
                 let claim: ReleaseClaim = comment.parse().map_err(bad)?;
-                self.check(&claim.repo, version, manifest, Some(sig), now_unix)
+                match self.check(&claim.repo, version, manifest, Some(sig), now_unix)? {
+                    signed @ TrustDecision::Signed { .. } => Ok(signed),
+                    // The claim named a repository with no trusted key (or one that
+                    // `allow-unsigned` matches): the signature was not verified, so it counts
+                    // for nothing, and the release is judged as unsigned.
+                    TrustDecision::Unsigned if !self.require_signature && self.publishers.is_empty() => Ok(TrustDecision::Unsigned),
+                    TrustDecision::Unsigned => Err(TrustError::UnsignedLocal { dir: dir.to_owned() }),
+                }
             }
             None if !self.require_signature && self.publishers.is_empty() => Ok(TrustDecision::Unsigned),
             None => Err(TrustError::UnsignedLocal { dir: dir.to_owned() }),
