@@ -164,7 +164,8 @@ fn fetches_through_a_faulty_network_store_nothing_corrupt() {
         "{ok_after}/{FETCHES} fetches succeeded (with a whole-file retry on digest mismatch)"
     );
     // As is, a flipped byte in a file body fails the fetch with a digest mismatch (named,
-    // and repaired by fetching again): about 1 request in 36. Once `Hub::fetch` retries a
-    // file on a digest mismatch itself, this bound is the 95% above.
-    assert!(ok_first * 100 >= FETCHES * 80, "{ok_first}/{FETCHES} fetches succeeded");
+    // and repaired by fetching again): 1 file GET in 36, so about 1 fetch in 9 (this seed:
+    // 101/120 succeed). Once `Hub::fetch` retries a file on a digest mismatch itself, this
+    // bound becomes the 95% above.
+    assert!(ok_first * 100 >= FETCHES * 75, "{ok_first}/{FETCHES} fetches succeeded");
 }
