@@ -26,7 +26,8 @@
 //!   `Range: bytes=N-`, N being the bytes already written to the sink; a `206` whose
 //!   `Content-Range` starts at N continues the file, a `200` (the server ignored the range)
 //!   is read from the start and its first N bytes are skipped, since the sink (the store's
-//!   hashing writer) cannot be rewound. The store still checks the size and the SHA-256 of
+//!   hashing writer) cannot be rewound. An attempt that moved the download forward before
+//!   it failed does not count against the attempts, up to as many again. The store still checks the size and the SHA-256 of
 //!   the whole file against the manifest; a resumed download that went wrong is refused
 //!   there.
 //! - The manifest and its signature are checked against the digest the registry reports
@@ -83,8 +84,9 @@ pub struct HubConfig {
     pub connect_timeout: Duration,
     /// Timeout for each read (a stalled transfer fails after this).
     pub read_timeout: Duration,
-    /// Attempts per request, the first included: for a file, every GET counts, resumed ones
-    /// included, and so does a manifest whose digest did not match.
+    /// Attempts per request, the first included. For a file every GET counts, resumed ones
+    /// included, except one that moved the download forward before it failed (up to as
+    /// many again); a manifest whose digest did not match counts too.
     pub attempts: u32,
     /// The base delay of the exponential backoff.
     pub backoff: Duration,
@@ -499,8 +501,15 @@ impl Registry for HubRegistry {
 }
 
 /// The attempts one operation may still make, and the backoff between them.
+///
+/// An attempt that failed after writing new bytes to the sink (a download that moved
+/// forward before it broke) is not counted, up to `max` such attempts: a long download on
+/// a flaky link finishes, and no download makes more than `2 × max` requests.
 struct Attempts {
+    /// Attempts counted against `max`.
     made: u32,
+    /// Attempts that moved the download forward and were not counted.
+    free: u32,
     max: u32,
     backoff: Duration,
 }
@@ -509,8 +518,23 @@ impl Attempts {
     fn new(config: &HubConfig) -> Self {
         Attempts {
             made: 0,
+            free: 0,
             max: config.attempts.max(1),
             backoff: config.backoff,
+        }
+    }
+
+    /// Every request made.
+    fn requests(&self) -> u32 {
+        self.made + self.free
+    }
+
+    /// The last attempt moved the download forward: it does not count, while free ones
+    /// remain.
+    fn progressed(&mut self) {
+        if self.free < self.max && self.made > 0 {
+            self.made -= 1;
+            self.free += 1;
         }
     }
 
@@ -732,6 +756,7 @@ impl HubRegistry {
         };
         loop {
             attempts.made += 1;
+            let before = t.written;
             let want = Want {
                 url: &url,
                 repo,
@@ -743,11 +768,14 @@ impl HubRegistry {
                 Ok(()) => return Ok(t),
                 Err(Failed::Fatal(e)) => return Err(e),
                 Err(Failed::Retry(e, wait)) => {
+                    if t.written > before {
+                        attempts.progressed();
+                    }
                     if !attempts.again(wait).await {
                         return Err(match e {
                             RegistryError::Transport { registry, message } => RegistryError::Transport {
                                 registry,
-                                message: format!("{message} (gave up after {} attempts)", attempts.made),
+                                message: format!("{message} (gave up after {} attempts)", attempts.requests()),
                             },
                             other => other,
                         });
@@ -973,7 +1001,7 @@ impl HubRegistry {
                         registry: self.describe(),
                         message: format!(
                             "`{path}` of {repo} at {commit} is corrupt: {mismatch} (gave up after {} attempts)",
-                            attempts.made
+                            attempts.requests()
                         ),
                     });
                 }
