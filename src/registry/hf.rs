@@ -1,5 +1,5 @@
 //! A Hugging Face Hub (or any Hub-compatible server, such as `khub serve`) as a registry,
-//! through `hf-hub` 1.0.
+//! through `hf-hub` 1.0 for the API and reqwest for file downloads.
 //!
 //! Design notes:
 //! - Endpoint, token and repository type are resolved by khub ([`HubConfig::from_env`])
@@ -9,17 +9,44 @@
 //!   with connect and read timeouts, turns hf-hub's retries off, and retries itself: a
 //!   bounded number of attempts with exponential backoff on transport errors and 5xx, and
 //!   `Retry-After` honoured on 429 (capped at [`MAX_RETRY_AFTER`]).
-//! - Requests per operation: `refs` is one GET; a file (the manifest included) is a HEAD
-//!   (hf-hub checks for Xet storage) and a GET, streamed. None of this depends on how many
-//!   variants a release holds.
+//! - Files (the manifest and its signature included) are downloaded with reqwest directly,
+//!   `GET {endpoint}/[kernels/]{org}/{name}/resolve/{commit}/{path}`, with the same token.
+//!   hf-hub 1.0's `download_file_stream` takes a byte range, but it returns only a length
+//!   and a byte stream: not the status (was the range honoured, `206`, or ignored, `200`?),
+//!   nor `Content-Range`, nor the `ETag` / `X-Linked-Etag` / `X-Linked-Size` headers that
+//!   say what the file is. A download that resumes, and a manifest checked against the
+//!   digest the registry reports, need all of them. (It also sends a HEAD before every GET
+//!   to look for Xet storage; the Hub serves Xet-stored files to plain clients through a
+//!   redirect from the same URL.) Redirects are followed by hand, at most
+//!   [`MAX_REDIRECTS`], so the `X-Linked-*` headers of the Hub's redirect are seen, and the
+//!   token is sent only to the endpoint's own origin.
+//! - Downloads finish ([`HubRegistry::fetch`]): an attempt that fails mid-body (reset,
+//!   early close, a read that stalls past the read timeout, a body shorter or longer than
+//!   declared) is retried within the same bounded attempts. The next attempt asks for
+//!   `Range: bytes=N-`, N being the bytes already written to the sink; a `206` whose
+//!   `Content-Range` starts at N continues the file, a `200` (the server ignored the range)
+//!   is read from the start and its first N bytes are skipped, since the sink (the store's
+//!   hashing writer) cannot be rewound. An attempt that moved the download forward before
+//!   it failed does not count against the attempts, up to as many again. The store still checks the size and the SHA-256 of
+//!   the whole file against the manifest; a resumed download that went wrong is refused
+//!   there.
+//! - The manifest and its signature are checked against the digest the registry reports
+//!   for them before they are returned: `X-Linked-Etag`, else `ETag`, when it is a SHA-256
+//!   (64 hex digits, what `khub serve` and the Hub's LFS files report). The Hub reports a
+//!   git blob id (40 hex digits, SHA-1) for small files: no SHA-1 implementation is in
+//!   khub's dependency tree, so that one is not checked. A mismatch is retried from
+//!   scratch (these are buffered, not streamed) within the same attempts.
+//! - Requests per operation: `refs` is one GET; a file (the manifest included) is one GET,
+//!   plus one per retry. None of this depends on how many variants a release holds.
 //! - Files are streamed chunk by chunk into the caller's sink (the store, which hashes as
 //!   it writes); nothing is buffered whole, and hf-hub's own cache is not used.
 
 use std::io::Write;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use hf_hub::{HFClient, HFError, HFRepository, RepoType};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, ETAG, HeaderMap, LOCATION, RANGE, RETRY_AFTER};
 
 use super::{GitRef, Refs, Registry, RegistryError, RepoId};
 use crate::env::Environment;
@@ -29,6 +56,10 @@ use crate::manifest::RelPath;
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The longest `Retry-After` khub waits for before giving up.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The most redirects a file download follows.
+pub const MAX_REDIRECTS: usize = 10;
+/// The largest signature file (`khub.toml.minisig`) a registry may return.
+const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
 
 /// Which Hub repository type kernels live in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,7 +84,9 @@ pub struct HubConfig {
     pub connect_timeout: Duration,
     /// Timeout for each read (a stalled transfer fails after this).
     pub read_timeout: Duration,
-    /// Attempts per request, the first included.
+    /// Attempts per request, the first included. For a file every GET counts, resumed ones
+    /// included, except one that moved the download forward before it failed (up to as
+    /// many again); a manifest whose digest did not match counts too.
     pub attempts: u32,
     /// The base delay of the exponential backoff.
     pub backoff: Duration,
@@ -159,6 +192,8 @@ pub fn hf_home(env: &Environment) -> Option<std::path::PathBuf> {
 pub struct HubRegistry {
     config: HubConfig,
     client: HFClient,
+    /// File downloads: the same timeouts, redirects followed by hand.
+    http: reqwest::Client,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -180,6 +215,13 @@ impl HubRegistry {
             .read_timeout(config.read_timeout)
             .build()
             .map_err(|e| transport(&e))?;
+        let downloads = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("khub/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| transport(&e))?;
         let mut builder = HFClient::builder()
             .endpoint(config.endpoint.clone())
             .client(http)
@@ -195,7 +237,12 @@ impl HubRegistry {
             .enable_all()
             .build()
             .map_err(|e| transport(&e))?;
-        Ok(HubRegistry { config, client, runtime })
+        Ok(HubRegistry {
+            config,
+            client,
+            http: downloads,
+            runtime,
+        })
     }
 
     /// The configuration.
@@ -278,56 +325,6 @@ impl HubRegistry {
         Ok(Refs {
             tags: conv(refs.tags),
             branches: conv(refs.branches),
-        })
-    }
-
-    fn fetch_of<T: RepoType>(
-        &self,
-        repo: &RepoId,
-        handle: HFRepository<T>,
-        commit: &str,
-        path: &str,
-        limit: u64,
-        sink: &mut dyn Write,
-    ) -> Result<u64, RegistryError> {
-        let registry = self.describe();
-        let (len, mut stream) = self
-            .retrying(|| {
-                handle
-                    .download_file_stream()
-                    .filename(path.to_owned())
-                    .revision(commit.to_owned())
-                    .send()
-            })
-            .map_err(|e| self.map_err(repo, e, &format!("downloading `{path}`")))?;
-        if len.is_some_and(|l| l > limit) {
-            return Err(RegistryError::TooLarge {
-                registry,
-                what: format!("`{path}`"),
-                limit,
-            });
-        }
-        let mut n = 0u64;
-        self.runtime.block_on(async {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| RegistryError::Transport {
-                    registry: registry.clone(),
-                    message: format!("downloading `{path}`: {e}"),
-                })?;
-                n += chunk.len() as u64;
-                if n > limit {
-                    return Err(RegistryError::TooLarge {
-                        registry: registry.clone(),
-                        what: format!("`{path}`"),
-                        limit,
-                    });
-                }
-                sink.write_all(&chunk).map_err(|source| RegistryError::Io {
-                    what: format!("storing `{path}`"),
-                    source,
-                })?;
-            }
-            Ok(n)
         })
     }
 }
@@ -483,26 +480,532 @@ impl Registry for HubRegistry {
     }
 
     fn manifest(&self, repo: &RepoId, commit: &str) -> Result<Vec<u8>, RegistryError> {
-        let mut buf = Vec::new();
-        let path = RelPath::new("khub.toml").map_err(|e| RegistryError::Io {
-            what: "khub.toml".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        self.fetch(repo, commit, &path, super::MAX_MANIFEST_BYTES, &mut buf)?;
-        Ok(buf)
+        self.fetch_verified(repo, commit, "khub.toml", super::MAX_MANIFEST_BYTES)
+    }
+
+    fn signature(&self, repo: &RepoId, commit: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        match self.fetch_verified(repo, commit, super::SIGNATURE_FILE, MAX_SIGNATURE_BYTES) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError> {
-        match self.config.repo_type {
-            HubRepoType::Kernel => self.fetch_of(
-                repo,
-                self.client.kernel(repo.org(), repo.name()),
-                commit,
-                path.as_str(),
-                limit,
-                sink,
-            ),
-            HubRepoType::Model => self.fetch_of(repo, self.client.model(repo.org(), repo.name()), commit, path.as_str(), limit, sink),
+        self.runtime.block_on(async {
+            let mut attempts = Attempts::new(&self.config);
+            let t = self.download(repo, commit, path.as_str(), limit, sink, &mut attempts).await?;
+            Ok(t.written)
+        })
+    }
+}
+
+/// The attempts one operation may still make, and the backoff between them.
+///
+/// An attempt that failed after writing new bytes to the sink (a download that moved
+/// forward before it broke) is not counted, up to `max` such attempts: a long download on
+/// a flaky link finishes, and no download makes more than `2 × max` requests.
+struct Attempts {
+    /// Attempts counted against `max`.
+    made: u32,
+    /// Attempts that moved the download forward and were not counted.
+    free: u32,
+    max: u32,
+    backoff: Duration,
+}
+
+impl Attempts {
+    fn new(config: &HubConfig) -> Self {
+        Attempts {
+            made: 0,
+            free: 0,
+            max: config.attempts.max(1),
+            backoff: config.backoff,
         }
+    }
+
+    /// Every request made.
+    fn requests(&self) -> u32 {
+        self.made + self.free
+    }
+
+    /// The last attempt moved the download forward: it does not count, while free ones
+    /// remain.
+    fn progressed(&mut self) {
+        if self.free < self.max && self.made > 0 {
+            self.made -= 1;
+            self.free += 1;
+        }
+    }
+
+    /// After a failed attempt: waits (`retry_after`, capped at [`MAX_RETRY_AFTER`], else the
+    /// exponential backoff) and returns true when another attempt is allowed.
+    async fn again(&mut self, retry_after: Option<Duration>) -> bool {
+        if self.made >= self.max {
+            return false;
+        }
+        let backoff = self.backoff.saturating_mul(1 << self.made.saturating_sub(1).min(16));
+        tokio::time::sleep(retry_after.map_or(backoff, |d| d.min(MAX_RETRY_AFTER))).await;
+        true
+    }
+}
+
+/// One file download across its attempts: what was written to the sink, and what the
+/// registry said about the file.
+struct Transfer {
+    /// Bytes written to the sink: the next attempt resumes here.
+    written: u64,
+    /// The file's size, once a response declared it (`X-Linked-Size`, or the total of a
+    /// `Content-Range`).
+    total: Option<u64>,
+    /// The file's digest as the registry reports it (`X-Linked-Etag`, else `ETag`),
+    /// normalized: no `W/`, no quotes, lowercase.
+    etag: Option<String>,
+    /// False once the server answered a `Range` request wrongly: later attempts ask for the
+    /// whole file and skip what was written.
+    use_range: bool,
+}
+
+/// The file a download is for.
+struct Want<'a> {
+    url: &'a reqwest::Url,
+    repo: &'a RepoId,
+    commit: &'a str,
+    path: &'a str,
+    /// The most bytes the sink may receive.
+    limit: u64,
+}
+
+/// Why an attempt failed.
+enum Failed {
+    /// Worth another attempt (after this wait, when the server asked for one).
+    Retry(RegistryError, Option<Duration>),
+    /// An answer that another attempt would not change.
+    Fatal(RegistryError),
+}
+
+/// What the response to a file GET says about the file.
+struct Answer {
+    response: reqwest::Response,
+    /// `X-Linked-Size` of the first response that had one (the Hub's redirect for LFS
+    /// files, or `khub serve`'s answer).
+    linked_size: Option<u64>,
+    /// `X-Linked-Etag` of the first response that had one, else the final `ETag`.
+    etag: Option<String>,
+}
+
+/// An `ETag` without `W/` and quotes, lowercase.
+fn normalize_etag(v: &str) -> String {
+    let v = v.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    v.trim_matches('"').to_ascii_lowercase()
+}
+
+fn header_str<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+fn header_u64(h: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<u64> {
+    h.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+}
+
+/// `Content-Range: bytes a-b/total` (total may be `*`).
+fn content_range(h: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
+    let v = h.get(CONTENT_RANGE)?.to_str().ok()?.trim();
+    let (range, total) = v.strip_prefix("bytes ")?.split_once('/')?;
+    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    let (a, b) = range.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+    (a <= b).then_some((a, b, total))
+}
+
+/// `Content-Range: bytes */total`, the answer to an unsatisfiable range.
+fn unsatisfied_range_total(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_RANGE)?.to_str().ok()?.trim().strip_prefix("bytes */")?.parse().ok()
+}
+
+/// `Retry-After` in seconds (an HTTP date is not honoured: the backoff applies).
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    header_u64(h, RETRY_AFTER).map(Duration::from_secs)
+}
+
+/// An error and its sources, joined: reqwest's own message ("error decoding response
+/// body") says little without them.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+/// Whether `bytes` match the digest the registry reports for them; a description of the
+/// mismatch when they do not. Only a SHA-256 (64 hex digits) is checked: a git blob id
+/// (40 hex digits, SHA-1, what the Hub reports for small non-LFS files) would need a SHA-1
+/// implementation, and none is in khub's dependency tree; anything else is opaque.
+fn digest_mismatch(reported: Option<&str>, bytes: &[u8]) -> Option<String> {
+    let reported = reported?;
+    if reported.len() != 64 || !reported.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let actual = crate::verify::sha256(bytes).to_string();
+    (actual != reported).then(|| {
+        format!(
+            "the registry reports sha256 {reported}, the {} bytes received have sha256 {actual}",
+            bytes.len()
+        )
+    })
+}
+
+impl HubRegistry {
+    /// `{endpoint}/[kernels/]{org}/{name}/resolve/{commit}/{path}`, each segment encoded.
+    fn file_url(&self, repo: &RepoId, commit: &str, path: &str) -> Result<reqwest::Url, RegistryError> {
+        let bad = |message: String| RegistryError::Transport {
+            registry: self.describe(),
+            message,
+        };
+        let mut url = reqwest::Url::parse(&self.config.endpoint).map_err(|e| bad(format!("not a valid URL: {e}")))?;
+        {
+            let mut segments = url.path_segments_mut().map_err(|()| bad("not a URL that can take a path".into()))?;
+            segments.pop_if_empty();
+            if self.config.repo_type == HubRepoType::Kernel {
+                segments.push("kernels");
+            }
+            segments.push(repo.org()).push(repo.name()).push("resolve").push(commit);
+            segments.extend(path.split('/'));
+        }
+        Ok(url)
+    }
+
+    /// One GET of `url` (with `range`), following redirects by hand. The token goes only to
+    /// the endpoint's origin.
+    async fn get(&self, url: &reqwest::Url, range: Option<&str>) -> Result<Answer, Failed> {
+        let origin = reqwest::Url::parse(&self.config.endpoint).ok().map(|u| u.origin());
+        let mut url = url.clone();
+        let mut linked_size = None;
+        let mut linked_etag = None;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut rq = self.http.get(url.clone());
+            if let Some(t) = &self.config.token
+                && origin.as_ref() == Some(&url.origin())
+            {
+                rq = rq.bearer_auth(t);
+            }
+            if let Some(r) = range {
+                rq = rq.header(RANGE, r);
+            }
+            let response = rq.send().await.map_err(|e| {
+                Failed::Retry(
+                    RegistryError::Transport {
+                        registry: self.describe(),
+                        message: error_chain(&e),
+                    },
+                    None,
+                )
+            })?;
+            let h = response.headers();
+            linked_size = linked_size.or_else(|| header_u64(h, "x-linked-size"));
+            linked_etag = linked_etag.or_else(|| header_str(h, "x-linked-etag").map(normalize_etag));
+            let location = h.get(LOCATION).and_then(|l| l.to_str().ok());
+            if response.status().is_redirection()
+                && let Some(location) = location
+            {
+                url = url.join(location).map_err(|e| {
+                    Failed::Fatal(RegistryError::Transport {
+                        registry: self.describe(),
+                        message: format!("a redirect to `{location}`: {e}"),
+                    })
+                })?;
+                continue;
+            }
+            let etag = linked_etag.or_else(|| header_str(h, ETAG.as_str()).map(normalize_etag));
+            return Ok(Answer {
+                response,
+                linked_size,
+                etag,
+            });
+        }
+        Err(Failed::Fatal(RegistryError::Transport {
+            registry: self.describe(),
+            message: format!("more than {MAX_REDIRECTS} redirects"),
+        }))
+    }
+
+    /// Downloads `path` into `sink` within `attempts`, resuming after mid-body failures.
+    async fn download(
+        &self,
+        repo: &RepoId,
+        commit: &str,
+        path: &str,
+        limit: u64,
+        sink: &mut dyn Write,
+        attempts: &mut Attempts,
+    ) -> Result<Transfer, RegistryError> {
+        let url = self.file_url(repo, commit, path)?;
+        let mut t = Transfer {
+            written: 0,
+            total: None,
+            etag: None,
+            use_range: true,
+        };
+        loop {
+            attempts.made += 1;
+            let before = t.written;
+            let want = Want {
+                url: &url,
+                repo,
+                commit,
+                path,
+                limit,
+            };
+            match self.attempt(&want, &mut t, sink).await {
+                Ok(()) => return Ok(t),
+                Err(Failed::Fatal(e)) => return Err(e),
+                Err(Failed::Retry(e, wait)) => {
+                    if t.written > before {
+                        attempts.progressed();
+                    }
+                    if !attempts.again(wait).await {
+                        return Err(match e {
+                            RegistryError::Transport { registry, message } => RegistryError::Transport {
+                                registry,
+                                message: format!("{message} (gave up after {} attempts)", attempts.requests()),
+                            },
+                            other => other,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// One GET of a download: from `t.written` on, into `sink`.
+    async fn attempt(&self, want: &Want<'_>, t: &mut Transfer, sink: &mut dyn Write) -> Result<(), Failed> {
+        let Want {
+            url,
+            repo,
+            commit,
+            path,
+            limit,
+        } = *want;
+        let registry = self.describe();
+        let what = format!("downloading `{path}` of {repo} at {commit}");
+        let transport = |message: String| RegistryError::Transport {
+            registry: registry.clone(),
+            message: format!("{what}: {message}"),
+        };
+        let retry = |message: String| Failed::Retry(transport(message), None);
+        let resume = t.written > 0 && t.use_range;
+        let range = resume.then(|| format!("bytes={}-", t.written));
+        let Answer {
+            mut response,
+            linked_size,
+            etag,
+        } = match self.get(url, range.as_deref()).await {
+            Ok(a) => a,
+            Err(Failed::Retry(RegistryError::Transport { message, .. }, w)) => return Err(Failed::Retry(transport(message), w)),
+            Err(e) => return Err(e),
+        };
+        let status = response.status();
+        let h = response.headers().clone();
+
+        if let (Some(before), Some(now)) = (&t.etag, &etag)
+            && before != now
+        {
+            return Err(Failed::Fatal(transport(format!(
+                "the file changed on the server during the download (ETag {before}, then {now})"
+            ))));
+        }
+        match status {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::RANGE_NOT_SATISFIABLE if resume => {
+                // Everything was written already (an earlier body was complete, but its
+                // connection failed after it): the server says how long the file is.
+                let total = unsatisfied_range_total(&h);
+                if total == Some(t.written) && t.total.is_none_or(|n| n == t.written) {
+                    t.etag = t.etag.take().or(etag);
+                    return Ok(());
+                }
+                t.use_range = false;
+                return Err(retry(format!(
+                    "the server refused `Range: bytes={}-` (HTTP 416, Content-Range {:?})",
+                    t.written,
+                    header_str(&h, CONTENT_RANGE.as_str()).unwrap_or("")
+                )));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                let wait = retry_after(&h);
+                return Err(Failed::Retry(
+                    RegistryError::RateLimited {
+                        registry,
+                        retry_after: wait.map(|d| d.as_secs()),
+                    },
+                    wait,
+                ));
+            }
+            s if s.is_server_error() => return Err(retry(format!("HTTP {s}"))),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(Failed::Fatal(RegistryError::Unauthorized {
+                    repo: repo.clone(),
+                    registry,
+                    message: format!("{what}: HTTP {status}"),
+                }));
+            }
+            StatusCode::NOT_FOUND => {
+                return Err(Failed::Fatal(match header_str(&h, "x-error-code") {
+                    Some("RepoNotFound") => RegistryError::RepoNotFound {
+                        repo: repo.clone(),
+                        registry,
+                    },
+                    Some("RevisionNotFound") => RegistryError::NotFound {
+                        repo: repo.clone(),
+                        registry,
+                        what: format!("revision {commit}"),
+                    },
+                    _ => RegistryError::NotFound {
+                        repo: repo.clone(),
+                        registry,
+                        what: format!("file `{path}`"),
+                    },
+                }));
+            }
+            s => return Err(Failed::Fatal(transport(format!("unexpected HTTP {s}")))),
+        }
+
+        // Where this body starts in the file, where it ends, and the file's size.
+        let (start, end, declared) = if status == StatusCode::PARTIAL_CONTENT {
+            let Some((a, b, total)) = content_range(&h) else {
+                t.use_range = false;
+                return Err(retry("a 206 answer without a valid Content-Range".into()));
+            };
+            if a != t.written || total.is_some_and(|n| b >= n) {
+                t.use_range = false;
+                return Err(retry(format!(
+                    "asked for bytes {}-, the server sent {a}-{b}/{}",
+                    t.written,
+                    total.map_or("*".into(), |n| n.to_string())
+                )));
+            }
+            (a, Some(b + 1), linked_size.or(total))
+        } else {
+            (0, header_u64(&h, CONTENT_LENGTH), linked_size)
+        };
+        if let (Some(before), Some(now)) = (t.total, declared)
+            && before != now
+        {
+            return Err(retry(format!("the server declared {now} bytes, earlier {before}")));
+        }
+        t.total = t.total.or(declared);
+        t.etag = t.etag.take().or(etag);
+        if t.total.or(end).is_some_and(|n| n > limit) {
+            return Err(Failed::Retry(
+                RegistryError::TooLarge {
+                    registry,
+                    what: format!("`{path}`"),
+                    limit,
+                },
+                None,
+            ));
+        }
+        // Nothing goes to the sink past the declared size (of the file, else of this body),
+        // nor past `limit`.
+        let bound = t.total.or(end).map_or(limit, |n| n.min(limit));
+
+        let mut pos = start;
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(retry(format!(
+                        "the connection failed after {} of {} bytes: {}",
+                        t.written,
+                        t.total.map_or("?".into(), |n| n.to_string()),
+                        error_chain(&e)
+                    )));
+                }
+            };
+            let mut data = &chunk[..];
+            // A 200 after a resume: skip what the sink already has.
+            if pos < t.written {
+                let skip = (t.written - pos).min(data.len() as u64) as usize;
+                pos += skip as u64;
+                data = &data[skip..];
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let room = bound.saturating_sub(pos);
+            if data.len() as u64 > room {
+                // Keep what fits (the store checks the whole file), refuse the rest.
+                let keep = &data[..room as usize];
+                sink.write_all(keep).map_err(|source| {
+                    Failed::Fatal(RegistryError::Io {
+                        what: format!("storing `{path}`"),
+                        source,
+                    })
+                })?;
+                t.written = bound;
+                if t.total.or(end).is_none_or(|n| n > limit) {
+                    return Err(Failed::Retry(
+                        RegistryError::TooLarge {
+                            registry,
+                            what: format!("`{path}`"),
+                            limit,
+                        },
+                        None,
+                    ));
+                }
+                return Err(retry(format!("the body is longer than the {bound} bytes declared")));
+            }
+            sink.write_all(data).map_err(|source| {
+                Failed::Fatal(RegistryError::Io {
+                    what: format!("storing `{path}`"),
+                    source,
+                })
+            })?;
+            pos += data.len() as u64;
+            t.written = pos;
+        }
+        if pos < t.written {
+            return Err(retry(format!(
+                "the body ended at byte {pos}, before the {} bytes already received",
+                t.written
+            )));
+        }
+        match t.total.or(end) {
+            Some(n) if t.written < n => Err(retry(format!("the body ended after {} of {n} bytes", t.written))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A small file (the manifest, its signature), checked against the digest the registry
+    /// reports for it; a mismatch is downloaded again, within the same attempts.
+    fn fetch_verified(&self, repo: &RepoId, commit: &str, path: &str, limit: u64) -> Result<Vec<u8>, RegistryError> {
+        self.runtime.block_on(async {
+            let mut attempts = Attempts::new(&self.config);
+            loop {
+                let mut buf = Vec::new();
+                let t = self.download(repo, commit, path, limit, &mut buf, &mut attempts).await?;
+                let Some(mismatch) = digest_mismatch(t.etag.as_deref(), &buf) else {
+                    return Ok(buf);
+                };
+                if !attempts.again(None).await {
+                    return Err(RegistryError::Transport {
+                        registry: self.describe(),
+                        message: format!(
+                            "`{path}` of {repo} at {commit} is corrupt: {mismatch} (gave up after {} attempts)",
+                            attempts.requests()
+                        ),
+                    });
+                }
+            }
+        })
     }
 }
