@@ -39,3 +39,18 @@ fn input_is_recognised_for_what_it_is() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http://127.0.0.1:8080"), "{err}");
 }
+
+#[test]
+fn cache_flag_needs_no_home() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["fetch", "acme/activation", "--registry", "/nonexistent/registry", "--cache"])
+        .arg(cache.path())
+        .env_remove("HOME")
+        .env_remove("KHUB_CACHE")
+        .env_remove("XDG_CACHE_HOME")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/registry") && !err.contains("cache directory"), "{err}");
+}

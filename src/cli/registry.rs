@@ -39,7 +39,11 @@ pub struct RegistryArgs {
 
 /// Builds a hub from the environment, the registry flags, a host profile and preferences.
 pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<Hub> {
-    let env = Environment::capture();
+    let mut env = Environment::capture();
+    // --cache stands for KHUB_CACHE: with it, no default cache directory (HOME) is needed.
+    if let Some(c) = &args.cache {
+        env.set(khub::env::KHUB_CACHE, c.display().to_string());
+    }
     let mut probe = super::probe_options(host)?;
     probe.env = env.clone();
     // The host is probed once, here, under the CLI's isolation (a helper process for the
