@@ -138,8 +138,10 @@ pub enum HubError {
         why: String,
     },
     /// A file's digest in the lock differs from the locked manifest's.
-    #[error("khub.lock pins `{path}` of {repo} to sha256 {locked}, but the locked manifest says {manifest}; run `khub lock` again")]
+    #[error("{} pins `{path}` of {repo} to sha256 {locked}, but the locked manifest says {manifest}; run `khub lock` again", lock.display())]
     LockDigestMismatch {
+        /// The lockfile.
+        lock: PathBuf,
         /// The repository.
         repo: RepoId,
         /// The file.
@@ -151,9 +153,12 @@ pub enum HubError {
     },
     /// None of the locked variants runs on this host.
     #[error(
-        "none of the variants khub.lock pins for {repo} ({variants}) runs on this host: {why}; lock for this host with `khub lock --host …`"
+        "none of the variants {} pins for {repo} ({variants}) runs on this host: {why}; lock for this host with `khub lock --host …`",
+        lock.display()
     )]
     LockedVariantUnfit {
+        /// The lockfile.
+        lock: PathBuf,
         /// The repository.
         repo: RepoId,
         /// The locked variants.
@@ -213,7 +218,13 @@ impl RegistrySpec {
     pub fn describe(&self) -> String {
         match self {
             RegistrySpec::Url(u) => u.clone(),
-            RegistrySpec::Dir(d) => d.display().to_string(),
+            // Tidy: `lk/../registry` and `./registry` name the same registry, once.
+            RegistrySpec::Dir(d) => d
+                .canonicalize()
+                .or_else(|_| std::path::absolute(d))
+                .unwrap_or_else(|_| d.clone())
+                .display()
+                .to_string(),
         }
     }
 }
@@ -907,6 +918,7 @@ impl Hub {
                 let m = v.files.iter().find(|m| m.path == f.path);
                 if m.is_none_or(|m| m.sha256 != f.sha256 || m.size != f.size) {
                     return Err(HubError::LockDigestMismatch {
+                        lock: lock_path.to_owned(),
                         repo: repo.clone(),
                         path: f.path.to_string(),
                         locked: f.sha256.to_string(),
@@ -921,6 +933,7 @@ impl Hub {
         restricted.variants.retain(|v| locked.contains(&v.id.as_str()));
         let resolution = resolve(&restricted, &self.options.host, &self.options.preferences);
         let chosen = resolution.chosen(&self.options.host).map_err(|e| HubError::LockedVariantUnfit {
+            lock: lock_path.to_owned(),
             repo: repo.clone(),
             variants: locked.join(", "),
             why: e.to_string(),

@@ -54,3 +54,53 @@ fn cache_flag_needs_no_home() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/registry") && !err.contains("cache directory"), "{err}");
 }
+
+#[test]
+fn lock_prunes_removed_kernels_stores_tidy_paths_and_errors_name_the_files_given() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let reg = w.join("registry");
+    for name in ["a", "b"] {
+        common::copy_dir(common::example_release(), &reg.join("acme").join(name).join("0.1.0"));
+    }
+    std::fs::create_dir_all(w.join("lk")).unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_khub"));
+        cmd.args(args).current_dir(w);
+        for var in khub::env::ALL {
+            cmd.env_remove(var);
+        }
+        cmd.env("KHUB_CACHE", w.join("cache")).env("KHUB_CPU_LEVEL", "x86-64-v1");
+        cmd.output().unwrap()
+    };
+    let say = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    std::fs::write(w.join("k1.toml"), "[kernels]\n\"acme/a\" = \"^0.1\"\n\"acme/b\" = \"^0.1\"\n").unwrap();
+    let o = run(&["lock", "--app", "k1.toml", "--out", "l.lock", "--registry", "lk/../registry"]);
+    assert!(o.status.success(), "{}", say(&o));
+    let text = std::fs::read_to_string(w.join("l.lock")).unwrap();
+    assert!(!text.contains(".."), "the registry path is stored tidy: {text}");
+    std::fs::write(w.join("k1.toml"), "[kernels]\n\"acme/a\" = \"^0.1\"\n").unwrap();
+    let o = run(&["lock", "--app", "k1.toml", "--out", "l.lock", "--registry", "registry"]);
+    assert!(o.status.success() && say(&o).contains("removed acme/b"), "{}", say(&o));
+    let text = std::fs::read_to_string(w.join("l.lock")).unwrap();
+    assert!(text.contains("acme/a") && !text.contains("acme/b"), "{text}");
+
+    // Errors name the files given, not the defaults.
+    std::fs::write(w.join("bad.toml"), "[kernels\n").unwrap();
+    let o = run(&["lock", "--app", "bad.toml", "--out", "l.lock", "--registry", "registry"]);
+    assert!(
+        !o.status.success() && say(&o).contains("bad.toml") && !say(&o).contains("kernels.toml"),
+        "{}",
+        say(&o)
+    );
+    // Edit the last file digest of the lock (a hand-edited lock).
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let i = lines.iter().rposition(|l| l.trim_start().starts_with("sha256 = \"")).unwrap();
+    let last_hex = lines[i].rfind(|c: char| c.is_ascii_hexdigit()).unwrap();
+    let mut bytes = std::mem::take(&mut lines[i]).into_bytes();
+    bytes[last_hex] = if bytes[last_hex] == b'0' { b'1' } else { b'0' };
+    lines[i] = String::from_utf8(bytes).unwrap();
+    std::fs::write(w.join("l.lock"), lines.join("\n") + "\n").unwrap();
+    let o = run(&["load", "acme/a", "--locked", "--lock", "l.lock", "--offline"]);
+    assert!(!o.status.success() && say(&o).contains("l.lock pins"), "{}", say(&o));
+}

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use khub::host::{Environment, HostFacts, ProbeOptions};
 use khub::hub::{Hub, HubOptions, Progress, RegistrySpec};
-use khub::lock::{APP_FILE, AppKernels, LOCK_FILE, Lockfile};
+use khub::lock::{AppKernels, LOCK_FILE, Lockfile};
 use khub::registry::RepoId;
 use khub::resolve::Preferences;
 
@@ -178,7 +178,7 @@ pub fn load_kernel(
 }
 
 pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, prefs: Preferences) -> Result<ExitCode> {
-    let decl = AppKernels::read(app).with_context(|| format!("the application declares its kernels in {APP_FILE}"))?;
+    let decl = AppKernels::read(app).with_context(|| format!("the application declares its kernels in {}", app.display()))?;
     if decl.kernels.is_empty() {
         bail!(
             "{} declares no kernels: add lines like \"org/name\" = \"^1.0\" under [kernels]",
@@ -201,7 +201,15 @@ pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, pref
         o.profile = Some(h.clone());
         targets.push((h.display().to_string(), HostFacts::detect(&o)?.facts));
     }
-    let existing = if out.exists() { Lockfile::read(out)? } else { Lockfile::new() };
+    let mut existing = if out.exists() { Lockfile::read(out)? } else { Lockfile::new() };
+    // Like cargo: a kernel no longer declared leaves the lock.
+    let pruned: Vec<String> = existing
+        .kernels
+        .iter()
+        .filter(|k| !decl.kernels.contains_key(&k.repo))
+        .map(|k| k.repo.to_string())
+        .collect();
+    existing.kernels.retain(|k| decl.kernels.contains_key(&k.repo));
     let lock = hub.lock(&decl, &targets, existing, &Bars::new(false))?;
     lock.write(out)?;
     println!(
@@ -216,6 +224,9 @@ pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, pref
         for t in &k.targets {
             println!("  {} {} {} -> {} [{}]", k.repo, k.requirement, k.version, t.variant, t.host);
         }
+    }
+    for r in &pruned {
+        println!("  removed {r} (no longer in {})", app.display());
     }
     Ok(ExitCode::SUCCESS)
 }
