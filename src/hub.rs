@@ -141,15 +141,15 @@ pub enum HubError {
     #[error("{} pins `{path}` of {repo} to sha256 {locked}, but the locked manifest says {manifest}; run `khub lock` again", lock.display())]
     LockDigestMismatch {
         /// The lockfile.
-        lock: PathBuf,
+        lock: Box<Path>,
         /// The repository.
         repo: RepoId,
         /// The file.
         path: String,
         /// The lock's digest, hex.
-        locked: String,
+        locked: Box<str>,
         /// The manifest's digest, hex.
-        manifest: String,
+        manifest: Box<str>,
     },
     /// None of the locked variants runs on this host.
     #[error(
@@ -158,7 +158,7 @@ pub enum HubError {
     )]
     LockedVariantUnfit {
         /// The lockfile.
-        lock: PathBuf,
+        lock: Box<Path>,
         /// The repository.
         repo: RepoId,
         /// The locked variants.
@@ -918,11 +918,13 @@ impl Hub {
                 let m = v.files.iter().find(|m| m.path == f.path);
                 if m.is_none_or(|m| m.sha256 != f.sha256 || m.size != f.size) {
                     return Err(HubError::LockDigestMismatch {
-                        lock: lock_path.to_owned(),
+                        lock: lock_path.into(),
                         repo: repo.clone(),
                         path: f.path.to_string(),
-                        locked: f.sha256.to_string(),
-                        manifest: m.map_or_else(|| "nothing (no such file)".to_owned(), |m| m.sha256.to_string()),
+                        locked: f.sha256.to_string().into(),
+                        manifest: m
+                            .map_or_else(|| "nothing (no such file)".to_owned(), |m| m.sha256.to_string())
+                            .into(),
                     });
                 }
             }
@@ -933,7 +935,7 @@ impl Hub {
         restricted.variants.retain(|v| locked.contains(&v.id.as_str()));
         let resolution = resolve(&restricted, &self.options.host, &self.options.preferences);
         let chosen = resolution.chosen(&self.options.host).map_err(|e| HubError::LockedVariantUnfit {
-            lock: lock_path.to_owned(),
+            lock: lock_path.into(),
             repo: repo.clone(),
             variants: locked.join(", "),
             why: e.to_string(),
