@@ -110,12 +110,25 @@ fn init_package_sign_publish_and_load_elsewhere() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
-    // Without the token the server refuses to be written.
+    // Without the token the server refuses to be written, and the hint says so. (An
+    // unsigned copy: the signed release names acme/mykernel, and publish refuses to send
+    // it anywhere else before asking the server.)
+    let unsigned = w.join("unsigned");
+    common::copy_dir(&rel, &unsigned);
+    std::fs::remove_file(unsigned.join("khub.toml.minisig")).unwrap();
     let anon = run(
-        &["publish", s(&rel), "--to", "acme/other", "--registry", &url, "--create"],
+        &["publish", s(&unsigned), "--to", "acme/other", "--registry", &url, "--create"],
         &env(&[]),
     );
     assert!(!anon.status.success());
+    let err = String::from_utf8_lossy(&anon.stderr);
+    assert!(err.contains("refused write access") && err.contains("--write-token"), "{err}");
+    let signed_elsewhere = run(
+        &["publish", s(&rel), "--to", "acme/other", "--registry", &url, "--create"],
+        &env(&[("KHUB_TOKEN", "publish-secret".into())]),
+    );
+    assert!(!signed_elsewhere.status.success());
+    assert!(String::from_utf8_lossy(&signed_elsewhere.stderr).contains("signed for acme/mykernel"));
 
     // Another process, another store, a strict policy trusting the key.
     let key = std::fs::read_to_string(w.join("k.pub")).unwrap();

@@ -268,6 +268,11 @@ impl HubRegistry {
                 what: format!("file `{path}`"),
             },
             HFError::AuthRequired { .. } | HFError::Forbidden { .. } => RegistryError::Unauthorized {
+                access: if what.starts_with("listing") || what.starts_with("downloading") {
+                    "read"
+                } else {
+                    "write"
+                },
                 repo: repo.clone(),
                 registry,
                 message: format!("{what}: {e}"),
@@ -852,6 +857,7 @@ impl HubRegistry {
             s if s.is_server_error() => return Err(retry(format!("HTTP {s}"))),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 return Err(Failed::Fatal(RegistryError::Unauthorized {
+                    access: "read",
                     repo: repo.clone(),
                     registry,
                     message: format!("{what}: HTTP {status}"),

@@ -47,8 +47,13 @@ pub enum RegistryError {
         what: String,
     },
     /// The registry wants credentials, or refused the ones given.
-    #[error("{registry} refused access to {repo}: {message}; set HF_TOKEN (or KHUB_TOKEN) to a token that can read it")]
+    #[error(
+        "{registry} refused {access} access to {repo}: {message}; set HF_TOKEN (or KHUB_TOKEN) to a token that can {access} it{}",
+        if *access == "write" { " (a `khub serve` started without --write-token is read-only)" } else { "" }
+    )]
     Unauthorized {
+        /// `read` or `write`.
+        access: &'static str,
         /// The repository.
         repo: RepoId,
         /// The registry.
