@@ -313,6 +313,24 @@ pub struct ResolvedRelease {
     pub manifest: Manifest,
 }
 
+/// One release of a repository, as [`Hub::versions`] lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReleaseSummary {
+    /// The version.
+    pub version: String,
+    /// Its commit.
+    pub commit: String,
+    /// Whether a signature file accompanies the manifest (not whether a trusted key made
+    /// it: loading decides that under the trust policy).
+    pub signed: bool,
+    /// The variants its manifest lists.
+    pub variants: Vec<String>,
+    /// Why the manifest could not be read or parsed, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 /// What a fetch did.
 #[derive(Debug, Clone, Serialize)]
 pub struct FetchReport {
@@ -622,6 +640,51 @@ impl Hub {
             }),
             other => other,
         }
+    }
+
+    /// Every release of `repo`, highest version first: online from the registry (its refs,
+    /// then each release's manifest and signature), offline from the releases this machine
+    /// has verified before.
+    pub fn versions(&self, repo: &RepoId) -> Result<Vec<ReleaseSummary>, HubError> {
+        let summary = |version: String, commit: String, signed: bool, bytes: Result<Vec<u8>, String>| {
+            let parsed = bytes.and_then(|b| Manifest::from_bytes(&b).map_err(|e| e.to_string()));
+            let (variants, problem) = match parsed {
+                Ok(m) => (m.variants.iter().map(|v| v.id.clone()).collect(), None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            ReleaseSummary {
+                version,
+                commit,
+                signed,
+                variants,
+                problem,
+            }
+        };
+        let mut out = Vec::new();
+        match self.registry.as_deref() {
+            Some(reg) => {
+                let refs = reg.refs(repo)?;
+                for (version, _, commit) in crate::version::releases(&refs) {
+                    let signed = reg.signature(repo, commit)?.is_some();
+                    let bytes = reg.manifest(repo, commit).map_err(|e| e.to_string());
+                    out.push(summary(version.to_string(), commit.to_owned(), signed, bytes));
+                }
+            }
+            None => {
+                let known = self.read_index(repo);
+                let mut releases: Vec<(semver::Version, KnownRelease)> =
+                    known.releases.into_iter().filter_map(|(v, k)| Some((v.parse().ok()?, k))).collect();
+                releases.sort_by(|a, b| b.0.cmp(&a.0));
+                for (version, k) in releases {
+                    let bytes = self
+                        .store
+                        .read_verified(&k.manifest_sha256, crate::manifest::MAX_MANIFEST_BYTES as u64)
+                        .map_err(|e| e.to_string());
+                    out.push(summary(version.to_string(), k.commit, k.signature_sha256.is_some(), bytes));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The variant of `release` for this host.

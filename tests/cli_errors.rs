@@ -104,3 +104,29 @@ fn lock_prunes_removed_kernels_stores_tidy_paths_and_errors_name_the_files_given
     let o = run(&["load", "acme/a", "--locked", "--lock", "l.lock", "--offline"]);
     assert!(!o.status.success() && say(&o).contains("l.lock pins"), "{}", say(&o));
 }
+
+#[test]
+fn versions_lists_releases_online_and_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = work.path().join("registry");
+    common::copy_dir(common::example_release(), &reg.join("acme/activation/0.1.0"));
+    let cache = work.path().join("cache");
+    let env = [("KHUB_CACHE", cache.to_str().unwrap()), ("KHUB_CPU_LEVEL", "x86-64-v1")];
+    let r = reg.to_str().unwrap();
+    let out = common::khub(&["versions", "acme/activation", "--registry", r], &env);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("0.1.0") && text.contains("unsigned"),
+        "{text}"
+    );
+    assert!(text.contains("cpu-x86_64-v1-linux"), "{text}");
+    // Offline: only what this machine has verified.
+    let out = common::khub(&["versions", "acme/activation", "--registry", r, "--offline"], &env);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no releases"), "{out:?}");
+    let out = common::khub(&["fetch", "acme/activation", "--registry", r], &env);
+    assert!(out.status.success(), "{out:?}");
+    let out = common::khub(&["versions", "acme/activation", "--registry", r, "--offline", "--json"], &env);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc[0]["version"], "0.1.0");
+    assert_eq!(doc[0]["variants"].as_array().unwrap().len(), 3);
+}

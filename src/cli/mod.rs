@@ -160,6 +160,16 @@ enum Command {
         #[command(flatten)]
         registry: registry::RegistryArgs,
     },
+    /// A repository's releases: versions, commits, signed or not, their variants.
+    Versions {
+        /// The repository, org/name.
+        repo: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
     /// Look into the store and heal it: list, re-hash, remove.
     Cache {
         #[command(subcommand)]
@@ -548,6 +558,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
+        Command::Versions { repo, json, registry: reg } => registry::versions(&repo, &reg, json),
         Command::Cache { command } => match command {
             CacheCommand::Ls { cache: c, json } => cache::ls(c.as_ref(), json),
             CacheCommand::Verify { repair, json, registry } => cache::verify(&registry, repair, json),

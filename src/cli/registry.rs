@@ -157,6 +157,41 @@ pub fn fetch(
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn versions(repo: &str, args: &RegistryArgs, json: bool) -> Result<ExitCode> {
+    let id: RepoId = repo.parse()?;
+    let hub = hub(args, None, Preferences::default())?;
+    let list = hub.versions(&id)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!(
+            "{id} has no releases on {}{}",
+            hub.registry_name(),
+            if hub.offline() { " known to this machine (offline)" } else { "" }
+        );
+    }
+    for r in &list {
+        let what = match &r.problem {
+            Some(p) => format!("manifest unusable: {p}"),
+            None => format!(
+                "{} variant{}: {}",
+                r.variants.len(),
+                if r.variants.len() == 1 { "" } else { "s" },
+                r.variants.join(", ")
+            ),
+        };
+        println!(
+            "{:<12} {:<8} {}  {what}",
+            r.version,
+            if r.signed { "signed" } else { "unsigned" },
+            &r.commit[..12.min(r.commit.len())]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Loads a kernel by repository id: from the lock when `locked`, else resolved and fetched.
 pub fn load_kernel(
     repo: &str,
