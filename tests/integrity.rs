@@ -151,8 +151,6 @@ fn a_local_directory_named_like_the_repository_never_shadows_it() {
     assert!(!o.status.success() && text(&o).contains("./rel"), "{}", text(&o));
     let o = khub_in(w, &["load", "./rel"], &env);
     assert!(o.status.success(), "{}", text(&o));
-    let o = khub_in(w, &["load", "--path", "rel"], &env);
-    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]

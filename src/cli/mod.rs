@@ -170,6 +170,11 @@ enum Command {
         #[command(flatten)]
         registry: registry::RegistryArgs,
     },
+    /// Print a shell completion script: `khub completions bash > ~/.local/share/bash-completion/completions/khub`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Look into the store and heal it: list, re-hash, remove.
     Cache {
         #[command(subcommand)]
@@ -325,11 +330,7 @@ struct TargetArgs {
     /// A repository `org/name`, or a release directory written as a path (`./dir`,
     /// `../dir`, `/abs/dir`). `org/name` always means a repository, even where a directory
     /// of that name exists.
-    #[arg(required_unless_present = "path")]
-    target: Option<String>,
-    /// A release directory (the same as writing it as a path).
-    #[arg(long, value_name = "DIR", conflicts_with = "target")]
-    path: Option<PathBuf>,
+    target: String,
     /// Development only: load a release directory without applying the trust policy.
     #[arg(long)]
     skip_trust: bool,
@@ -429,11 +430,7 @@ impl TargetArgs {
     fn open(self) -> Result<(khub::Kernel, std::time::Duration)> {
         let prefs = parse_preferences(&self.select.prefer)?;
         let started = std::time::Instant::now();
-        let target = match (&self.path, &self.target) {
-            (Some(p), _) => Target::Path(p.clone()),
-            (None, Some(t)) => classify(t)?,
-            (None, None) => bail!("name a repository org/name, or a release directory with --path DIR"),
-        };
+        let target = classify(&self.target)?;
         let kernel = match target {
             Target::Path(dir) => {
                 if self.locked {
@@ -559,6 +556,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
         Command::Versions { repo, json, registry: reg } => registry::versions(&repo, &reg, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "khub", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
         Command::Cache { command } => match command {
             CacheCommand::Ls { cache: c, json } => cache::ls(c.as_ref(), json),
             CacheCommand::Verify { repair, json, registry } => cache::verify(&registry, repair, json),
@@ -753,4 +760,28 @@ fn read_manifest(path: &Path) -> Result<Manifest> {
     let file = if path.is_dir() { path.join("khub.toml") } else { path.to_owned() };
     let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
     Manifest::from_bytes(&bytes).with_context(|| format!("in {}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks over every subcommand (they run only for the
+    /// subcommand being parsed otherwise): positional order, conflicts, names.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_cover_every_command() {
+        use clap::CommandFactory;
+        let mut script = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "khub", &mut script);
+        let script = String::from_utf8(script).unwrap();
+        for cmd in ["load", "fetch", "versions", "cache", "completions"] {
+            assert!(script.contains(cmd), "{cmd}");
+        }
+    }
 }
