@@ -92,15 +92,17 @@ impl AppKernels {
             path: path.to_owned(),
             source,
         })?;
-        let app: AppKernels = toml::from_str(&text).map_err(|e| LockError::Invalid {
+        Self::parse(&text).map_err(|message| LockError::Invalid {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+            message,
+        })
+    }
+
+    /// Parses and checks the text of `kernels.toml` (every requirement must parse).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let app: AppKernels = toml::from_str(text).map_err(|e| e.to_string())?;
         for (repo, req) in &app.kernels {
-            crate::version::parse_requirement(req).map_err(|e| LockError::Invalid {
-                path: path.to_owned(),
-                message: format!("{repo}: {e}"),
-            })?;
+            crate::version::parse_requirement(req).map_err(|e| format!("{repo}: {e}"))?;
         }
         Ok(app)
     }
