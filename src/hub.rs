@@ -309,6 +309,9 @@ pub struct ResolvedRelease {
     pub manifest_sha256: Sha256Digest,
     /// The digest of the manifest's signature file, when the release is signed.
     pub signature_sha256: Option<Sha256Digest>,
+    /// The id of the trusted key whose signature the policy checked; `None` when the
+    /// release was accepted without a checked signature.
+    pub signed_by: Option<String>,
     /// The manifest.
     pub manifest: Manifest,
 }
@@ -555,7 +558,7 @@ impl Hub {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.options.trust.check(repo, &version, &bytes, signature.as_deref(), now)?;
+        let decision = self.options.trust.check(repo, &version, &bytes, signature.as_deref(), now)?;
         let manifest = Manifest::from_bytes(&bytes).map_err(|source| HubError::Manifest {
             repo: repo.clone(),
             commit: commit.clone(),
@@ -596,6 +599,10 @@ impl Hub {
             commit,
             manifest_sha256: digest,
             signature_sha256: sig_digest,
+            signed_by: match decision {
+                crate::verify::trust::TrustDecision::Signed { key_id, .. } => Some(key_id),
+                crate::verify::trust::TrustDecision::Unsigned => None,
+            },
             manifest,
         })
     }
@@ -1023,6 +1030,7 @@ impl Hub {
                     commit: entry.commit.clone(),
                     manifest_sha256: entry.manifest_sha256,
                     signature_sha256: None,
+                    signed_by: None,
                     manifest: manifest.clone(),
                 };
                 // A locked load makes no registry request: report, even online.

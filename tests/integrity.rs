@@ -189,6 +189,11 @@ fn local_releases_are_subject_to_the_trust_policy() {
     .unwrap();
     let o = khub_in(w, &["load", "./rel", "--trust", "trust.toml"], &env);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("signed by key") && text(&o).contains("acme/activation"),
+        "{}",
+        text(&o)
+    );
     // A key trusted for another repository does not vouch for it.
     std::fs::write(
         w.join("trust.toml"),

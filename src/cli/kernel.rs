@@ -222,10 +222,14 @@ pub fn describe(lib: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn load(kernel: &Kernel, took: Duration, json: bool) -> Result<ExitCode> {
+pub fn load(kernel: &Kernel, took: Duration, trust: &str, json: bool) -> Result<ExitCode> {
     let report = kernel.report();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("trust".into(), trust.into());
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -237,6 +241,7 @@ pub fn load(kernel: &Kernel, took: Duration, json: bool) -> Result<ExitCode> {
         report.abi,
         took.as_secs_f64() * 1e3
     );
+    println!("  trust    {trust}");
     for f in &report.files {
         println!("  verified {}  {} bytes  sha256 {}", f.path, f.size, f.sha256);
     }

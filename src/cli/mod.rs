@@ -426,12 +426,12 @@ fn classify(target: &str) -> Result<Target> {
 }
 
 impl TargetArgs {
-    /// Loads the kernel; returns it and how long loading took.
-    fn open(self) -> Result<(khub::Kernel, std::time::Duration)> {
+    /// Loads the kernel; returns it, how long loading took, and why its bytes are trusted.
+    fn open(self) -> Result<(khub::Kernel, std::time::Duration, String)> {
         let prefs = parse_preferences(&self.select.prefer)?;
         let started = std::time::Instant::now();
         let target = classify(&self.target)?;
-        let kernel = match target {
+        let (kernel, trust) = match target {
             Target::Path(dir) => {
                 if self.locked {
                     bail!(
@@ -447,15 +447,27 @@ impl TargetArgs {
                     bail!("{} is not a release directory: there is no khub.toml in it", dir.display());
                 }
                 let release = khub::Release::open(&dir)?;
-                if !self.skip_trust {
+                let trust = if self.skip_trust {
+                    "not checked (--skip-trust)".to_owned()
+                } else {
                     let policy = registry::trust_policy(&self.registry)?;
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs());
-                    release.check_trust(&policy, now)?;
-                }
+                    match release.check_trust(&policy, now)? {
+                        khub::verify::trust::TrustDecision::Signed { key_id, claim } => {
+                            format!(
+                                "signed by key {key_id} for {} {}, verified under the trust policy",
+                                claim.repo, claim.version
+                            )
+                        }
+                        khub::verify::trust::TrustDecision::Unsigned => {
+                            "unsigned; accepted under the trust policy (it requires no signature)".to_owned()
+                        }
+                    }
+                };
                 let host = detect_host(&probe_options(self.select.host)?)?;
-                release.load(&host, &prefs)?
+                (release.load(&host, &prefs)?, trust)
             }
             Target::Repo(repo) => {
                 if self.skip_trust {
@@ -465,7 +477,7 @@ impl TargetArgs {
                 registry::load_kernel(&repo, &self.version, locked, &self.registry, self.select.host, prefs)?
             }
         };
-        Ok((kernel, started.elapsed()))
+        Ok((kernel, started.elapsed(), trust))
     }
 }
 
@@ -521,8 +533,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => kernel::package(&kernel, &out, force, &toolchain.into_toolchain(), json),
         Command::Inspect { library, json } => kernel::inspect(&library, json),
         Command::Load { target, json } => {
-            let (k, took) = target.open()?;
-            kernel::load(&k, took, json)
+            let (k, took, trust) = target.open()?;
+            kernel::load(&k, took, &trust, json)
         }
         Command::Selftest { target, seed, size, json } => kernel::selftest(&target.open()?.0, seed, size, json),
         Command::Bench {

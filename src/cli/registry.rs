@@ -193,6 +193,7 @@ pub fn versions(repo: &str, args: &RegistryArgs, json: bool) -> Result<ExitCode>
 }
 
 /// Loads a kernel by repository id: from the lock when `locked`, else resolved and fetched.
+/// Returns it with one line saying why its bytes are trusted.
 pub fn load_kernel(
     repo: &str,
     version: &str,
@@ -200,15 +201,27 @@ pub fn load_kernel(
     args: &RegistryArgs,
     host: Option<PathBuf>,
     prefs: Preferences,
-) -> Result<khub::Kernel> {
+) -> Result<(khub::Kernel, String)> {
     let id: RepoId = repo.parse()?;
     let hub = hub(args, host, prefs)?;
     match locked {
         Some(path) => {
             let lock = Lockfile::read(path)?;
-            Ok(hub.load_locked(&lock, path, &id)?)
+            let kernel = hub.load_locked(&lock, path, &id)?;
+            let digest = lock.get(&id).map(|k| k.manifest_sha256.to_string()).unwrap_or_default();
+            Ok((kernel, format!("pinned by {} (manifest sha256 {digest})", path.display())))
         }
-        None => Ok(hub.load(repo, version)?),
+        None => {
+            let (release, kernel) = hub.load_release(&id, version)?;
+            let trust = match &release.signed_by {
+                Some(key) => format!("signed by key {key} for {id} {}, verified under the trust policy", release.version),
+                None if release.signature_sha256.is_some() => {
+                    "has a signature no trusted key checks; accepted unsigned under the trust policy".to_owned()
+                }
+                None => "unsigned; accepted under the trust policy (it requires no signature for this repository)".to_owned(),
+            };
+            Ok((kernel, trust))
+        }
     }
 }
 
