@@ -108,8 +108,28 @@ pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
 /// The password of a signing key, for `khub keygen` and `khub sign`.
 pub const KHUB_SIGNING_PASSWORD: &str = "KHUB_SIGNING_PASSWORD";
 
-/// `1` turns on `khub serve`'s request log on stderr.
+/// `1` turns on `khub serve`'s access log on stderr (as `--access-log` does).
 pub const KHUB_SERVE_LOG: &str = "KHUB_SERVE_LOG";
+/// `khub serve`: the most connections served at once (default 1024).
+pub const KHUB_SERVE_MAX_CONNECTIONS: &str = "KHUB_SERVE_MAX_CONNECTIONS";
+/// `khub serve`: the largest request head, in bytes (default 64K).
+pub const KHUB_SERVE_MAX_HEADER_BYTES: &str = "KHUB_SERVE_MAX_HEADER_BYTES";
+/// `khub serve`: seconds a client has to send a request head (default 10).
+pub const KHUB_SERVE_HEADER_TIMEOUT: &str = "KHUB_SERVE_HEADER_TIMEOUT";
+/// `khub serve`: seconds a request may go without progress reading or writing (default 30).
+pub const KHUB_SERVE_BODY_TIMEOUT: &str = "KHUB_SERVE_BODY_TIMEOUT";
+/// `khub serve`: seconds an idle kept-alive connection stays open (default 30).
+pub const KHUB_SERVE_IDLE_TIMEOUT: &str = "KHUB_SERVE_IDLE_TIMEOUT";
+/// `khub serve`: the largest JSON request body, in bytes (default 1M).
+pub const KHUB_SERVE_MAX_JSON_BYTES: &str = "KHUB_SERVE_MAX_JSON_BYTES";
+/// `khub serve`: the largest file in a commit, in bytes (default 1G).
+pub const KHUB_SERVE_MAX_FILE_BYTES: &str = "KHUB_SERVE_MAX_FILE_BYTES";
+/// `khub serve`: the largest commit body, in bytes (default 2G).
+pub const KHUB_SERVE_MAX_COMMIT_BYTES: &str = "KHUB_SERVE_MAX_COMMIT_BYTES";
+/// `khub serve`: requests a second per client address, 0 for no limit (default 500).
+pub const KHUB_SERVE_RATE: &str = "KHUB_SERVE_RATE";
+/// `khub serve`: requests a client address may send at once (default 1000).
+pub const KHUB_SERVE_RATE_BURST: &str = "KHUB_SERVE_RATE_BURST";
 /// The `nvcc` that `khub build` / `khub package` use.
 pub const KHUB_NVCC: &str = "KHUB_NVCC";
 /// The CUDA toolkit root, searched for `bin/nvcc` when `KHUB_NVCC` is unset.
@@ -168,6 +188,16 @@ pub const ALL: &[&str] = &[
     XDG_CONFIG_HOME,
     KHUB_SIGNING_PASSWORD,
     KHUB_SERVE_LOG,
+    KHUB_SERVE_MAX_CONNECTIONS,
+    KHUB_SERVE_MAX_HEADER_BYTES,
+    KHUB_SERVE_HEADER_TIMEOUT,
+    KHUB_SERVE_BODY_TIMEOUT,
+    KHUB_SERVE_IDLE_TIMEOUT,
+    KHUB_SERVE_MAX_JSON_BYTES,
+    KHUB_SERVE_MAX_FILE_BYTES,
+    KHUB_SERVE_MAX_COMMIT_BYTES,
+    KHUB_SERVE_RATE,
+    KHUB_SERVE_RATE_BURST,
     KHUB_NVCC,
     CUDA_HOME,
     KHUB_HIPCC,

@@ -58,6 +58,7 @@ fn start(root: &Path, read: Option<&str>, write: Option<&str>) -> Server {
         write_token: write.map(str::to_owned),
         threads: 4,
         page_size: 2,
+        ..ServeOptions::default()
     };
     Server::start(root, "127.0.0.1:0", options).unwrap()
 }
@@ -424,12 +425,23 @@ fn missing_entries_and_traversal_are_refused() {
         "{}",
         String::from_utf8_lossy(&out)
     );
+    // A request head over the limit (64 KiB by default) gets 431, and the connection is closed.
     let long = format!(
         "GET /api/models/acme/k HTTP/1.1\r\nConnection: close\r\nX-Long: {}\r\n\r\n",
-        "a".repeat(1 << 20)
+        "a".repeat(60 << 10)
     );
     assert_eq!(raw(addr, long.as_bytes(), false).status, 200);
-    let r = get(addr, &format!("/api/models/acme/k/revision/{}", "x".repeat(100_000)));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(format!("GET /api/models/acme/k HTTP/1.1\r\nX-Long: {}", "a".repeat(100 << 10)).as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(
+        out.is_empty() || out.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let r = get(addr, &format!("/api/models/acme/k/revision/{}", "x".repeat(60_000)));
     assert_eq!(r.error_code(), Some("RevisionNotFound"));
     assert!(r.header("X-Error-Message").unwrap().len() <= 1000);
     assert_eq!(get(addr, "/nowhere").status, 404);
@@ -804,15 +816,28 @@ fn bodies_are_limited() {
     }
     req.extend_from_slice(b"0\r\n\r\n");
     assert_eq!(raw(addr, &req, false).status, 413);
-    // An absurd declared length is never read (nor allocated): the connection is abandoned
-    // and the server keeps serving.
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    s.write_all(b"POST /api/repos/create HTTP/1.1\r\nContent-Length: 4611686018427387904\r\n\r\n{}")
-        .unwrap();
-    let mut buf = [0u8; 16];
-    assert!(matches!(s.read(&mut buf), Err(_) | Ok(0)));
-    drop(s);
+    // An absurd declared length is never read (nor allocated): without the token the answer
+    // is 401, with it 413, at once.
+    let absurd = "4611686018427387904";
+    let r = raw(
+        addr,
+        format!("POST /api/repos/create HTTP/1.1\r\nContent-Length: {absurd}\r\n\r\n{{}}").as_bytes(),
+        false,
+    );
+    assert_eq!(r.status, 401);
+    let r = raw(
+        addr,
+        format!("POST /api/repos/create HTTP/1.1\r\nAuthorization: Bearer w\r\nContent-Length: {absurd}\r\n\r\n{{}}").as_bytes(),
+        false,
+    );
+    assert_eq!((r.status, r.error_code()), (413, Some("PayloadTooLarge")));
+    let r = raw(
+        addr,
+        format!("POST /api/models/acme/k/commit/main HTTP/1.1\r\nAuthorization: Bearer w\r\nContent-Length: {absurd}\r\n\r\n{{}}")
+            .as_bytes(),
+        false,
+    );
+    assert_eq!((r.status, r.error_code()), (413, Some("PayloadTooLarge")));
     // A declared length within limits whose body never fully arrives.
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"POST /api/repos/create HTTP/1.1\r\nAuthorization: Bearer w\r\nContent-Length: 100000000\r\n\r\n{}")
@@ -856,6 +881,132 @@ fn requests_are_logged_and_stop_closes_the_port() {
     assert_eq!(server.connections(), 82);
     server.stop();
     assert!(TcpStream::connect(addr).is_err(), "the port is closed after stop");
+}
+
+/// Reads one response from a kept-alive connection: the head, then `Content-Length` bytes.
+fn read_response(s: &mut TcpStream) -> Resp {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-head: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8(head[..head.len() - 4].to_vec()).unwrap();
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let mut resp = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = resp.header("Content-Length").unwrap().parse().unwrap();
+    resp.body = vec![0; len];
+    s.read_exact(&mut resp.body).unwrap();
+    resp
+}
+
+#[test]
+fn connections_are_kept_alive_until_the_client_closes() {
+    let reg = registry();
+    let server = start(reg.path(), None, None);
+    let addr = server.addr();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET /acme/k/resolve/v1.0.0/variants/a/libk.so HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut s);
+        assert_eq!((r.status, r.body), (200, lib_bytes("1.0.0", "a")));
+    }
+    // Two requests in one write (pipelined), the second asking to close.
+    s.write_all(b"HEAD /acme/k/resolve/main/khub.toml HTTP/1.1\r\nHost: x\r\n\r\nGET /api/models/acme/k/refs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed after `Connection: close`");
+    assert_eq!(server.connections(), 1);
+    assert_eq!(server.requests().len(), 5);
+}
+
+#[test]
+fn the_request_rate_is_limited_per_address() {
+    let reg = registry();
+    let mut options = ServeOptions::default();
+    options.limits.rate_per_second = 0.5;
+    options.limits.rate_burst = 3;
+    let server = Server::start(reg.path(), "127.0.0.1:0", options).unwrap();
+    let addr = server.addr();
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/api/models/acme/k/refs").status, 200);
+    }
+    let r = get(addr, "/api/models/acme/k/refs");
+    assert_eq!((r.status, r.error_code()), (429, Some("TooManyRequests")));
+    assert_eq!(r.header("Retry-After"), Some("2"));
+}
+
+#[test]
+fn listings_and_readme_checks() {
+    let reg = registry();
+    release(reg.path(), "other/x", "0.1.0");
+    std::fs::create_dir_all(reg.path().join("acme/empty")).unwrap();
+    std::fs::create_dir_all(reg.path().join("acme/.hidden")).unwrap();
+    let server = start(reg.path(), None, None);
+    let addr = server.addr();
+    let ids = |path: &str| -> Vec<String> {
+        let r = get(addr, path);
+        assert_eq!(r.status, 200, "{path}");
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Pages of two (the test server's page size), linked.
+    let r = get(addr, "/api/models");
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    let link = r.header("Link").unwrap();
+    assert!(link.contains("cursor=2") && link.ends_with("rel=\"next\""), "{link}");
+    assert_eq!(ids("/api/models?cursor=2"), ["other/x"]);
+    assert_eq!(ids("/api/kernels?author=acme"), ["acme/empty", "acme/k"]);
+    assert_eq!(ids("/api/models?search=X"), ["other/x"]);
+    assert_eq!(ids("/api/models?author=nobody"), Vec::<String>::new());
+    let k = &get(addr, "/api/models?author=acme&search=k").json()[0];
+    assert_eq!(k["sha"], commit_of(reg.path(), "1.2.0"));
+    assert_eq!(k["author"], "acme");
+    assert_eq!(get(addr, "/api/datasets").status, 404);
+
+    let validate = |content: &str| {
+        let body = json!({ "content": content, "repoType": "model" }).to_string();
+        request(
+            addr,
+            "POST",
+            "/api/validate-yaml",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    };
+    let r = validate("---\nlicense: mit\n---\n# k\n");
+    assert_eq!((r.status, r.json()), (200, json!({ "errors": [], "warnings": [] })));
+    let r = validate("---\nlicense: mit\n");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["errors"][0]["message"].as_str().unwrap().contains("never closed"));
+    assert_eq!(request(addr, "GET", "/api/validate-yaml", &[], b"").status, 405);
 }
 
 /// The Rust client khub uses, `hf-hub`, against the server: cache-mode downloads (HEAD then

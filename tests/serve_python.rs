@@ -1,6 +1,8 @@
 //! `khub serve` against the real Python client, `huggingface_hub`: downloads into the Hub
-//! cache, snapshots with patterns, refs, paginated trees and an `upload_folder` that
-//! publishes a new release. Skipped when `huggingface_hub` is not installed.
+//! cache, snapshots with patterns, refs, paginated trees, `upload_folder` publishing new
+//! releases (one with a README.md, whose front matter the client has the server validate),
+//! and `list_models` with `author=` and `search=`, over kept-alive connections. Skipped when
+//! `huggingface_hub` is not installed.
 #![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 #![cfg(feature = "serve")]
 
@@ -105,6 +107,29 @@ try:
 except HfHubHTTPError as e:
     assert e.response.status_code == 409, e
 
+# A folder with a README.md: the client has the server validate its front matter first.
+readme_release, bad_readme_release, expected_readme_commit = sys.argv[4], sys.argv[5], sys.argv[6]
+commit = writer.upload_folder(repo_id=repo, folder_path=readme_release, commit_message="release 1.4.0 with a card")
+assert commit.oid == expected_readme_commit, (commit.oid, expected_readme_commit)
+p = hf_hub_download(repo, "README.md", revision="v1.4.0")
+assert "license: apache-2.0" in open(p).read()
+try:
+    writer.upload_folder(repo_id=repo, folder_path=bad_readme_release, commit_message="broken card")
+    raise AssertionError("a README with broken metadata was accepted")
+except ValueError as e:
+    assert "Invalid metadata" in str(e), e
+assert "v1.5.0" not in [t.name for t in api.list_repo_refs(repo).tags]
+
+# Listings, with the filters huggingface_hub sends.
+writer.create_repo("other/x", exist_ok=True)
+assert sorted(m.id for m in api.list_models()) == ["acme/k", "other/x"], list(api.list_models())
+acme = list(api.list_models(author="acme"))
+assert [m.id for m in acme] == ["acme/k"], acme
+assert acme[0].sha == expected_readme_commit and acme[0].author == "acme", acme[0]
+assert [m.id for m in api.list_models(search="OTHER")] == ["other/x"]
+assert len(list(api.list_models(limit=1))) == 1
+assert list(api.list_models(author="nobody")) == []
+
 if "kernel" in getattr(constants, "REPO_TYPES_WITH_KERNEL", []):
     p = hf_hub_download(repo, "khub.toml", revision="v1.2.0", repo_type="kernel")
     assert 'version = "1.2.0"' in open(p).read()
@@ -135,6 +160,17 @@ fn huggingface_hub_talks_to_khub_serve() {
     let new_release = work.path().join("release-1.3.0");
     write_release(&new_release, "1.3.0");
     let expected = khub::registry::dir::commit_id(&std::fs::read(new_release.join("khub.toml")).unwrap());
+    let readme_release = work.path().join("release-1.4.0");
+    write_release(&readme_release, "1.4.0");
+    std::fs::write(
+        readme_release.join("README.md"),
+        "---\nlicense: apache-2.0\ntags:\n- kernels\n---\n# k\n\nA kernel.\n",
+    )
+    .unwrap();
+    let expected_readme = khub::registry::dir::commit_id(&std::fs::read(readme_release.join("khub.toml")).unwrap());
+    let bad_readme_release = work.path().join("release-1.5.0");
+    write_release(&bad_readme_release, "1.5.0");
+    std::fs::write(bad_readme_release.join("README.md"), "---\nlicense: mit\n# never closed\n").unwrap();
     let c10 = khub::registry::dir::commit_id(&std::fs::read(reg.path().join("acme/k/1.0.0/khub.toml")).unwrap());
     let script = work.path().join("check.py");
     std::fs::write(&script, SCRIPT).unwrap();
@@ -150,6 +186,9 @@ fn huggingface_hub_talks_to_khub_serve() {
         .arg(&new_release)
         .arg(WRITE)
         .arg(&expected)
+        .arg(&readme_release)
+        .arg(&bad_readme_release)
+        .arg(&expected_readme)
         .current_dir(work.path());
     for var in [
         "HF_TOKEN",
@@ -192,6 +231,17 @@ fn huggingface_hub_talks_to_khub_serve() {
         log.iter().any(|l| l.contains(&format!("/resolve/{c10}/variants/a/libk.so"))),
         "{log:#?}"
     );
+    // The client reuses its connections: far fewer connections than requests.
+    assert!(
+        server.connections() * 2 < log.len() as u64,
+        "{} connections for {} requests",
+        server.connections(),
+        log.len()
+    );
+    assert!(log.iter().any(|l| l.starts_with("POST /api/validate-yaml -> 200")), "{log:#?}");
+    assert!(log.iter().any(|l| l.starts_with("POST /api/validate-yaml -> 400")), "{log:#?}");
+    // The README is stored in its release, beside the manifest.
+    assert!(reg.path().join("acme/k/1.4.0/README.md").is_file());
     // The new release is on disk, complete.
     assert!(reg.path().join("acme/k/1.3.0/variants/b/libk.so").is_file());
     assert!(

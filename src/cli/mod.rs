@@ -206,6 +206,12 @@ enum Command {
         /// KHUB_SERVE_WRITE_TOKEN).
         #[arg(long, value_name = "TOKEN")]
         write_token: Option<String>,
+        /// One JSON line per request on stderr: method, path, status, bytes, ms, client
+        /// (also KHUB_SERVE_LOG=1).
+        #[arg(long)]
+        access_log: bool,
+        #[command(flatten)]
+        limits: registry::ServeLimitArgs,
     },
     /// The whole local path on the example kernel: package, explain, load, self-test, bench.
     Demo {
@@ -599,7 +605,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             addr,
             read_token,
             write_token,
-        } => registry::serve(&dir, &addr, read_token, write_token),
+            access_log,
+            limits,
+        } => registry::serve(&dir, &addr, read_token, write_token, access_log, &limits),
         Command::Demo { kernel, out, toolchain } => {
             let kernel_dir = kernel.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example"));
             let (_tmp, out) = match out {

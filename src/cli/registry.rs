@@ -337,14 +337,81 @@ pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<
     Ok(ExitCode::SUCCESS)
 }
 
+/// The limits of `khub serve` (docs/serve.md); each wins over its `KHUB_SERVE_*` variable.
 #[cfg(feature = "serve")]
-pub fn serve(dir: &Path, addr: &str, read_token: Option<String>, write_token: Option<String>) -> Result<ExitCode> {
-    let env = Environment::capture();
-    let read_token = read_token.or_else(|| env.get(khub::env::KHUB_SERVE_READ_TOKEN).map(str::to_owned));
-    let write_token = write_token.or_else(|| env.get(khub::env::KHUB_SERVE_WRITE_TOKEN).map(str::to_owned));
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeLimitArgs {
+    /// The most connections served at once (default 1024, never more than `ulimit -n` less
+    /// 64; KHUB_SERVE_MAX_CONNECTIONS).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<String>,
+    /// The largest request head, in bytes (default 64K; KHUB_SERVE_MAX_HEADER_BYTES).
+    #[arg(long, value_name = "SIZE")]
+    max_header_bytes: Option<String>,
+    /// Seconds a client has to send a request head (default 10; KHUB_SERVE_HEADER_TIMEOUT).
+    #[arg(long, value_name = "SECS")]
+    header_timeout: Option<String>,
+    /// Seconds a request may go without a byte read or written (default 30;
+    /// KHUB_SERVE_BODY_TIMEOUT).
+    #[arg(long, value_name = "SECS")]
+    body_timeout: Option<String>,
+    /// Seconds an idle kept-alive connection stays open (default 30; KHUB_SERVE_IDLE_TIMEOUT).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<String>,
+    /// The largest JSON request body (default 1M; KHUB_SERVE_MAX_JSON_BYTES).
+    #[arg(long, value_name = "SIZE")]
+    max_json_bytes: Option<String>,
+    /// The largest file in a commit (default 1G; KHUB_SERVE_MAX_FILE_BYTES).
+    #[arg(long, value_name = "SIZE")]
+    max_file_bytes: Option<String>,
+    /// The largest commit body (default 2G; KHUB_SERVE_MAX_COMMIT_BYTES).
+    #[arg(long, value_name = "SIZE")]
+    max_commit_bytes: Option<String>,
+    /// Requests a second per client address, 0 for no limit (default 500; KHUB_SERVE_RATE).
+    #[arg(long, value_name = "N")]
+    rate_limit: Option<String>,
+    /// Requests a client address may send at once before the rate applies (default 1000;
+    /// KHUB_SERVE_RATE_BURST).
+    #[arg(long, value_name = "N")]
+    rate_burst: Option<String>,
+}
+
+#[cfg(feature = "serve")]
+pub fn serve(
+    dir: &Path,
+    addr: &str,
+    read_token: Option<String>,
+    write_token: Option<String>,
+    access_log: bool,
+    limits: &ServeLimitArgs,
+) -> Result<ExitCode> {
+    use khub::env as e;
+    let mut env = Environment::capture();
+    let read_token = read_token.or_else(|| env.get(e::KHUB_SERVE_READ_TOKEN).map(str::to_owned));
+    let write_token = write_token.or_else(|| env.get(e::KHUB_SERVE_WRITE_TOKEN).map(str::to_owned));
+    // A flag wins over its variable: set it in the snapshot, then parse them all alike.
+    for (var, flag) in [
+        (e::KHUB_SERVE_MAX_CONNECTIONS, &limits.max_connections),
+        (e::KHUB_SERVE_MAX_HEADER_BYTES, &limits.max_header_bytes),
+        (e::KHUB_SERVE_HEADER_TIMEOUT, &limits.header_timeout),
+        (e::KHUB_SERVE_BODY_TIMEOUT, &limits.body_timeout),
+        (e::KHUB_SERVE_IDLE_TIMEOUT, &limits.idle_timeout),
+        (e::KHUB_SERVE_MAX_JSON_BYTES, &limits.max_json_bytes),
+        (e::KHUB_SERVE_MAX_FILE_BYTES, &limits.max_file_bytes),
+        (e::KHUB_SERVE_MAX_COMMIT_BYTES, &limits.max_commit_bytes),
+        (e::KHUB_SERVE_RATE, &limits.rate_limit),
+        (e::KHUB_SERVE_RATE_BURST, &limits.rate_burst),
+    ] {
+        if let Some(v) = flag {
+            env.set(var, v.clone());
+        }
+    }
     let options = khub::serve::ServeOptions {
         read_token,
         write_token,
+        limits: khub::serve::Limits::from_env(&env)?,
+        access_log,
+        handle_signals: true,
         ..Default::default()
     };
     let writable = options.write_token.is_some();
@@ -356,6 +423,8 @@ pub fn serve(dir: &Path, addr: &str, read_token: Option<String>, write_token: Op
         if writable { "read-write with the write token" } else { "read-only" },
         server.url()
     );
+    // Returns after SIGTERM or SIGINT, once the requests in flight are answered.
     server.wait();
+    eprintln!("khub serve: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -290,12 +290,13 @@ static COMMIT_LOCK: Mutex<()> = Mutex::new(());
 /// listed size and digest. When `branch_major` is `Some(n)` (a commit to branch `v<n>`),
 /// the version's major must be `n`.
 ///
-/// The files are staged in a hidden directory of the repository (`.staging-…`, which
+/// The files are staged in a hidden directory of the repository (`.staging-<pid>-…`, which
 /// [`scan_repo`] ignores), each written and `fsync`ed as it comes; the staged directories
 /// are `fsync`ed, the staging directory is renamed into place as `<version>` in one step, and
 /// then the release directory and the repository directory are `fsync`ed. Readers never see
 /// half a release, and on any failure nothing is left behind: neither the staging directory
-/// nor the release.
+/// nor the release. A process killed mid-commit leaves its staging directory; the next
+/// commit to the repository removes those whose process is gone.
 ///
 /// The organisation and repository directories must exist and be real directories (not
 /// symlinks): [`CommitError::RepoNotFound`] otherwise.
@@ -312,6 +313,7 @@ pub fn commit_release<E: From<CommitError>>(
             return Err(CommitError::RepoNotFound { repo: repo.clone() }.into());
         }
     }
+    remove_stale_staging(&dir);
     let mut staging = Staging::new(&dir)?;
     for file in files {
         let (path, bytes) = file?;
@@ -328,10 +330,47 @@ struct Staging {
     manifest: Option<Vec<u8>>,
 }
 
+/// The prefix of this process's staging directories: `.staging-<pid>-`.
+fn staging_prefix() -> String {
+    format!(".staging-{}-", std::process::id())
+}
+
+/// Removes the staging directories left by commits whose process is gone (killed
+/// mid-commit): `.staging-<pid>-…` where no process `<pid>` runs. Best effort.
+fn remove_stale_staging(repo_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(repo_dir) else { return };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".staging-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok());
+        if pid.is_some_and(|pid| pid > 0 && !process_alive(pid)) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Whether a process `pid` exists.
+fn process_alive(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 impl Staging {
     fn new(repo_dir: &Path) -> Result<Staging, CommitError> {
         let dir = tempfile::Builder::new()
-            .prefix(".staging-")
+            .prefix(&staging_prefix())
             .tempdir_in(repo_dir)
             .map_err(|source| CommitError::Io {
                 what: "creating a staging directory".into(),
@@ -462,7 +501,7 @@ impl Staging {
 /// Takes a release that could not be made durable out of view (renamed over a fresh hidden
 /// directory, in one step) and deletes it.
 fn withdraw(repo_dir: &Path, release: &Path) {
-    let hidden = tempfile::Builder::new().prefix(".staging-").tempdir_in(repo_dir);
+    let hidden = tempfile::Builder::new().prefix(&staging_prefix()).tempdir_in(repo_dir);
     match hidden {
         // Renaming a directory over an empty one replaces it; dropping the guard deletes it.
         Ok(hidden) if std::fs::rename(release, hidden.path()).is_ok() => drop(hidden),
@@ -679,6 +718,26 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, CommitError::ReleaseExists { .. }), "{e}");
         assert_eq!(entries(&d.path().join("acme/k")), ["1.2.0"]);
+    }
+
+    #[test]
+    fn staging_of_a_dead_process_is_removed_by_the_next_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let repo_path = d.path().join("acme/k");
+        // A process id that cannot be running (above the kernel's pid_max), and this one.
+        std::fs::create_dir_all(repo_path.join(".staging-2147483646-abc/variants")).unwrap();
+        let mine = format!(".staging-{}-live", std::process::id());
+        std::fs::create_dir_all(repo_path.join(&mine)).unwrap();
+        let repo: RepoId = "acme/k".parse().unwrap();
+        let text = manifest("1.0.0", LIB);
+        commit_release(
+            d.path(),
+            &repo,
+            None,
+            files(&[("khub.toml", text.as_bytes()), ("variants/v/libk.so", LIB)]),
+        )
+        .unwrap();
+        assert_eq!(entries(&repo_path), [mine, "1.0.0".to_owned()]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::ServeOptions;
-use super::http::{ApiError, Reply};
+use super::http::{ApiError, Input, Reply};
 use super::routes::{Ctx, Params};
 
 /// What a request's token allows.
@@ -100,7 +100,7 @@ fn token_eq(given: &str, expected: &str) -> bool {
 }
 
 /// `GET /api/whoami-v2`: who the token is.
-pub(super) fn whoami(ctx: &Ctx, _: &mut tiny_http::Request, _: &Params) -> Result<Reply, ApiError> {
+pub(super) fn whoami(ctx: &Ctx, _: &mut Input, _: &Params) -> Result<Reply, ApiError> {
     let role = match ctx.token {
         Token::Write => "write",
         Token::Read => "read",

@@ -1,13 +1,13 @@
-//! HTTP utilities of the server: replies and how they are written, the API's error answer,
-//! request headers and bodies, percent-decoding and byte ranges.
+//! The request and reply types handlers see, independent of the HTTP stack: replies, the
+//! API's error answer, request headers and bodies ([`Input`]), percent-decoding and byte
+//! ranges. `app` turns them into hyper's types.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{MAX_DECLARED_BODY, MAX_JSON_BYTES};
 use crate::registry::RegistryError;
 
 /// What a reply carries.
@@ -38,7 +38,7 @@ impl Reply {
         self
     }
 
-    fn body_len(&self) -> u64 {
+    pub(super) fn body_len(&self) -> u64 {
         match &self.body {
             Body::Bytes(b) => b.len() as u64,
             Body::File(_, n) => *n,
@@ -79,11 +79,28 @@ impl ApiError {
         ApiError::new(404, Some("NotFound"), "no such route on this server (khub serve)")
     }
 
+    pub(super) fn too_many_requests(retry_after: u64) -> ApiError {
+        ApiError::new(
+            429,
+            Some("TooManyRequests"),
+            format!("too many requests from this address: retry in {retry_after} s"),
+        )
+        .with_header("Retry-After", retry_after.to_string())
+    }
+
     pub(super) fn too_large(limit: u64) -> ApiError {
         ApiError::new(
             413,
             Some("PayloadTooLarge"),
             format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
+    pub(super) fn file_too_large(limit: u64) -> ApiError {
+        ApiError::new(
+            413,
+            Some("PayloadTooLarge"),
+            format!("a file in the commit is larger than {limit} bytes"),
         )
     }
 
@@ -128,74 +145,12 @@ pub(super) fn clip(s: &str) -> String {
     s.chars().take(300).collect()
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        206 => "Partial Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        416 => "Range Not Satisfiable",
-        500 => "Internal Server Error",
-        _ => "Unknown",
-    }
-}
-
 /// A header value made safe to send: printable ASCII only, at most 1000 characters.
-fn header_value(v: &str) -> String {
+pub(super) fn header_value(v: &str) -> String {
     v.chars()
         .take(1000)
         .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
         .collect()
-}
-
-pub(super) fn write_reply(w: &mut dyn Write, reply: Reply, head_only: bool) -> io::Result<()> {
-    let len = reply.body_len();
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nServer: khub\r\nConnection: close\r\nContent-Length: {len}\r\n",
-        reply.status,
-        reason(reply.status)
-    );
-    for (k, v) in &reply.headers {
-        head.push_str(k);
-        head.push_str(": ");
-        head.push_str(&header_value(v));
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    w.write_all(head.as_bytes())?;
-    if !head_only {
-        match reply.body {
-            Body::Bytes(b) => w.write_all(&b)?,
-            Body::File(f, n) => {
-                let copied = io::copy(&mut f.take(n), w)?;
-                if copied != n {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while being served"));
-                }
-            }
-        }
-    }
-    w.flush()
-}
-
-/// Reads what a handler left of the body with a small buffer, so that dropping the request
-/// does not buffer it.
-pub(super) fn drain(rq: &mut tiny_http::Request) {
-    let r = rq.as_reader();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    while total <= MAX_DECLARED_BODY {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
 }
 
 /// Decodes `%XX` escapes (and `+` as a space when `plus` is set). `None` when malformed.
@@ -234,35 +189,43 @@ pub(super) fn form_pairs(s: &str) -> impl Iterator<Item = (String, String)> + '_
     })
 }
 
-/// The value of a request header.
-pub(super) fn header<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
-    rq.headers().iter().find(|h| h.field.equiv(name)).map(|h| h.value.as_str())
+/// What a handler gets of a request beside its path: the headers and the body, read
+/// before the handler runs (JSON routes) or streamed to it (commits).
+pub(super) struct Input {
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+    stream: Option<Box<dyn BufRead + Send>>,
 }
 
-/// Reads the request body, at most `limit` bytes.
-pub(super) fn read_body(rq: &mut tiny_http::Request, limit: u64) -> Result<Vec<u8>, ApiError> {
-    if rq.body_length().is_some_and(|n| n as u64 > limit) {
-        return Err(ApiError::too_large(limit));
+impl Input {
+    pub(super) fn new(headers: axum::http::HeaderMap, body: bytes::Bytes, stream: Option<Box<dyn BufRead + Send>>) -> Input {
+        Input { headers, body, stream }
     }
-    let mut buf = Vec::new();
-    rq.as_reader()
-        .take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
-    if buf.len() as u64 > limit {
-        return Err(ApiError::too_large(limit));
+
+    /// The value of a request header, when it is text.
+    pub(super) fn header(&self, name: &'static str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
-    Ok(buf)
+
+    /// The body, read in full (empty for a streamed body).
+    pub(super) fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The body parsed as JSON.
+    pub(super) fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
+        parse_json(&self.body)
+    }
+
+    /// The streamed body (commits); empty when it was read in full.
+    pub(super) fn take_stream(&mut self) -> Box<dyn BufRead + Send> {
+        self.stream.take().unwrap_or_else(|| Box::new(io::Cursor::new(self.body.clone())))
+    }
 }
 
 /// Parses a JSON request body.
 pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
-}
-
-/// Reads and parses a JSON body, at most [`MAX_JSON_BYTES`].
-pub(super) fn read_json<T: for<'de> Deserialize<'de>>(rq: &mut tiny_http::Request) -> Result<T, ApiError> {
-    parse_json(&read_body(rq, MAX_JSON_BYTES)?)
 }
 
 /// A `Range` request, resolved against the file size.

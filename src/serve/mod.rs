@@ -17,6 +17,8 @@
 //! | `POST /api/{P}/{org}/{name}/commit/{rev}` | NDJSON commit: creates exactly one new release |
 //! | `POST /api/{P}/{org}/{name}/{tag,branch}/{…}` | accepted when consistent with derived refs |
 //! | `GET /api/whoami-v2` | who the token is |
+//! | `GET /api/{models,kernels}?author=&search=` | the repositories, paginated with `Link` |
+//! | `POST /api/validate-yaml` | checks a README's front matter before an upload |
 //!
 //! Releases are immutable: a commit must carry a valid `khub.toml` naming a version that
 //! does not exist yet, and every file that manifest lists, with the listed size and digest.
@@ -25,41 +27,43 @@
 //! into place in one step, so readers never see half a release, and a failed commit leaves
 //! nothing behind.
 //!
-//! The modules: `routes` (the route table and request context), `auth` (tokens), `http`
-//! (replies, errors, request bodies, ranges), `read` and `write` (the handlers).
+//! The stack is hyper (HTTP/1.1 connections: parsing, keep-alive, `Connection: close`,
+//! the header size limit) under axum's router, on tokio. khub's own code is the route
+//! table, the Hub's wire format and the registry logic, and the limits hyper and axum do
+//! not have: the connection cap, the per-connection deadlines, the rate per client address
+//! and the accept loop that backs off when file descriptors run out instead of exiting.
+//!
+//! The modules: `app` (the accept loop, connections, the router, dispatch to handlers),
+//! `limits` ([`Limits`], the rate limiter, connection deadlines), `routes` (the route table
+//! and request context), `auth` (tokens), `http` (replies, errors, request input, ranges),
+//! `read` and `write` (the handlers; they run on tokio's blocking pool).
 //!
 //! Every file is opened with `fsx::open_under`: nothing outside a release
 //! directory, and no symlink, is ever served.
-//!
-//! The server closes every connection after one response, so stopping it leaves no
-//! kept-alive connection behind that a client could hang on.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-use self::http::{ApiError, drain, write_reply};
+use tokio_util::sync::CancellationToken;
 
+pub use self::limits::{Limits, parse_bytes};
+
+mod app;
 mod auth;
 mod http;
+mod limits;
 mod read;
 mod routes;
 mod write;
 
-/// The largest commit body accepted (the NDJSON of one release, files inline in base64).
-pub const MAX_COMMIT_BYTES: u64 = 2 << 30;
-/// The largest JSON request body accepted.
-pub const MAX_JSON_BYTES: u64 = 1 << 20;
-/// Requests that declare a body longer than this get no answer at all: see [`Server`].
-const MAX_DECLARED_BODY: u64 = MAX_COMMIT_BYTES + (1 << 20);
 /// How many requests the in-memory log keeps.
 const LOG_CAP: usize = 100_000;
 /// How many digests the cache keeps before it starts over.
@@ -72,10 +76,19 @@ pub struct ServeOptions {
     pub read_token: Option<String>,
     /// The token that allows writes. Without one, the server is read-only.
     pub write_token: Option<String>,
-    /// Worker threads answering requests (default 8; 0 means 1).
+    /// Threads answering connections (default 4; 0 means 1). File-system work runs on a
+    /// separate pool of blocking threads.
     pub threads: usize,
     /// The most entries one page of a tree listing holds (default 1000; 0 means 1).
     pub page_size: usize,
+    /// What clients may ask of the server.
+    pub limits: Limits,
+    /// One line of JSON on stderr per request: method, path, status, bytes, milliseconds,
+    /// client (default off; `KHUB_SERVE_LOG=1` turns it on too).
+    pub access_log: bool,
+    /// Shut down gracefully on SIGTERM and SIGINT (`khub serve` sets it): [`Server::wait`]
+    /// then returns once the requests in flight are answered.
+    pub handle_signals: bool,
 }
 
 impl Default for ServeOptions {
@@ -83,8 +96,11 @@ impl Default for ServeOptions {
         ServeOptions {
             read_token: None,
             write_token: None,
-            threads: 8,
+            threads: 4,
             page_size: 1000,
+            limits: Limits::default(),
+            access_log: false,
+            handle_signals: false,
         }
     }
 }
@@ -97,6 +113,9 @@ impl fmt::Debug for ServeOptions {
             .field("write_token", &redact(&self.write_token))
             .field("threads", &self.threads)
             .field("page_size", &self.page_size)
+            .field("limits", &self.limits)
+            .field("access_log", &self.access_log)
+            .field("handle_signals", &self.handle_signals)
             .finish()
     }
 }
@@ -122,9 +141,19 @@ pub enum ServeError {
         /// What went wrong.
         message: String,
     },
-    /// A worker thread could not be started.
+    /// The runtime or a server thread could not be started.
     #[error("cannot start a server thread: {0}")]
     Thread(#[source] io::Error),
+    /// A limit's setting does not parse.
+    #[error("{name}={value:?}: expected {expected}")]
+    Setting {
+        /// The variable or flag.
+        name: String,
+        /// Its value.
+        value: String,
+        /// The form expected.
+        expected: &'static str,
+    },
 }
 
 /// One answered request, as kept in the server's log.
@@ -132,7 +161,7 @@ pub enum ServeError {
 pub struct RequestRecord {
     /// The method (`GET`, `HEAD`, …).
     pub method: String,
-    /// The request target as sent: path and query, still percent-encoded.
+    /// The request target: path and query, still percent-encoded.
     pub path: String,
     /// The status answered.
     pub status: u16,
@@ -140,15 +169,13 @@ pub struct RequestRecord {
 
 /// A running server. It stops when [`Server::stop`] is called or when it is dropped.
 ///
-/// Built on `tiny_http`, which has no socket timeouts: a client that declares a body and
-/// never sends it holds a worker thread until it disconnects. A request declaring a body
-/// larger than about 2 GiB is never answered (its connection is abandoned), because
-/// `tiny_http` would otherwise allocate the whole declared length to discard it.
+/// The server runs on its own tokio runtime, on a thread of its own; this handle is
+/// synchronous.
 pub struct Server {
-    http: Option<Arc<tiny_http::Server>>,
     state: Arc<State>,
-    workers: Vec<JoinHandle<()>>,
     addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for Server {
@@ -173,45 +200,60 @@ impl Server {
                 source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
             });
         }
-        let http = tiny_http::Server::http(addr).map_err(|e| ServeError::Bind {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.threads.max(1))
+            .max_blocking_threads(256)
+            .thread_name("khub-serve")
+            .enable_all()
+            .build()
+            .map_err(ServeError::Thread)?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            app::listen(addr)?
+        };
+        let local = listener.local_addr().map_err(|e| ServeError::Bind {
             addr: addr.to_owned(),
             message: e.to_string(),
         })?;
-        let Some(local) = http.server_addr().to_ip() else {
-            return Err(ServeError::Bind {
-                addr: addr.to_owned(),
-                message: "not an IP address".into(),
-            });
+        let signals = if options.handle_signals {
+            let _in_runtime = runtime.enter();
+            Some(app::Signals::new().map_err(ServeError::Thread)?)
+        } else {
+            None
         };
-        let threads = options.threads.max(1);
+        let limits = options.limits.effective();
+        let access_log = options.access_log || crate::env::var_os(crate::env::KHUB_SERVE_LOG).is_some_and(|v| v == "1");
         let state = Arc::new(State {
             root,
+            rate: limits::RateLimiter::new(&limits),
+            limits,
             options,
             addr: local,
             log: Mutex::new(VecDeque::new()),
-            received: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             digests: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-            threads,
-            log_stderr: crate::env::var_os(crate::env::KHUB_SERVE_LOG).is_some_and(|v| v == "1"),
+            access_log,
         });
-        let http = Arc::new(http);
-        let mut server = Server {
-            http: Some(Arc::clone(&http)),
-            state,
-            workers: Vec::with_capacity(threads),
-            addr: local,
+        let shutdown = CancellationToken::new();
+        let thread = {
+            let state = Arc::clone(&state);
+            let shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name("khub-serve-main".into())
+                .spawn(move || {
+                    runtime.block_on(app::run(listener, state, shutdown, signals));
+                    // Handlers still running on the blocking pool (a commit being written)
+                    // finish on their own; they are not waited for here.
+                    runtime.shutdown_background();
+                })
+                .map_err(ServeError::Thread)?
         };
-        for i in 0..threads {
-            let http = Arc::clone(&http);
-            let state = Arc::clone(&server.state);
-            let handle = std::thread::Builder::new()
-                .name(format!("khub-serve-{i}"))
-                .spawn(move || worker(&http, &state))
-                .map_err(ServeError::Thread)?; // `server` drops here and stops the others
-            server.workers.push(handle);
-        }
-        Ok(server)
+        Ok(Server {
+            state,
+            addr: local,
+            shutdown,
+            thread: Some(thread),
+        })
     }
 
     /// The address the server listens on.
@@ -242,73 +284,32 @@ impl Server {
         lock(&self.state.log).iter().cloned().collect()
     }
 
-    /// How many requests the server has received. Every connection carries one request (the
-    /// server closes it after answering), so this also counts connections: a test of an
-    /// offline mode can check that it stays put.
+    /// How many connections the server has accepted: a test of an offline mode can check
+    /// that it stays put.
     pub fn connections(&self) -> u64 {
-        self.state.received.load(Ordering::SeqCst)
+        self.state.connections.load(Ordering::SeqCst)
     }
 
-    /// Stops the server: no request is accepted after this returns.
+    /// Stops the server: the port is closed, idle connections are closed, and requests in
+    /// flight are answered (for at most [`Limits::shutdown_grace`]) before this returns.
     pub fn stop(self) {
         drop(self);
     }
 
-    /// Serves until the process ends (or until accepting connections fails, which is
-    /// reported on stderr).
+    /// Serves until the server is stopped: by a signal with
+    /// [`ServeOptions::handle_signals`], else until the process ends.
     pub fn wait(mut self) {
-        for w in std::mem::take(&mut self.workers) {
-            let _ = w.join();
-        }
-    }
-
-    fn shutdown(&mut self) {
-        let Some(http) = self.http.take() else { return };
-        self.state.stop.store(true, Ordering::SeqCst);
-        // Each `unblock` wakes one worker blocked in `recv`.
-        for _ in 0..self.workers.len() {
-            http.unblock();
-        }
-        for w in std::mem::take(&mut self.workers) {
-            let _ = w.join();
-        }
-        // The last reference: tiny_http tells its accept thread to stop, which then closes
-        // the listening socket. Wait (briefly) until connections are refused, so that a
-        // caller that stopped the server can rely on the port being closed.
-        drop(http);
-        let probe = self.local_addr();
-        for _ in 0..200 {
-            match std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(100)) {
-                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                Err(_) => break,
-            }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn worker(http: &tiny_http::Server, state: &State) {
-    while !state.stop.load(Ordering::SeqCst) {
-        match http.recv() {
-            Ok(rq) => handle(state, rq),
-            // Woken by `shutdown`: the flag is set.
-            Err(_) if state.stop.load(Ordering::SeqCst) => {}
-            // tiny_http's accept loop hit an error (such as too many open files) and ended:
-            // no connection will come any more, so stop every worker and let `wait` return
-            // rather than keep a deaf server running.
-            Err(e) => {
-                if !state.stop.swap(true, Ordering::SeqCst) {
-                    eprintln!("khub serve: accepting connections failed: {e}; stopping");
-                    for _ in 0..state.threads {
-                        http.unblock();
-                    }
-                }
-            }
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -323,20 +324,18 @@ type DigestKey = (PathBuf, u64, Option<SystemTime>);
 struct State {
     root: PathBuf,
     options: ServeOptions,
+    /// The limits in force ([`Limits::effective`]).
+    limits: Limits,
+    rate: limits::RateLimiter,
     addr: SocketAddr,
     log: Mutex<VecDeque<RequestRecord>>,
-    received: AtomicU64,
+    connections: AtomicU64,
     digests: Mutex<HashMap<DigestKey, [u8; 32]>>,
-    stop: AtomicBool,
-    threads: usize,
-    log_stderr: bool,
+    access_log: bool,
 }
 
 impl State {
     fn record(&self, method: &str, path: &str, status: u16) {
-        if self.log_stderr {
-            eprintln!("khub serve: {method} {path} -> {status}");
-        }
         let mut log = lock(&self.log);
         if log.len() >= LOG_CAP {
             log.pop_front();
@@ -367,31 +366,4 @@ impl State {
         }
         Ok(digest.0)
     }
-}
-
-fn handle(state: &State, mut rq: tiny_http::Request) {
-    state.received.fetch_add(1, Ordering::SeqCst);
-    let method = rq.method().as_str().to_owned();
-    let url = rq.url().to_owned();
-    if rq.body_length().is_some_and(|n| n as u64 > MAX_DECLARED_BODY) {
-        // Dropping a tiny_http request whose body was not read in full allocates a buffer of
-        // the unread length (its `EqualReader` discards the rest that way), which aborts the
-        // process for an absurd `Content-Length`. So this connection is abandoned instead:
-        // the request, its socket and its reader thread are leaked, never answered.
-        state.record(&method, &url, 413);
-        std::mem::forget(rq);
-        return;
-    }
-    let reply = match catch_unwind(AssertUnwindSafe(|| routes::route(state, &mut rq, &method, &url))) {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => e.into_reply(),
-        Err(_) => ApiError::internal("internal error").into_reply(),
-    };
-    // Read what the handler left of the body with a small buffer, so that dropping the
-    // request does not buffer it.
-    drain(&mut rq);
-    // Logged before answering, so that a client that got its answer finds it in the log.
-    state.record(&method, &url, reply.status);
-    let mut w = rq.into_writer();
-    let _ = write_reply(&mut *w, reply, method == "HEAD");
 }

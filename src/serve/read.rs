@@ -10,8 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::MAX_JSON_BYTES;
-use super::http::{ApiError, Body, ByteRange, Reply, clip, form_pairs, header, parse_json, parse_range, read_body};
+use super::http::{ApiError, Body, ByteRange, Input, Reply, clip, form_pairs, parse_json, parse_range};
 use super::routes::{Ctx, Kind, Params};
 use crate::fsx::{OpenError, open_under};
 use crate::manifest::{Manifest, RelPath};
@@ -258,7 +257,7 @@ fn internal_id(repo: &RepoId) -> String {
 
 /// `GET /api/{P}/{org}/{name}[/revision/{rev}]`: repository info at a revision (`main`
 /// by default, where a repository without releases has none).
-pub(super) fn info(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn info(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let repo = load_repo(ctx, &p.repo)?;
     let release = match p.rev.as_deref() {
         Some(rev) => Some(repo.release(rev)?),
@@ -288,35 +287,114 @@ pub(super) fn info(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<
             }
         }
     }
+    let mut v = summary_json(&repo.id, release, p.kind);
+    v["siblings"] = Value::Array(siblings);
+    v["spaces"] = json!([]);
+    v["trustedPublisher"] = json!(false);
+    v["supportedDriverFamilies"] = json!(families);
+    Ok(Reply::json(200, &v))
+}
+
+/// What both the repository info and the listings say of a repository at a release.
+fn summary_json(id: &RepoId, release: Option<&ReleaseDir>, kind: Kind) -> Value {
     let date = release.map(release_date);
-    Ok(Reply::json(
-        200,
-        &json!({
-            "_id": internal_id(&repo.id),
-            "id": repo.id.to_string(),
-            "modelId": repo.id.to_string(),
-            "author": repo.id.org(),
-            "sha": release.map(|r| r.commit.clone()),
-            "lastModified": date,
-            "createdAt": date,
-            "private": false,
-            "gated": false,
-            "disabled": false,
-            "downloads": 0,
-            "likes": 0,
-            "tags": [],
-            "library_name": "kernels",
-            "siblings": siblings,
-            "spaces": [],
-            "trustedPublisher": false,
-            "supportedDriverFamilies": families,
-            "repoType": match p.kind { Kind::Model => "model", Kind::Kernel => "kernel" },
-        }),
-    ))
+    json!({
+        "_id": internal_id(id),
+        "id": id.to_string(),
+        "modelId": id.to_string(),
+        "author": id.org(),
+        "sha": release.map(|r| r.commit.clone()),
+        "lastModified": date,
+        "createdAt": date,
+        "private": false,
+        "gated": false,
+        "disabled": false,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "library_name": "kernels",
+        "repoType": match kind { Kind::Model => "model", Kind::Kernel => "kernel" },
+    })
+}
+
+/// The real directories under `dir` whose names are valid, sorted; hidden entries and
+/// symlinks are skipped.
+fn subdirs(dir: &Path) -> Result<Vec<String>, ApiError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ApiError::internal(format!("listing the registry: {e}")))?;
+    let mut out: Vec<String> = rd
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `GET /api/{models,kernels}?author=&search=&limit=`: the repositories, sorted by id,
+/// `author` matching the organisation exactly and `search` a part of `org/name` (any
+/// case); each as the repository info says it (at `main`, without siblings). Paginated
+/// with `Link` like the Hub.
+pub(super) fn list(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiError> {
+    let author = ctx.param("author").filter(|a| !a.is_empty());
+    let search = ctx.param("search").map(str::to_lowercase).filter(|s| !s.is_empty());
+    let root = &ctx.state.root;
+    let mut ids = Vec::new();
+    for org in subdirs(root)? {
+        if author.is_some_and(|a| a != org) {
+            continue;
+        }
+        for name in subdirs(&root.join(&org))? {
+            let Ok(id) = format!("{org}/{name}").parse::<RepoId>() else {
+                continue;
+            };
+            if search.as_ref().is_some_and(|s| !id.to_string().to_lowercase().contains(s.as_str())) {
+                continue;
+            }
+            ids.push(id);
+        }
+    }
+    let offset = match ctx.param("cursor") {
+        None | Some("") => 0,
+        Some(c) => c.parse::<usize>().map_err(|_| ApiError::bad_request("invalid cursor"))?,
+    };
+    let mut page = ctx.state.options.page_size.max(1);
+    if let Some(l) = ctx.param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|&l| l > 0) {
+        page = page.min(l);
+    }
+    let end = offset.saturating_add(page).min(ids.len());
+    let mut out = Vec::new();
+    for id in ids.get(offset..end).unwrap_or_default() {
+        let (releases, _) = scan_repo(root, id)?;
+        let refs = derive_refs(&releases);
+        let main = refs
+            .branches
+            .iter()
+            .find(|b| b.name == "main")
+            .and_then(|b| releases.iter().find(|r| r.commit == b.commit));
+        out.push(summary_json(id, main, p.kind));
+    }
+    let mut reply = Reply::json(200, &Value::Array(out));
+    if end < ids.len() {
+        reply = reply.header("Link", next_link(ctx, end));
+    }
+    Ok(reply)
+}
+
+/// The `Link` header of the next page, which starts at entry `cursor`.
+fn next_link(ctx: &Ctx, cursor: usize) -> String {
+    let mut q: Vec<&str> = ctx
+        .raw_query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("cursor="))
+        .collect();
+    let cursor = format!("cursor={cursor}");
+    q.push(&cursor);
+    format!("<{}{}?{}>; rel=\"next\"", ctx.base, ctx.raw_path, q.join("&"))
 }
 
 /// `GET /api/{P}/{org}/{name}/refs`: branches and tags.
-pub(super) fn refs(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn refs(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let repo = load_repo(ctx, &p.repo)?;
     let list = |refs: &[crate::registry::GitRef], kind: &str| -> Vec<Value> {
         refs.iter()
@@ -336,7 +414,7 @@ pub(super) fn refs(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<
 
 /// `GET /api/{P}/{org}/{name}/tree/{rev}[/{path}]`: a directory listing, paginated with
 /// `Link`.
-pub(super) fn tree(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn tree(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let repo = load_repo(ctx, &p.repo)?;
     let release = repo.release(p.rev())?;
     let path = p.path.trim_end_matches('/');
@@ -371,28 +449,23 @@ pub(super) fn tree(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<
     }
     let mut reply = Reply::json(200, &Value::Array(out));
     if end < entries.len() {
-        let mut q: Vec<&str> = ctx
-            .raw_query
-            .split('&')
-            .filter(|p| !p.is_empty() && !p.starts_with("cursor="))
-            .collect();
-        let cursor = format!("cursor={end}");
-        q.push(&cursor);
-        reply = reply.header("Link", format!("<{}{}?{}>; rel=\"next\"", ctx.base, ctx.raw_path, q.join("&")));
+        reply = reply.header("Link", next_link(ctx, end));
     }
     Ok(reply)
 }
 
 /// `POST /api/{P}/{org}/{name}/paths-info/{rev}`: the entries at the paths asked for (a
 /// form or JSON), skipping those that do not exist.
-pub(super) fn paths_info(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
-    let body = read_body(rq, MAX_JSON_BYTES)?;
-    let form = header(rq, "Content-Type").is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+pub(super) fn paths_info(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
+    let body = rq.body();
+    let form = rq
+        .header("Content-Type")
+        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
     let (paths, expand) = if form {
-        let text = String::from_utf8(body).map_err(|_| ApiError::bad_request("the form is not UTF-8"))?;
+        let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the form is not UTF-8"))?;
         let mut paths = Vec::new();
         let mut expand = false;
-        for (k, v) in form_pairs(&text) {
+        for (k, v) in form_pairs(text) {
             match k.as_str() {
                 "paths" => paths.push(v),
                 "expand" => expand = matches!(v.as_str(), "1" | "true" | "True"),
@@ -408,7 +481,7 @@ pub(super) fn paths_info(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> 
             #[serde(default)]
             expand: bool,
         }
-        let r: Req = parse_json(&body)?;
+        let r: Req = parse_json(body)?;
         (r.paths, r.expand)
     };
     let repo = load_repo(ctx, &p.repo)?;
@@ -427,7 +500,7 @@ pub(super) fn paths_info(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> 
 }
 
 /// `GET /api/{P}/{org}/{name}/commits/{rev}`: the release's single commit.
-pub(super) fn commits(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn commits(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let repo = load_repo(ctx, &p.repo)?;
     let release = repo.release(p.rev())?;
     let title = format!("release {}", release.version);
@@ -445,7 +518,7 @@ pub(super) fn commits(ctx: &Ctx, _: &mut tiny_http::Request, p: &Params) -> Resu
 }
 
 /// `HEAD`/`GET /[kernels/]{org}/{name}/resolve/{rev}/{path}`: a file's bytes, with `Range`.
-pub(super) fn resolve(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn resolve(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let repo = load_repo(ctx, &p.repo)?;
     let release = repo.release(p.rev())?;
     let path = p.path.as_str();
@@ -466,7 +539,7 @@ pub(super) fn resolve(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Res
             .header("Accept-Ranges", "bytes")
     };
     let range = if ctx.method == "GET" || ctx.method == "HEAD" {
-        parse_range(header(rq, "Range"), size)
+        parse_range(rq.header("Range"), size)
     } else {
         ByteRange::Full
     };

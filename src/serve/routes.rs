@@ -1,6 +1,9 @@
-//! Routing: the request target is decoded into path segments and matched against
-//! [`ROUTES`], a table of patterns, each with the methods it allows, the access it needs and
-//! the one handler that answers it.
+//! Routing: [`ROUTES`] is a table of patterns, each with the methods it allows, the access
+//! it needs, the body it reads and the one handler that answers it. `app` registers every
+//! pattern with axum's router (which matches the raw, still percent-encoded path and
+//! answers 405); the route that matched then decodes its captures itself with [`capture`],
+//! so percent-encoded revisions (`refs%2Fpr%2F1`) stay one segment and malformed escapes
+//! get the Hub's JSON error.
 //!
 //! A pattern is a `/`-separated list of segments:
 //!
@@ -10,16 +13,17 @@
 //!   (so `datasets` gets the Hub's "repository not found" rather than "no such route");
 //!   `{kind=a|b}`: only `a` or `b`, checked the same way;
 //! - last, `{rev+}`, `{path+}`: the remaining segments (one or more), joined with `/`;
-//!   `{path*}`: the same, possibly none; `{*}`: anything further, ignored.
+//!   `{path*}`: the same, possibly none.
 //!
-//! The first route whose pattern matches answers, in this order: the kind is checked, then
-//! the method (405), then the access (401, 403), then the handler runs.
+//! A matched route answers in this order: the method (405), the kind, the access (401,
+//! 403); only then is a body read and the handler run.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::State;
 use super::auth::{self, Access, Token};
-use super::http::{ApiError, Reply, form_pairs, header, percent_decode};
+use super::http::{ApiError, Input, Reply, form_pairs, percent_decode};
 use super::{read, write};
 use crate::registry::RepoId;
 
@@ -55,19 +59,19 @@ impl Kind {
 }
 
 /// The request, as handlers see it.
-pub(super) struct Ctx<'a> {
-    pub(super) state: &'a State,
-    pub(super) method: &'a str,
+pub(super) struct Ctx {
+    pub(super) state: Arc<State>,
+    pub(super) method: String,
     /// The path, percent-encoded as received.
-    pub(super) raw_path: &'a str,
+    pub(super) raw_path: String,
     query: Vec<(String, String)>,
-    pub(super) raw_query: &'a str,
+    pub(super) raw_query: String,
     pub(super) token: Token,
     /// `http://` and the host the client asked for.
     pub(super) base: String,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     pub(super) fn param(&self, name: &str) -> Option<&str> {
         self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
@@ -102,75 +106,100 @@ impl Params {
     }
 }
 
-type Handler = fn(&Ctx, &mut tiny_http::Request, &Params) -> Result<Reply, ApiError>;
+pub(super) type Handler = fn(&Ctx, &mut Input, &Params) -> Result<Reply, ApiError>;
 
 /// The methods a route answers.
-#[derive(Debug, Clone, Copy)]
-enum Methods {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Methods {
     /// `GET` and `HEAD`.
     Get,
     Post,
     PostOrDelete,
-    Any,
 }
 
-impl Methods {
-    fn allow(self, method: &str) -> bool {
-        match self {
-            Methods::Get => matches!(method, "GET" | "HEAD"),
-            Methods::Post => method == "POST",
-            Methods::PostOrDelete => matches!(method, "POST" | "DELETE"),
-            Methods::Any => true,
-        }
-    }
+/// The body a route reads, and its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BodyKind {
+    /// None: whatever is sent is not read.
+    None,
+    /// JSON (or a form), read in full before the handler runs: at most
+    /// [`super::Limits::max_json_bytes`].
+    Json,
+    /// An NDJSON commit, streamed to the handler: at most
+    /// [`super::Limits::max_commit_bytes`] in all and [`super::Limits::max_file_bytes`] a file.
+    Commit,
 }
 
-struct Route {
-    pattern: &'static str,
-    methods: Methods,
-    access: Access,
-    handler: Handler,
+pub(super) struct Route {
+    pub(super) pattern: &'static str,
+    pub(super) methods: Methods,
+    pub(super) access: Access,
+    pub(super) body: BodyKind,
+    pub(super) handler: Handler,
 }
 
-const fn at(pattern: &'static str, methods: Methods, access: Access, handler: Handler) -> Route {
+const fn at(pattern: &'static str, methods: Methods, access: Access, body: BodyKind, handler: Handler) -> Route {
     Route {
         pattern,
         methods,
         access,
+        body,
         handler,
     }
 }
 
 use Access::{Open, Read, Write};
-use Methods::{Any, Get, Post, PostOrDelete};
+use BodyKind::{Commit, Json, None as NoBody};
+use Methods::{Get, Post, PostOrDelete};
 
-/// Every route, in the order they are tried.
-const ROUTES: &[Route] = &[
-    at("api/whoami-v2", Get, Open, auth::whoami),
-    at("api/repos/create", Post, Write, write::create_repo),
-    at("api/{kind}/{org}/{name}", Get, Read, read::info),
-    at("api/{kind}/{org}/{name}/revision/{rev+}", Get, Read, read::info),
-    at("api/{kind}/{org}/{name}/refs", Get, Read, read::refs),
-    at("api/{kind}/{org}/{name}/tree/{rev}/{path*}", Get, Read, read::tree),
-    at("api/{kind}/{org}/{name}/paths-info/{rev}", Post, Read, read::paths_info),
-    at("api/{kind}/{org}/{name}/commits/{rev}", Get, Read, read::commits),
-    at("api/{kind}/{org}/{name}/preupload/{rev}", Post, Write, write::preupload),
-    at("api/{kind}/{org}/{name}/commit/{rev}", Post, Write, write::commit),
-    at("api/{kind}/{org}/{name}/tag/{rev}", PostOrDelete, Write, write::tag),
-    at("api/{kind}/{org}/{name}/branch/{rev}", PostOrDelete, Write, write::branch),
-    // Nothing else under `/api/…` is a file download, whatever follows.
-    at("api/{kind}/{org}/{name}/{*}", Any, Open, no_route),
+/// Every route. A path matches at most one pattern (axum refuses overlaps), so the order
+/// only matters for the documentation.
+pub(super) const ROUTES: &[Route] = &[
+    at("api/whoami-v2", Get, Open, NoBody, auth::whoami),
+    at("api/validate-yaml", Post, Open, Json, write::validate_yaml),
+    at("api/repos/create", Post, Write, Json, write::create_repo),
+    at("api/{kind}", Get, Read, NoBody, read::list),
+    at("api/{kind}/{org}/{name}", Get, Read, NoBody, read::info),
+    at("api/{kind}/{org}/{name}/revision/{rev+}", Get, Read, NoBody, read::info),
+    at("api/{kind}/{org}/{name}/refs", Get, Read, NoBody, read::refs),
+    at("api/{kind}/{org}/{name}/tree/{rev}/{path*}", Get, Read, NoBody, read::tree),
+    at("api/{kind}/{org}/{name}/paths-info/{rev}", Post, Read, Json, read::paths_info),
+    at("api/{kind}/{org}/{name}/commits/{rev}", Get, Read, NoBody, read::commits),
+    at("api/{kind}/{org}/{name}/preupload/{rev}", Post, Write, Json, write::preupload),
+    at("api/{kind}/{org}/{name}/commit/{rev}", Post, Write, Commit, write::commit),
+    at("api/{kind}/{org}/{name}/tag/{rev}", PostOrDelete, Write, Json, write::tag),
+    at("api/{kind}/{org}/{name}/branch/{rev}", PostOrDelete, Write, Json, write::branch),
     at(
         "{kind=kernels|datasets|spaces}/{org}/{name}/resolve/{rev}/{path+}",
         Get,
         Read,
+        NoBody,
         read::resolve,
     ),
-    at("{org}/{name}/resolve/{rev}/{path+}", Get, Read, read::resolve),
+    at("{org}/{name}/resolve/{rev}/{path+}", Get, Read, NoBody, read::resolve),
 ];
 
-fn no_route(_: &Ctx, _: &mut tiny_http::Request, _: &Params) -> Result<Reply, ApiError> {
-    Err(ApiError::not_found_route())
+/// The paths axum's router registers for a pattern: `{kind=a|b}` becomes one path per
+/// choice, `{rev+}` / `{path+}` a catch-all, `{path*}` two paths (without and with a
+/// catch-all).
+pub(super) fn axum_paths(pattern: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for part in pattern.split('/') {
+        let var = part.strip_prefix('{').and_then(|p| p.strip_suffix('}'));
+        let choices: Vec<String> = match var {
+            None => vec![format!("/{part}")],
+            Some(v) => match v.split_once('=') {
+                Some((_, allowed)) => allowed.split('|').map(|a| format!("/{a}")).collect(),
+                None => match (v.strip_suffix('+'), v.strip_suffix('*')) {
+                    (Some(name), _) => vec![format!("/{{*{name}}}")],
+                    (_, Some(name)) => vec![String::new(), format!("/{{*{name}}}")],
+                    _ => vec![format!("/{{{v}}}")],
+                },
+            },
+        };
+        out = out.iter().flat_map(|p| choices.iter().map(move |c| format!("{p}{c}"))).collect();
+    }
+    out
 }
 
 /// What a pattern captured, before the kind is checked.
@@ -255,17 +284,20 @@ fn capture<'s>(pattern: &str, segs: &[&'s str]) -> Option<Captures<'s>> {
 }
 
 /// The first route matching the segments, and what it captured.
+#[cfg(test)]
 fn find<'s>(segs: &[&'s str]) -> Option<(&'static Route, Captures<'s>)> {
     ROUTES.iter().find_map(|r| capture(r.pattern, segs).map(|c| (r, c)))
 }
 
-/// Answers a request.
-pub(super) fn route(state: &State, rq: &mut tiny_http::Request, method: &str, url: &str) -> Result<Reply, ApiError> {
-    // Absolute-form targets (`http://host/path`) are reduced to their path.
-    let target = match url.find("://") {
-        Some(i) if !url.starts_with('/') => url[i + 3..].find('/').map_or("/", |j| &url[i + 3 + j..]),
-        _ => url,
-    };
+/// A request that matched `route`: its context and parameters, once the kind and the
+/// access are checked.
+pub(super) fn prepare(
+    state: Arc<State>,
+    route: &Route,
+    method: &str,
+    target: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<(Ctx, Params), ApiError> {
     let (raw_path, raw_query) = target.split_once('?').unwrap_or((target, ""));
     if !raw_path.starts_with('/') {
         return Err(ApiError::not_found_route());
@@ -276,32 +308,28 @@ pub(super) fn route(state: &State, rq: &mut tiny_http::Request, method: &str, ur
         let s = String::from_utf8(bytes).map_err(|_| ApiError::bad_request("the path is not UTF-8"))?;
         segs.push(s);
     }
-    let ctx = Ctx {
-        state,
-        method,
-        raw_path,
-        query: form_pairs(raw_query).collect(),
-        raw_query,
-        token: Token::from_header(header(rq, "Authorization"), &state.options),
-        base: format!("http://{}", host(rq, state.addr)),
-    };
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let (route, captures) = find(&segs).ok_or_else(ApiError::not_found_route)?;
-    let params = captures.params()?;
-    if !route.methods.allow(method) {
-        return Err(ApiError::new(
-            405,
-            Some("MethodNotAllowed"),
-            format!("{method} is not allowed here"),
-        ));
-    }
-    auth::check(route.access, ctx.token, &state.options)?;
-    (route.handler)(&ctx, rq, &params)
+    // The segments are split before they are decoded, as the router split them, so the
+    // pattern the router matched matches them too.
+    let params = capture(route.pattern, &segs).ok_or_else(ApiError::not_found_route)?.params()?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let token = Token::from_header(header("Authorization"), &state.options);
+    auth::check(route.access, token, &state.options)?;
+    let ctx = Ctx {
+        base: format!("http://{}", host(header("Host"), state.addr)),
+        method: method.to_owned(),
+        raw_path: raw_path.to_owned(),
+        query: form_pairs(raw_query).collect(),
+        raw_query: raw_query.to_owned(),
+        token,
+        state,
+    };
+    Ok((ctx, params))
 }
 
 /// The `Host` the client asked for when it looks like one, else the address listened on.
-fn host(rq: &tiny_http::Request, addr: SocketAddr) -> String {
-    header(rq, "Host")
+fn host(header: Option<&str>, addr: SocketAddr) -> String {
+    header
         .filter(|h| !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
         .map_or_else(|| addr.to_string(), str::to_owned)
 }
@@ -374,24 +402,43 @@ mod tests {
 
     #[test]
     fn what_no_route_answers() {
-        // Not found at all.
+        // Not found at all: the fallback answers 404 NotFound.
         for path in [
             "",
             "api/models/acme",
             "acme/k/resolve/main",
             "models/acme/k/resolve/main/f",
             "api/models/acme/k/",
+            "api/models/acme/resolve/main/f",
+            "api/models/acme/k/revision",
         ] {
-            assert!(resolve(path).is_none_or(|(p, _)| p == "api/{kind}/{org}/{name}/{*}"), "{path}");
+            assert!(resolve(path).is_none(), "{path}");
         }
-        // Under /api/, never a download, and the kind is checked first.
-        let (p, r) = resolve("api/models/acme/resolve/main/f").unwrap();
-        assert_eq!((p, r.is_ok()), ("api/{kind}/{org}/{name}/{*}", true));
+        // The kind is checked once a route matched.
         assert_eq!(resolve("api/datasets/acme/k/refs").unwrap().1, Err(404));
-        assert_eq!(resolve("api/whoami-v2/x/y").unwrap().1, Err(404));
         assert_eq!(resolve("datasets/acme/k/resolve/main/f").unwrap().1, Err(404));
-        // `revision/` needs a revision.
-        assert_eq!(resolve("api/models/acme/k/revision").unwrap().0, "api/{kind}/{org}/{name}/{*}");
+        assert_eq!(resolve("api/spaces").unwrap().1, Err(404));
+        assert_eq!(resolve("api/whoami-v2/x/y").unwrap().1, Err(404));
+    }
+
+    #[test]
+    fn patterns_become_axum_paths() {
+        assert_eq!(axum_paths("api/{kind}/{org}/{name}/refs"), ["/api/{kind}/{org}/{name}/refs"]);
+        assert_eq!(
+            axum_paths("api/{kind}/{org}/{name}/revision/{rev+}"),
+            ["/api/{kind}/{org}/{name}/revision/{*rev}"]
+        );
+        assert_eq!(
+            axum_paths("api/{kind}/{org}/{name}/tree/{rev}/{path*}"),
+            ["/api/{kind}/{org}/{name}/tree/{rev}", "/api/{kind}/{org}/{name}/tree/{rev}/{*path}"]
+        );
+        assert_eq!(
+            axum_paths("{kind=kernels|datasets}/{org}/{name}/resolve/{rev}/{path+}"),
+            [
+                "/kernels/{org}/{name}/resolve/{rev}/{*path}",
+                "/datasets/{org}/{name}/resolve/{rev}/{*path}"
+            ]
+        );
     }
 
     #[test]
@@ -406,7 +453,7 @@ mod tests {
                 let var = var.split_once('=').map_or(var, |(v, _)| v);
                 let rest = var.ends_with(['*', '+']);
                 assert!(!rest || i + 1 == parts.len(), "a rest capture must be last: {}", r.pattern);
-                let known = ["kind", "org", "name", "rev", "rev+", "path*", "path+", "*"];
+                let known = ["kind", "org", "name", "rev", "rev+", "path*", "path+"];
                 assert!(known.contains(&var), "unknown capture {var} in {}", r.pattern);
             }
         }

@@ -4,22 +4,21 @@
 //! This module parses the wire format; the release itself is checked, staged and moved
 //! into place by [`crate::registry::dir::commit_release`].
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, Read};
 
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::{ApiError, Reply, clip, parse_json, read_body, read_json};
+use super::http::{ApiError, Input, Reply, clip, parse_json};
 use super::read::{load_repo, rel_path};
 use super::routes::{Ctx, Kind, Params};
-use super::{MAX_COMMIT_BYTES, MAX_JSON_BYTES};
 use crate::manifest::RelPath;
 use crate::registry::RepoId;
 use crate::registry::dir::{CommitError, commit_release};
 
 /// `POST /api/repos/create`: creates a repository directory (and its organisation's).
-pub(super) fn create_repo(ctx: &Ctx, rq: &mut tiny_http::Request, _: &Params) -> Result<Reply, ApiError> {
+pub(super) fn create_repo(ctx: &Ctx, rq: &mut Input, _: &Params) -> Result<Reply, ApiError> {
     #[derive(Deserialize)]
     struct Req {
         name: String,
@@ -28,7 +27,7 @@ pub(super) fn create_repo(ctx: &Ctx, rq: &mut tiny_http::Request, _: &Params) ->
         #[serde(default, rename = "type")]
         kind: Option<String>,
     }
-    let r: Req = read_json(rq)?;
+    let r: Req = rq.json()?;
     let kind = match r.kind.as_deref() {
         None | Some("model") => Kind::Model,
         Some("kernel") => Kind::Kernel,
@@ -77,7 +76,7 @@ pub(super) fn create_repo(ctx: &Ctx, rq: &mut tiny_http::Request, _: &Params) ->
 }
 
 /// `POST /api/{P}/{org}/{name}/preupload/{rev}`: every file is a regular (inline) upload.
-pub(super) fn preupload(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn preupload(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     #[derive(Deserialize)]
     struct File {
         path: String,
@@ -87,7 +86,7 @@ pub(super) fn preupload(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> R
         #[serde(default)]
         files: Vec<File>,
     }
-    let r: Req = read_json(rq)?;
+    let r: Req = rq.json()?;
     load_repo(ctx, &p.repo)?;
     commit_branch(p.rev())?;
     let mut out = Vec::new();
@@ -126,7 +125,7 @@ struct CommitLine {
 
 /// `POST /api/{P}/{org}/{name}/commit/{rev}`: an NDJSON commit that creates exactly one new
 /// release, written by [`commit_release`].
-pub(super) fn commit(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn commit(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     if ctx.flag("create_pr") {
         return Err(ApiError::bad_request(
             "pull requests are not supported: commit a new release instead",
@@ -134,12 +133,12 @@ pub(super) fn commit(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Resu
     }
     let repo = load_repo(ctx, &p.repo)?;
     let major = commit_branch(p.rev())?;
-    if rq.body_length().is_some_and(|n| n as u64 > MAX_COMMIT_BYTES) {
-        return Err(ApiError::too_large(MAX_COMMIT_BYTES));
-    }
+    let limits = &ctx.state.limits;
     let files = CommitFiles {
-        reader: BufReader::with_capacity(256 * 1024, rq.as_reader().take(MAX_COMMIT_BYTES + 1)),
+        reader: rq.take_stream(),
         total: 0,
+        max_total: limits.max_commit_bytes,
+        max_file: limits.max_file_bytes,
         line: Vec::new(),
     };
     let release = commit_release(&ctx.state.root, &repo.id, major, files)?;
@@ -156,29 +155,44 @@ pub(super) fn commit(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Resu
     ))
 }
 
-/// The files of an NDJSON commit body, decoded one line at a time.
+/// The files of an NDJSON commit body, decoded one line at a time. No line is buffered
+/// beyond what the largest allowed file needs in base64.
 struct CommitFiles<R> {
     reader: R,
     /// The bytes read so far.
     total: u64,
+    /// The most bytes the body may have.
+    max_total: u64,
+    /// The most bytes one file may have.
+    max_file: u64,
     line: Vec<u8>,
 }
 
 impl<R: BufRead> CommitFiles<R> {
+    /// The longest line a file of `max_file` bytes needs: its base64, and room for the
+    /// path and the JSON around it.
+    fn max_line(&self) -> u64 {
+        self.max_file.div_ceil(3).saturating_mul(4).saturating_add(64 * 1024)
+    }
+
     /// The next file operation's path and bytes; `None` at the end of the body.
     fn next_file(&mut self) -> Result<Option<(RelPath, Vec<u8>)>, ApiError> {
         loop {
             self.line.clear();
-            let n = self
-                .reader
+            let max_line = self.max_line();
+            let n = (&mut self.reader)
+                .take(max_line.saturating_add(1))
                 .read_until(b'\n', &mut self.line)
                 .map_err(|e| ApiError::bad_request(format!("reading the commit: {e}")))?;
             if n == 0 {
                 return Ok(None);
             }
             self.total += n as u64;
-            if self.total > MAX_COMMIT_BYTES {
-                return Err(ApiError::too_large(MAX_COMMIT_BYTES));
+            if self.total > self.max_total {
+                return Err(ApiError::too_large(self.max_total));
+            }
+            if n as u64 > max_line {
+                return Err(ApiError::file_too_large(self.max_file));
             }
             let text = self.line.trim_ascii();
             if text.is_empty() {
@@ -187,7 +201,13 @@ impl<R: BufRead> CommitFiles<R> {
             let op: CommitLine = serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("invalid NDJSON line: {e}")))?;
             match op.key.as_str() {
                 "header" => {}
-                "file" => return file_op(&op.value).map(Some),
+                "file" => {
+                    let (path, bytes) = file_op(&op.value)?;
+                    if bytes.len() as u64 > self.max_file {
+                        return Err(ApiError::file_too_large(self.max_file));
+                    }
+                    return Ok(Some((path, bytes)));
+                }
                 "deletedFile" | "deletedFolder" => {
                     return Err(ApiError::bad_request(
                         "releases are immutable: a commit cannot delete files (each commit creates a new release directory)",
@@ -247,7 +267,7 @@ impl From<CommitError> for ApiError {
 
 /// `POST`/`DELETE /api/{P}/{org}/{name}/tag/{rev}`: tags are derived, so creating the tag a
 /// release has is accepted and anything else refused.
-pub(super) fn tag(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn tag(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let (id, rev) = (p.repo.as_str(), p.rev());
     let derived = |m: String| derived_refs(m, TAGS_RULE);
     if ctx.method == "DELETE" {
@@ -257,7 +277,7 @@ pub(super) fn tag(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<
     struct Req {
         tag: String,
     }
-    let r: Req = read_json(rq)?;
+    let r: Req = rq.json()?;
     let repo = load_repo(ctx, id)?;
     let release = repo.release(rev)?;
     let expected = format!("v{}", release.version);
@@ -273,7 +293,7 @@ pub(super) fn tag(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<
 
 /// `POST`/`DELETE /api/{P}/{org}/{name}/branch/{branch}`: branches are derived, so creating
 /// one that exists (at the same release) is accepted and anything else refused.
-pub(super) fn branch(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Result<Reply, ApiError> {
+pub(super) fn branch(ctx: &Ctx, rq: &mut Input, p: &Params) -> Result<Reply, ApiError> {
     let (id, branch) = (p.repo.as_str(), p.rev());
     let derived = |m: String| derived_refs(m, BRANCHES_RULE);
     if ctx.method == "DELETE" {
@@ -284,11 +304,11 @@ pub(super) fn branch(ctx: &Ctx, rq: &mut tiny_http::Request, p: &Params) -> Resu
         #[serde(default, rename = "startingPoint")]
         starting_point: Option<String>,
     }
-    let body = read_body(rq, MAX_JSON_BYTES)?;
+    let body = rq.body();
     let r: Req = if body.trim_ascii().is_empty() {
         Req::default()
     } else {
-        parse_json(&body)?
+        parse_json(body)?
     };
     let repo = load_repo(ctx, id)?;
     commit_branch(branch).map_err(|_| derived(format!("`{}` cannot be created", clip(branch))))?;
@@ -325,5 +345,96 @@ fn refuse_delete(ctx: &Ctx, id: &str, what: &str, name: &str, rule: &str) -> Api
     match load_repo(ctx, id) {
         Ok(_) => derived_refs(format!("cannot delete {what} `{}`", clip(name)), rule),
         Err(e) => e,
+    }
+}
+
+/// `POST /api/validate-yaml`: checks a README's front matter before an upload, as the Hub
+/// does (`{"content": …, "repoType": …}` → `{"errors": [], "warnings": []}`, 400 with the
+/// errors). khub checks the block's structure, not a full YAML parse: see
+/// [`front_matter_errors`].
+pub(super) fn validate_yaml(_: &Ctx, rq: &mut Input, _: &Params) -> Result<Reply, ApiError> {
+    #[derive(Deserialize)]
+    struct Req {
+        content: String,
+    }
+    let r: Req = rq.json()?;
+    let errors: Vec<Value> = front_matter_errors(&r.content)
+        .into_iter()
+        .map(|m| json!({ "message": m }))
+        .collect();
+    let status = if errors.is_empty() { 200 } else { 400 };
+    let mut reply = Reply::json(status, &json!({ "errors": errors, "warnings": [] }));
+    if status == 400 {
+        reply = reply
+            .header("X-Error-Code", "InvalidYaml")
+            .header("X-Error-Message", "Invalid metadata in README.md");
+    }
+    Ok(reply)
+}
+
+/// What is wrong with a README's front matter (the block between a first line `---` and
+/// the next line `---`); nothing when it has none. The block must be closed and be a
+/// mapping: top-level lines are `key:` or `key: value` with unique keys, nested lines are
+/// indented with spaces (YAML forbids tabs), and comments and blank lines are allowed.
+pub(super) fn front_matter_errors(content: &str) -> Vec<String> {
+    let content = content.strip_prefix('\u{feff}').unwrap_or(content);
+    let mut lines = content.lines();
+    if lines.next().map(str::trim_end) != Some("---") {
+        return Vec::new();
+    }
+    let mut errors = Vec::new();
+    let mut keys = std::collections::BTreeSet::new();
+    let mut closed = false;
+    for (i, line) in lines.enumerate() {
+        let n = i + 2;
+        if line.trim_end() == "---" || line.trim_end() == "..." {
+            closed = true;
+            break;
+        }
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if line[..indent].contains('\t') {
+            errors.push(format!("line {n}: tabs cannot indent YAML"));
+            continue;
+        }
+        if indent > 0 || line.starts_with("- ") || line == "-" {
+            // Nested content, or a list under the previous key.
+            continue;
+        }
+        let Some((key, _)) = line.split_once(':') else {
+            errors.push(format!(
+                "line {n}: expected `key: value` in the metadata mapping, found `{}`",
+                clip(line)
+            ));
+            continue;
+        };
+        let key = key.trim().trim_matches(['"', '\'']);
+        if key.is_empty() {
+            errors.push(format!("line {n}: empty key"));
+        } else if !keys.insert(key.to_owned()) {
+            errors.push(format!("line {n}: duplicated mapping key `{}`", clip(key)));
+        }
+    }
+    if !closed {
+        errors.push("the metadata block opened by `---` on the first line is never closed by a line `---`".to_owned());
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::front_matter_errors;
+
+    #[test]
+    fn front_matter_is_checked() {
+        assert!(front_matter_errors("# Title\n\ntext").is_empty(), "no metadata is fine");
+        let ok = "---\nlicense: apache-2.0\ntags:\n- kernels\n  - nested\ndescription: |\n  text: with colon\n# note\n---\n# Title\n";
+        assert!(front_matter_errors(ok).is_empty(), "{:?}", front_matter_errors(ok));
+        assert_eq!(front_matter_errors("---\nlicense: mit\n# Title").len(), 1, "never closed");
+        assert_eq!(front_matter_errors("---\na: 1\na: 2\n---\n").len(), 1, "duplicate key");
+        assert_eq!(front_matter_errors("---\na:\n\t- x\n---\n").len(), 1, "tab indent");
+        assert_eq!(front_matter_errors("---\njust words\n---\n").len(), 1, "not a mapping");
     }
 }
