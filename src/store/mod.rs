@@ -329,18 +329,7 @@ impl Store {
         };
         std::fs::create_dir_all(&store.root).map_err(StoreError::io("cannot create", &store.root))?;
         for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir(), store.quarantine_dir()] {
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        what: "cannot create",
-                        path: dir,
-                        source,
-                    });
-                }
-            }
-            expect_dir(&dir)?;
+            create_dir_once(&dir)?;
         }
         Ok(store)
     }
@@ -733,18 +722,7 @@ impl Store {
             Some(_) => {}
         }
         let qdir = self.quarantine_dir();
-        match std::fs::create_dir(&qdir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "cannot create",
-                    path: qdir,
-                    source,
-                });
-            }
-        }
-        expect_dir(&qdir)?;
+        create_dir_once(&qdir)?;
         let target = qdir.join(d.to_string());
         std::fs::rename(&path, &target).map_err(StoreError::io("cannot move to quarantine", &path))?;
         if let Some(shard) = path.parent() {
@@ -1041,6 +1019,23 @@ fn lstat(path: &Path) -> Result<Option<Metadata>, StoreError> {
 }
 
 /// Fails unless `path` is a real directory (not a symlink to one).
+/// Creates the directory `path` unless it exists, then checks it is a real directory (not
+/// a symlink).
+fn create_dir_once(path: &Path) -> Result<(), StoreError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(StoreError::Io {
+                what: "cannot create",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    expect_dir(path)
+}
+
 fn expect_dir(path: &Path) -> Result<(), StoreError> {
     match lstat(path)? {
         Some(m) if m.is_dir() => Ok(()),
