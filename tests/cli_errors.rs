@@ -130,3 +130,19 @@ fn versions_lists_releases_online_and_offline() {
     assert_eq!(doc[0]["version"], "0.1.0");
     assert_eq!(doc[0]["variants"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["completions", "zsh"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once, like `| head -0`
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}

@@ -499,6 +499,14 @@ struct SelectArgs {
 }
 
 pub fn main() -> ExitCode {
+    // Like any Unix filter: `khub … | head` ends quietly when the reader goes away, rather
+    // than panicking on the failed write (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at startup, before any thread
+    // is spawned; `signal` has no other effect.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // With --json anywhere on the command line, an error is one JSON object on stderr.
     let json = std::env::args_os().any(|a| a == "--json");
