@@ -135,7 +135,7 @@ fn versions_lists_releases_online_and_offline() {
 fn a_closed_pipe_ends_output_quietly() {
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
-        .args(["completions", "zsh"])
+        .args(["host"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
