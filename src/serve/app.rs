@@ -482,7 +482,9 @@ async fn dispatch(state: Arc<State>, route: &'static Route, req: Request) -> Res
     };
     let handler = route.handler;
     let head = parts.method == Method::HEAD;
+    let running = Running::new(Arc::clone(&state));
     let done = tokio::task::spawn_blocking(move || {
+        let _running = running;
         let mut input = input;
         let reply = handler(&ctx, &mut input, &params).unwrap_or_else(ApiError::into_reply);
         if head { reply } else { inline_small_file(reply) }
@@ -491,6 +493,22 @@ async fn dispatch(state: Arc<State>, route: &'static Route, req: Request) -> Res
     match done {
         Ok(reply) => response(reply),
         Err(_) => response(ApiError::internal("internal error").into_reply()),
+    }
+}
+
+/// Counts a handler in [`State::handlers`] while it lives.
+struct Running(Arc<State>);
+
+impl Running {
+    fn new(state: Arc<State>) -> Running {
+        state.handlers.fetch_add(1, Ordering::SeqCst);
+        Running(state)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.handlers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -19,6 +19,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,7 +34,8 @@ use super::{Limits, ServeError, ServeOptions, State, canonical_root, lock};
 /// create repositories and commit releases. There is no read token: anyone reads.
 pub const WRITE_TOKEN: &str = "hf_khubFuzzWriteToken0123456789";
 
-/// The longest one request may take, from its first byte to the connection's end.
+/// The longest one request may take, from its first byte to the connection's end and the
+/// end of its handler.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The address the server says it listens on, and the client's.
@@ -107,6 +109,7 @@ pub fn handle_bytes(root: &Path, request: &[u8]) -> Result<Option<u16>, FuzzErro
     };
     fuzzer.runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(DUPLEX_BUFFER);
+        let running = Arc::clone(&state);
         let serve = app::connection(server, PEER, state, router, CancellationToken::new(), HalfClose::Answers);
         let (mut rx, mut tx) = tokio::io::split(client);
         let send = async move {
@@ -124,7 +127,15 @@ pub fn handle_bytes(root: &Path, request: &[u8]) -> Result<Option<u16>, FuzzErro
             }
             status(&head)
         };
-        let all = async { tokio::join!(serve, send, receive).2 };
+        let all = async {
+            let status = tokio::join!(serve, send, receive).2;
+            // A handler can outlive its connection (one that failed mid-body): the next
+            // request must meet the registry as this one left it.
+            while running.handlers.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            status
+        };
         tokio::time::timeout(REQUEST_TIMEOUT, all)
             .await
             .map_err(|_| FuzzError::TimedOut(REQUEST_TIMEOUT))

@@ -327,6 +327,9 @@ struct State {
     addr: SocketAddr,
     log: Mutex<VecDeque<RequestRecord>>,
     connections: AtomicU64,
+    /// Handlers running on the blocking pool (the fuzz entry point waits for them: a
+    /// handler may outlive its connection).
+    handlers: AtomicU64,
     digests: Mutex<HashMap<DigestKey, [u8; 32]>>,
     access_log: bool,
 }
@@ -344,6 +347,7 @@ impl State {
             addr,
             log: Mutex::new(VecDeque::new()),
             connections: AtomicU64::new(0),
+            handlers: AtomicU64::new(0),
             digests: Mutex::new(HashMap::new()),
             access_log,
         }
