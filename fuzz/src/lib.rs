@@ -5,7 +5,7 @@
 //! Shared by the cargo-fuzz binaries (`fuzz/fuzz_targets/*.rs`, nightly) and by
 //! `tests/fuzz_corpus.rs` (stable), which includes this file with `#[path]` and replays
 //! every committed corpus input through [`TARGETS`]: the two cannot drift.
-#![allow(clippy::disallowed_methods)] // nothing here writes files; keep test builds quiet
+#![allow(clippy::disallowed_methods)] // scratch files only (the served registry); keep test builds quiet
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -30,6 +30,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("elf", elf),
     ("nv_fatbin", nv_fatbin),
     ("hip_bundle", hip_bundle),
+    #[cfg(feature = "serve")]
+    ("serve_request", serve_request),
 ];
 
 /// The manifest bytes that `fuzz/keys/fuzz.pub` signed (signature `fuzz/keys/signed-khub.toml.minisig`).
@@ -160,5 +162,125 @@ pub fn hip_bundle(data: &[u8]) {
     }
     if let Ok(h) = AmdCodeObjectHeader::read(data) {
         let _ = h.target_id();
+    }
+}
+
+/// The registry the `serve_request` target serves, and the scratch directory around it.
+#[cfg(feature = "serve")]
+struct ServeFixture {
+    /// `<temp>/khub-fuzz-serve-<pid>`: holds `registry` and nothing else.
+    base: PathBuf,
+    /// `<base>/registry`: one repository, [`SERVE_REPO`], with one release, [`SERVE_VERSION`].
+    root: PathBuf,
+}
+
+/// The repository of the served registry (`fuzz/seeds/serve_request` asks for it).
+#[cfg(feature = "serve")]
+const SERVE_REPO: (&str, &str) = ("acme", "k");
+/// Its one release.
+#[cfg(feature = "serve")]
+const SERVE_VERSION: &str = "1.0.0";
+
+/// The registry, made once per process under the temporary directory (what earlier
+/// processes left there is removed once they are gone).
+#[cfg(feature = "serve")]
+fn serve_fixture() -> &'static ServeFixture {
+    static FIXTURE: OnceLock<ServeFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        remove_stale_fixtures(&tmp);
+        let base = tmp.join(format!("khub-fuzz-serve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("registry");
+        let release = root.join(SERVE_REPO.0).join(SERVE_REPO.1).join(SERVE_VERSION);
+        let lib = b"not really a shared object: the library of acme/k 1.0.0\n";
+        let readme = "---\nlicense: apache-2.0\ntags:\n- kernels\n---\n# acme/k\n";
+        let manifest = format!(
+            "schema = \"1.0\"\n\n[kernel]\nname = \"k\"\nversion = \"{SERVE_VERSION}\"\nabi = 1\n\n\
+             [[variants]]\nid = \"cpu\"\nbackend = \"cpu\"\nos = \"linux\"\narch = \"x86_64\"\nlibc = \"glibc 2.17\"\n\
+             library = \"variants/cpu/libk.so\"\n\
+             files = [{{ path = \"variants/cpu/libk.so\", size = {}, sha256 = \"{}\" }}]\n",
+            lib.len(),
+            khub::verify::sha256(lib)
+        );
+        std::fs::create_dir_all(release.join("variants/cpu")).expect("the fuzz registry's directories");
+        for (path, bytes) in [
+            ("khub.toml", manifest.as_bytes()),
+            ("README.md", readme.as_bytes()),
+            ("variants/cpu/libk.so", &lib[..]),
+        ] {
+            std::fs::write(release.join(path), bytes).expect("the fuzz registry's files");
+        }
+        ServeFixture { base, root }
+    })
+}
+
+/// Removes the registries of `serve_request` processes that are gone (Linux: no `/proc/<pid>`).
+#[cfg(feature = "serve")]
+fn remove_stale_fixtures(tmp: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix("khub-fuzz-serve-"));
+        if pid.is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(p).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes the entries of `dir` not named in `keep`; whether there were any.
+#[cfg(feature = "serve")]
+fn prune(dir: &Path, keep: &str) -> bool {
+    let mut pruned = false;
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let e = e.expect("a directory entry");
+        if e.file_name() != keep {
+            let path = e.path();
+            let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            gone.unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
+            pruned = true;
+        }
+    }
+    pruned
+}
+
+/// The server's request handling: [`khub::serve::fuzz::handle_bytes`] sends the bytes (one
+/// or more raw HTTP/1.1 requests) on one in-memory connection to `khub serve`'s connection
+/// code, router and handlers, over a registry with one release; the connection must end
+/// within its time, answered or closed. Requests that write (the write token is
+/// [`khub::serve::fuzz::WRITE_TOKEN`]) may create repositories and releases: they are
+/// removed after each input, so every input meets the same registry. Nothing may appear
+/// beside the registry, and a request without the write token must change nothing.
+#[cfg(feature = "serve")]
+pub fn serve_request(data: &[u8]) {
+    let fx = serve_fixture();
+    let status = khub::serve::fuzz::handle_bytes(&fx.root, data).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(s) = status {
+        assert!((100..600).contains(&s), "status {s}");
+    }
+    // Whatever a request wrote, it wrote inside the registry ...
+    let beside = prune(&fx.base, "registry");
+    assert!(!beside, "a request wrote beside the registry");
+    // ... and only with the write token. The registry is put back as it was.
+    let org = fx.root.join(SERVE_REPO.0);
+    let repo = org.join(SERVE_REPO.1);
+    let changed = [
+        prune(&fx.root, SERVE_REPO.0),
+        prune(&org, SERVE_REPO.1),
+        prune(&repo, SERVE_VERSION),
+    ];
+    let token = khub::serve::fuzz::WRITE_TOKEN.as_bytes();
+    if changed.contains(&true) {
+        assert!(
+            data.windows(token.len()).any(|w| w == token),
+            "a request without the write token changed the registry"
+        );
     }
 }

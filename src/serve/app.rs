@@ -23,7 +23,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
@@ -142,14 +142,19 @@ pub(super) async fn run(listener: TcpListener, state: Arc<State>, shutdown: Canc
                 backoff = Duration::from_millis(5);
                 state.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
+                let conn = connection(
                     stream,
                     peer,
                     Arc::clone(&state),
                     router.clone(),
                     graceful.clone(),
-                    permit,
-                ));
+                    HalfClose::Closes,
+                );
+                tokio::spawn(async move {
+                    conn.await;
+                    // The connection's slot is free once it is closed.
+                    drop(permit);
+                });
             }
             Err(e) if out_of_resources(&e) => {
                 if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -173,13 +178,14 @@ pub(super) async fn run(listener: TcpListener, state: Arc<State>, shutdown: Canc
     let _ = tokio::time::timeout(limits.shutdown_grace, sem.acquire_many(slots)).await;
 }
 
-/// A connection's socket, telling its [`Track`] about every byte in or out.
-struct Tracked {
-    inner: TcpStream,
+/// A connection's socket (or, for the fuzz entry point, an in-memory stream), telling its
+/// [`Track`] about every byte in or out.
+struct Tracked<S> {
+    inner: S,
     track: Arc<Track>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -190,7 +196,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
@@ -220,16 +226,30 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// What a connection does when its client closes its side (half-closes) mid-request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HalfClose {
+    /// The connection is closed, and the request in flight abandoned: the client left.
+    /// Every socket the server accepts.
+    Closes,
+    /// The request in flight is answered first. The fuzz entry point's client sends its
+    /// whole input, then closes its side so that an incomplete request ends at once
+    /// rather than at a deadline.
+    Answers,
+}
+
 /// Serves one connection until the client closes it, a deadline passes or the server shuts
-/// down (after the request in flight). Holds one of the connection slots.
-async fn connection(
-    stream: TcpStream,
+/// down (after the request in flight).
+pub(super) async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     state: Arc<State>,
     router: Router,
     graceful: CancellationToken,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
+    half_close: HalfClose,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let track = Arc::new(Track::new());
     let io = TokioIo::new(Tracked {
         inner: stream,
@@ -243,7 +263,7 @@ async fn connection(
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
-        .half_close(false)
+        .half_close(half_close == HalfClose::Answers)
         .max_buf_size(limits.max_header_bytes)
         .max_header_size(limits.max_header_bytes)
         .header_read_timeout(None);
@@ -389,7 +409,7 @@ async fn request(
 
 /// The router: every route of [`ROUTES`] at its paths, the Hub's JSON errors for unknown
 /// paths (404) and methods (405), and a 500 for a handler that panics.
-fn router(state: &Arc<State>) -> Router {
+pub(super) fn router(state: &Arc<State>) -> Router {
     let mut app = Router::new();
     for route in ROUTES {
         let handler = {
@@ -462,7 +482,9 @@ async fn dispatch(state: Arc<State>, route: &'static Route, req: Request) -> Res
     };
     let handler = route.handler;
     let head = parts.method == Method::HEAD;
+    let running = Running::new(Arc::clone(&state));
     let done = tokio::task::spawn_blocking(move || {
+        let _running = running;
         let mut input = input;
         let reply = handler(&ctx, &mut input, &params).unwrap_or_else(ApiError::into_reply);
         if head { reply } else { inline_small_file(reply) }
@@ -471,6 +493,22 @@ async fn dispatch(state: Arc<State>, route: &'static Route, req: Request) -> Res
     match done {
         Ok(reply) => response(reply),
         Err(_) => response(ApiError::internal("internal error").into_reply()),
+    }
+}
+
+/// Counts a handler in [`State::handlers`] while it lives.
+struct Running(Arc<State>);
+
+impl Running {
+    fn new(state: Arc<State>) -> Running {
+        state.handlers.fetch_add(1, Ordering::SeqCst);
+        Running(state)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.handlers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

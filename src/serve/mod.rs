@@ -36,7 +36,8 @@
 //! The modules: `app` (the accept loop, connections, the router, dispatch to handlers),
 //! `limits` ([`Limits`], the rate limiter, connection deadlines), `routes` (the route table
 //! and request context), `auth` (tokens), `http` (replies, errors, request input, ranges),
-//! `read` and `write` (the handlers; they run on tokio's blocking pool).
+//! `read` and `write` (the handlers; they run on tokio's blocking pool), and the hidden
+//! `fuzz` (one raw request through a connection in memory, for `fuzz/`).
 //!
 //! Every file is opened with `fsx::open_under`: nothing outside a release
 //! directory, and no symlink, is ever served.
@@ -58,6 +59,8 @@ pub use self::limits::{Limits, parse_bytes};
 
 mod app;
 mod auth;
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod limits;
 mod read;
@@ -190,16 +193,7 @@ impl fmt::Debug for Server {
 impl Server {
     /// Serves the registry at `root` on `addr` (`"127.0.0.1:0"` picks a free port).
     pub fn start(root: &Path, addr: &str, options: ServeOptions) -> Result<Server, ServeError> {
-        let root = root.canonicalize().map_err(|source| ServeError::Root {
-            root: root.to_owned(),
-            source,
-        })?;
-        if !root.is_dir() {
-            return Err(ServeError::Root {
-                root,
-                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-            });
-        }
+        let root = canonical_root(root)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.threads.max(1))
             .max_blocking_threads(256)
@@ -221,19 +215,7 @@ impl Server {
         } else {
             None
         };
-        let limits = options.limits.effective();
-        let access_log = options.access_log || crate::env::var_os(crate::env::KHUB_SERVE_LOG).is_some_and(|v| v == "1");
-        let state = Arc::new(State {
-            root,
-            rate: limits::RateLimiter::new(&limits),
-            limits,
-            options,
-            addr: local,
-            log: Mutex::new(VecDeque::new()),
-            connections: AtomicU64::new(0),
-            digests: Mutex::new(HashMap::new()),
-            access_log,
-        });
+        let state = Arc::new(State::new(root, options, local));
         let shutdown = CancellationToken::new();
         let thread = {
             let state = Arc::clone(&state);
@@ -314,6 +296,21 @@ impl Drop for Server {
     }
 }
 
+/// The registry directory `root`, canonical; an error when it is not a directory.
+fn canonical_root(root: &Path) -> Result<PathBuf, ServeError> {
+    let canonical = root.canonicalize().map_err(|source| ServeError::Root {
+        root: root.to_owned(),
+        source,
+    })?;
+    if !canonical.is_dir() {
+        return Err(ServeError::Root {
+            root: canonical,
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    Ok(canonical)
+}
+
 /// Locks a mutex, ignoring poisoning: every structure behind one stays valid.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -330,11 +327,32 @@ struct State {
     addr: SocketAddr,
     log: Mutex<VecDeque<RequestRecord>>,
     connections: AtomicU64,
+    /// Handlers running on the blocking pool (the fuzz entry point waits for them: a
+    /// handler may outlive its connection).
+    handlers: AtomicU64,
     digests: Mutex<HashMap<DigestKey, [u8; 32]>>,
     access_log: bool,
 }
 
 impl State {
+    /// The state of a server of the registry at `root` (canonical) listening on `addr`.
+    fn new(root: PathBuf, options: ServeOptions, addr: SocketAddr) -> State {
+        let limits = options.limits.effective();
+        let access_log = options.access_log || crate::env::var_os(crate::env::KHUB_SERVE_LOG).is_some_and(|v| v == "1");
+        State {
+            root,
+            rate: limits::RateLimiter::new(&limits),
+            limits,
+            options,
+            addr,
+            log: Mutex::new(VecDeque::new()),
+            connections: AtomicU64::new(0),
+            handlers: AtomicU64::new(0),
+            digests: Mutex::new(HashMap::new()),
+            access_log,
+        }
+    }
+
     fn record(&self, method: &str, path: &str, status: u16) {
         let mut log = lock(&self.log);
         if log.len() >= LOG_CAP {
