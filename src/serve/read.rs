@@ -354,15 +354,7 @@ pub(super) fn list(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiErr
             ids.push(id);
         }
     }
-    let offset = match ctx.param("cursor") {
-        None | Some("") => 0,
-        Some(c) => c.parse::<usize>().map_err(|_| ApiError::bad_request("invalid cursor"))?,
-    };
-    let mut page = ctx.state.options.page_size.max(1);
-    if let Some(l) = ctx.param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|&l| l > 0) {
-        page = page.min(l);
-    }
-    let end = offset.saturating_add(page).min(ids.len());
+    let (offset, end) = page_bounds(ctx, ids.len())?;
     let mut out = Vec::new();
     for id in ids.get(offset..end).unwrap_or_default() {
         let (releases, _) = scan_repo(root, id)?;
@@ -382,6 +374,20 @@ pub(super) fn list(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiErr
 }
 
 /// The `Link` header of the next page, which starts at entry `cursor`.
+/// The slice of a listing of `len` entries one page covers: from `cursor=` (default 0),
+/// at most the server's page size, or `limit=` when smaller.
+fn page_bounds(ctx: &Ctx, len: usize) -> Result<(usize, usize), ApiError> {
+    let offset = match ctx.param("cursor") {
+        None | Some("") => 0,
+        Some(c) => c.parse::<usize>().map_err(|_| ApiError::bad_request("invalid cursor"))?,
+    };
+    let mut page = ctx.state.options.page_size.max(1);
+    if let Some(l) = ctx.param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|&l| l > 0) {
+        page = page.min(l);
+    }
+    Ok((offset, offset.saturating_add(page).min(len)))
+}
+
 fn next_link(ctx: &Ctx, cursor: usize) -> String {
     let mut q: Vec<&str> = ctx
         .raw_query
@@ -430,15 +436,7 @@ pub(super) fn tree(ctx: &Ctx, _: &mut Input, p: &Params) -> Result<Reply, ApiErr
     let expand = ctx.flag("expand");
     let mut entries = Vec::new();
     list_dir(&release.dir, path, recursive, 0, &mut entries)?;
-    let offset = match ctx.param("cursor") {
-        None | Some("") => 0,
-        Some(c) => c.parse::<usize>().map_err(|_| ApiError::bad_request("invalid cursor"))?,
-    };
-    let mut page = ctx.state.options.page_size.max(1);
-    if let Some(l) = ctx.param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|&l| l > 0) {
-        page = page.min(l);
-    }
-    let end = offset.saturating_add(page).min(entries.len());
+    let (offset, end) = page_bounds(ctx, entries.len())?;
     let mut out = Vec::new();
     for e in entries.get(offset..end).unwrap_or_default() {
         out.push(if e.dir {
