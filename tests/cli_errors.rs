@@ -146,3 +146,11 @@ fn a_closed_pipe_ends_output_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
+
+#[test]
+fn a_benchmark_of_nothing_is_refused() {
+    let rel = common::example_release().to_str().unwrap().to_owned();
+    let out = common::khub(&["bench", &rel, "gelu", "--size", "0"], &[("KHUB_CPU_LEVEL", "x86-64-v1")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size"), "{out:?}");
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use khub::host::ProbeOptions;
@@ -287,6 +287,9 @@ pub fn selftest(kernel: &Kernel, seed: u64, size: usize, json: bool) -> Result<E
 }
 
 pub fn bench(kernel: &Kernel, function: &str, size: usize, iters: usize, json: bool) -> Result<ExitCode> {
+    if size == 0 || iters == 0 {
+        bail!("--size and --iters must be at least 1 (a benchmark of nothing measures nothing)");
+    }
     let r = khub::bench::bench_kernel(kernel, function, size, 4096, iters)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -618,11 +618,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => registry::serve(&dir, &addr, read_token, write_token, access_log, &limits),
         Command::Demo { kernel, out, toolchain } => {
             let kernel_dir = kernel.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-example"));
+            // Without --out, the release goes to a temporary directory removed at the end
+            // (the loaded library lives in a sealed memfd, not in that directory).
             let (_tmp, out) = match out {
                 Some(o) => (None, o),
                 None => {
-                    let t = tempfile_dir()?;
-                    let p = t.join("activation-release");
+                    let t = tempfile::Builder::new()
+                        .prefix("khub-demo-")
+                        .tempdir()
+                        .context("cannot create a temporary directory for the demo")?;
+                    let p = t.path().join("activation-release");
                     (Some(t), p)
                 }
             };
@@ -777,12 +782,6 @@ fn sign(release: &Path, key: &Path, repo: &str, expires: &str, password: Option<
 }
 
 /// A fresh directory under the system temp dir for the demo's release.
-fn tempfile_dir() -> Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!("khub-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-    Ok(base)
-}
-
 /// Reads a manifest from a file, or from `khub.toml` in a directory.
 fn read_manifest(path: &Path) -> Result<Manifest> {
     let file = if path.is_dir() { path.join("khub.toml") } else { path.to_owned() };

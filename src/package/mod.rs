@@ -1041,9 +1041,10 @@ pub fn package(
             .chain(inspected.hip_targets.iter().map(ToString::to_string))
             .collect();
         log(&format!(
-            "inspected `{}`: {} exports, {}{}{}",
+            "inspected `{}`: {} export{}, {}{}{}",
             built.config.id,
             inspected.description.functions.len(),
+            if inspected.description.functions.len() == 1 { "" } else { "s" },
             inspected.libc,
             if device_code.is_empty() {
                 String::new()
