@@ -629,8 +629,8 @@ impl Hub {
     /// copy is moved to the store's quarantine and reported with the command that repairs
     /// it.
     fn read_blob_healing(&self, d: &Sha256Digest, what: &str, command: impl Fn() -> String) -> Result<Vec<u8>, HubError> {
-        match read_blob(&self.store, d) {
-            Err(HubError::Store(StoreError::DigestMismatch { .. })) => {
+        match self.store.read_verified(d, crate::manifest::MAX_MANIFEST_BYTES as u64) {
+            Err(StoreError::DigestMismatch { .. }) => {
                 let blob = self.store.blob_path(d);
                 let quarantined = self.store.quarantine_if_damaged(d)?;
                 Err(HubError::DamagedBlob {
@@ -640,12 +640,12 @@ impl Hub {
                     command: command(),
                 })
             }
-            Err(HubError::Store(StoreError::Missing { .. })) => Err(HubError::OfflineMiss {
+            Err(StoreError::Missing { .. }) => Err(HubError::OfflineMiss {
                 what: what.to_owned(),
                 store: self.store.root().to_owned(),
                 command: command(),
             }),
-            other => other,
+            other => Ok(other?),
         }
     }
 
@@ -1077,29 +1077,6 @@ fn choose<'a>(manifest: &'a Manifest, host: &HostFacts, prefs: &Preferences) -> 
     let r = resolve(manifest, host, prefs);
     let c = r.chosen(host)?;
     Ok(&manifest.variants[c.index])
-}
-
-/// Reads a whole blob (a manifest) from the store, checking its digest.
-fn read_blob(store: &Store, d: &Sha256Digest) -> Result<Vec<u8>, HubError> {
-    let mut f = store.open_blob(d)?;
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(&mut f, crate::manifest::MAX_MANIFEST_BYTES as u64 + 1),
-        &mut buf,
-    )
-    .map_err(|source| HubError::Io {
-        what: "cannot read",
-        path: store.blob_path(d),
-        source,
-    })?;
-    if crate::verify::sha256(&buf) != *d {
-        return Err(HubError::Store(StoreError::DigestMismatch {
-            path: "khub.toml".into(),
-            expected: *d,
-            actual: crate::verify::sha256(&buf),
-        }));
-    }
-    Ok(buf)
 }
 
 /// A writer that reports progress as bytes pass through.

@@ -28,6 +28,9 @@ use crate::platform::{AmdTarget, Backend, CpuArch, CudaArch, CudaFeatureSet, Cud
 pub const SCHEMA_MAJOR: u32 = 1;
 /// The highest schema minor this version of khub knows.
 pub const SCHEMA_MINOR: u32 = 0;
+/// The signature file beside a release's `khub.toml` (minisign format).
+pub const SIGNATURE_FILE: &str = "khub.toml.minisig";
+
 /// The largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 16 * 1024 * 1024;
 /// The deepest nesting of arrays and inline tables accepted.

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{FileEntry, Manifest, ManifestError, RelPath, Variant};
+use crate::manifest::{FileEntry, Manifest, ManifestError, RelPath, SIGNATURE_FILE, Variant};
 use crate::verify::{FileSource, VerifyError, open_verified};
 
 /// A release directory could not be opened or holds what it must not.
@@ -68,8 +68,6 @@ pub enum ReleaseError {
     Trust(Box<crate::verify::trust::TrustError>),
 }
 
-/// The signature file beside a release's manifest.
-const SIGNATURE_FILE: &str = "khub.toml.minisig";
 /// The largest signature file read.
 const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
 
@@ -198,7 +196,7 @@ impl Release {
             .flat_map(|v| v.files.iter().map(|f| f.path.to_string()))
             .collect();
         listed.insert("khub.toml".into());
-        listed.insert("khub.toml.minisig".into());
+        listed.insert(SIGNATURE_FILE.into());
         let mut stack = vec![(self.root.clone(), String::new())];
         let mut seen = 0usize;
         while let Some((dir, prefix)) = stack.pop() {

@@ -31,6 +31,17 @@ fn manifest_of(store: &Store, e: &IndexEntry) -> Option<Manifest> {
     Manifest::from_bytes(&bytes).ok()
 }
 
+/// Every blob a recorded release uses: its manifest, its signature and, when the
+/// manifest is readable, the files of all its variants.
+fn digests_of(e: &IndexEntry, m: Option<&Manifest>) -> Vec<Sha256Digest> {
+    let mut ds = vec![e.release.manifest_sha256];
+    ds.extend(e.release.signature_sha256);
+    if let Some(m) = m {
+        ds.extend(m.variants.iter().flat_map(|v| v.files.iter().map(|f| f.sha256)));
+    }
+    ds
+}
+
 /// One release in the cache, as `cache ls` shows it.
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -213,12 +224,7 @@ pub fn verify(args: &RegistryArgs, repair: bool, json: bool) -> Result<ExitCode>
     // damaged manifest's own files are unknown until it is fetched again).
     let entries = store.index_entries();
     let manifests: Vec<(IndexEntry, Option<Manifest>)> = entries.into_iter().map(|e| (e.clone(), manifest_of(&store, &e))).collect();
-    let uses = |e: &IndexEntry, m: &Option<Manifest>, d: &Sha256Digest| {
-        e.release.manifest_sha256 == *d
-            || e.release.signature_sha256 == Some(*d)
-            || m.as_ref()
-                .is_some_and(|m| m.variants.iter().any(|v| v.files.iter().any(|f| f.sha256 == *d)))
-    };
+    let uses = |e: &IndexEntry, m: &Option<Manifest>, d: &Sha256Digest| digests_of(e, m.as_ref()).contains(d);
     let mut items: Vec<Damaged> = bad
         .iter()
         .map(|d| Damaged {
@@ -271,14 +277,7 @@ pub fn verify(args: &RegistryArgs, repair: bool, json: bool) -> Result<ExitCode>
         let referenced: BTreeSet<Sha256Digest> = store
             .index_entries()
             .iter()
-            .flat_map(|e| {
-                let mut ds = vec![e.release.manifest_sha256];
-                ds.extend(e.release.signature_sha256);
-                if let Some(m) = manifest_of(&store, e) {
-                    ds.extend(m.variants.iter().flat_map(|v| v.files.iter().map(|f| f.sha256)));
-                }
-                ds
-            })
+            .flat_map(|e| digests_of(e, manifest_of(&store, e).as_ref()))
             .collect();
         for (d, item) in bad.iter().zip(items.iter_mut()) {
             let present = store.list()?.iter().any(|(x, _)| x == d);
@@ -402,23 +401,15 @@ pub fn rm(cache: Option<&PathBuf>, repo: Option<&str>, version: Option<&str>, al
         let r = store.gc(&BTreeSet::new(), false)?;
         (r.removed, r.removed_bytes)
     } else {
-        let digests_of = |e: &IndexEntry, m: Option<Manifest>| {
-            let mut ds = vec![e.release.manifest_sha256];
-            ds.extend(e.release.signature_sha256);
-            if let Some(m) = m {
-                ds.extend(m.variants.iter().flat_map(|v| v.files.iter().map(|f| f.sha256)));
-            }
-            ds
-        };
         let still: BTreeSet<Sha256Digest> = store
             .index_entries()
             .iter()
-            .flat_map(|e| digests_of(e, manifest_of(&store, e)))
+            .flat_map(|e| digests_of(e, manifest_of(&store, e).as_ref()))
             .collect();
         let theirs: BTreeSet<Sha256Digest> = removed
             .iter()
-            .zip(manifests_of_removed)
-            .flat_map(|(e, m)| digests_of(e, m))
+            .zip(&manifests_of_removed)
+            .flat_map(|(e, m)| digests_of(e, m.as_ref()))
             .filter(|d| !still.contains(d))
             .collect();
         store.remove_blobs(&theirs)?

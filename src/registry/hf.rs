@@ -589,6 +589,18 @@ enum Failed {
     Fatal(RegistryError),
 }
 
+/// A body longer than `limit` (retried: a server that sent too much may send it right).
+fn too_large(registry: String, path: &str, limit: u64) -> Failed {
+    Failed::Retry(
+        RegistryError::TooLarge {
+            registry,
+            what: format!("`{path}`"),
+            limit,
+        },
+        None,
+    )
+}
+
 /// What the response to a file GET says about the file.
 struct Answer {
     response: reqwest::Response,
@@ -910,14 +922,7 @@ impl HubRegistry {
         t.total = t.total.or(declared);
         t.etag = t.etag.take().or(etag);
         if t.total.or(end).is_some_and(|n| n > limit) {
-            return Err(Failed::Retry(
-                RegistryError::TooLarge {
-                    registry,
-                    what: format!("`{path}`"),
-                    limit,
-                },
-                None,
-            ));
+            return Err(too_large(registry, path, limit));
         }
         // Nothing goes to the sink past the declared size (of the file, else of this body),
         // nor past `limit`.
@@ -959,14 +964,7 @@ impl HubRegistry {
                 })?;
                 t.written = bound;
                 if t.total.or(end).is_none_or(|n| n > limit) {
-                    return Err(Failed::Retry(
-                        RegistryError::TooLarge {
-                            registry,
-                            what: format!("`{path}`"),
-                            limit,
-                        },
-                        None,
-                    ));
+                    return Err(too_large(registry, path, limit));
                 }
                 return Err(retry(format!("the body is longer than the {bound} bytes declared")));
             }

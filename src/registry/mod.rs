@@ -18,8 +18,7 @@ pub mod dir;
 #[cfg(feature = "hub")]
 pub mod hf;
 
-/// The name of a release's detached manifest signature.
-pub const SIGNATURE_FILE: &str = "khub.toml.minisig";
+pub use crate::manifest::SIGNATURE_FILE;
 
 /// The largest manifest a registry may return.
 pub const MAX_MANIFEST_BYTES: u64 = crate::manifest::MAX_MANIFEST_BYTES as u64;
