@@ -147,6 +147,7 @@ fn median_time<E>(iters: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<
 
 /// What [`bench_kernel`] measured.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BenchResult {
     /// The variant that ran.
     pub variant: String,

@@ -42,11 +42,8 @@ use crate::host::Environment;
 use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
 use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};
-use crate::registry::{RegistryError, RepoId};
-use crate::release::ReleaseError;
+use crate::registry::RepoId;
 use crate::resolve::{Explain, ExplainRelease, Preferences, resolve};
-use crate::store::StoreError;
-use crate::verify::VerifyError;
 use crate::version::parse_requirement;
 
 // ---------------------------------------------------------------------------------------
@@ -278,29 +275,13 @@ impl Failure {
 
 impl From<HubError> for Failure {
     fn from(e: HubError) -> Self {
-        let code = match &e {
-            HubError::Host(_) => KHUB_E_HOST,
-            HubError::Registry(r) => registry_code(r),
-            HubError::Store(s) => store_code(s),
-            HubError::Load(l) => load_code(l),
-            HubError::Lock(LockError::NotLocked { .. }) => KHUB_E_NOT_FOUND,
-            HubError::Lock(_) => KHUB_E_LOCK,
-            HubError::Requirement(_) => KHUB_E_INVALID_ARGUMENT,
-            HubError::Trust(_) => KHUB_E_TRUST,
-            HubError::NoMatchingRelease { .. } => KHUB_E_NOT_FOUND,
-            HubError::Manifest { .. } | HubError::TagMismatch { .. } => KHUB_E_REGISTRY,
-            HubError::NoVariant(_) | HubError::LockedVariantUnfit { .. } => KHUB_E_NO_VARIANT,
-            HubError::OfflineMiss { .. } => KHUB_E_OFFLINE_MISS,
-            HubError::LockDigestMismatch { .. } | HubError::DamagedBlob { .. } | HubError::UnusableRelease { .. } => KHUB_E_VERIFY,
-            HubError::Io { .. } => KHUB_E_IO,
-        };
-        Failure::new(code, e.to_string())
+        Failure::new(e.kind().code(), e.to_string())
     }
 }
 
 impl From<LoadError> for Failure {
     fn from(e: LoadError) -> Self {
-        Failure::new(load_code(&e), e.to_string())
+        Failure::new(e.kind().code(), e.to_string())
     }
 }
 
@@ -321,67 +302,6 @@ impl From<CallError> for Failure {
             CallError::Arguments { .. } => Failure::new(KHUB_E_SIGNATURE_MISMATCH, e.to_string()),
             CallError::NotFound(_) => Failure::new(KHUB_E_NOT_FOUND, e.to_string()),
         }
-    }
-}
-
-fn registry_code(e: &RegistryError) -> c_int {
-    match e {
-        RegistryError::RepoNotFound { .. } | RegistryError::NotFound { .. } => KHUB_E_NOT_FOUND,
-        RegistryError::Offline { .. } => KHUB_E_OFFLINE_MISS,
-        RegistryError::Io { .. } => KHUB_E_IO,
-        RegistryError::NotRegular { .. } => KHUB_E_VERIFY,
-        RegistryError::Unauthorized { .. }
-        | RegistryError::RateLimited { .. }
-        | RegistryError::TooLarge { .. }
-        | RegistryError::Transport { .. } => KHUB_E_REGISTRY,
-    }
-}
-
-fn store_code(e: &StoreError) -> c_int {
-    match e {
-        StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } | StoreError::NotRegular { .. } => KHUB_E_VERIFY,
-        StoreError::Fill { .. } => KHUB_E_REGISTRY,
-        StoreError::Missing { .. } => KHUB_E_OFFLINE_MISS,
-        StoreError::InvalidEnv { .. } => KHUB_E_HOST,
-        StoreError::Io { .. } | StoreError::LockTimeout { .. } | StoreError::NoCacheDir => KHUB_E_IO,
-    }
-}
-
-fn verify_code(e: &VerifyError) -> c_int {
-    match e {
-        VerifyError::FileMissing { .. }
-        | VerifyError::NotRegular { .. }
-        | VerifyError::SizeMismatch { .. }
-        | VerifyError::DigestMismatch { .. } => KHUB_E_VERIFY,
-        VerifyError::Unavailable { .. } | VerifyError::Io { .. } => KHUB_E_IO,
-    }
-}
-
-fn release_code(e: &ReleaseError) -> c_int {
-    match e {
-        ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } | ReleaseError::NonUtf8Name { .. } => KHUB_E_VERIFY,
-        ReleaseError::Verify(e) => verify_code(e),
-        ReleaseError::Trust(_) => KHUB_E_TRUST,
-        ReleaseError::UnknownVariant(_) => KHUB_E_NOT_FOUND,
-        ReleaseError::ManifestRead { .. } | ReleaseError::Manifest { .. } => KHUB_E_LOAD,
-    }
-}
-
-fn load_code(e: &LoadError) -> c_int {
-    match e {
-        LoadError::NoVariant(_) | LoadError::CpuUnsupported { .. } => KHUB_E_NO_VARIANT,
-        LoadError::Release(e) => release_code(e),
-        LoadError::Verify(e) => verify_code(e),
-        LoadError::UnknownVariant(_) | LoadError::NoSuchFunction { .. } => KHUB_E_NOT_FOUND,
-        LoadError::TypeMismatch { .. } => KHUB_E_SIGNATURE_MISMATCH,
-        LoadError::Dlopen { .. }
-        | LoadError::Helper { .. }
-        | LoadError::NoEntry { .. }
-        | LoadError::AbiRefused { .. }
-        | LoadError::BadDescriptor { .. }
-        | LoadError::ExportMissing { .. }
-        | LoadError::SignatureMismatch { .. }
-        | LoadError::IdentityMismatch { .. } => KHUB_E_LOAD,
     }
 }
 

@@ -336,6 +336,7 @@ pub struct ReleaseSummary {
 
 /// What a fetch did.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct FetchReport {
     /// The repository.
     pub repo: String,
@@ -1000,7 +1001,13 @@ impl Hub {
             }
         }
         // Among the locked variants, the best one for this host.
-        let locked: Vec<&str> = entry.targets.iter().map(|t| t.variant.as_str()).collect();
+        // (Each variant once: several target hosts often pin the same one.)
+        let mut locked: Vec<&str> = Vec::new();
+        for t in &entry.targets {
+            if !locked.contains(&t.variant.as_str()) {
+                locked.push(&t.variant);
+            }
+        }
         let mut restricted = manifest.clone();
         restricted.variants.retain(|v| locked.contains(&v.id.as_str()));
         let resolution = resolve(&restricted, &self.options.host, &self.options.preferences);

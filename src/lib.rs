@@ -43,6 +43,7 @@ pub mod platform;
 
 pub mod abi;
 pub mod env;
+pub mod error_kind;
 mod fsx;
 mod ids;
 

@@ -274,6 +274,7 @@ impl Arg {
 
 /// The result of a self-test.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SelftestReport {
     /// The function.
     pub function: String,
@@ -289,6 +290,7 @@ pub struct SelftestReport {
 
 /// What was loaded, for `khub load` and provenance.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LoadReport {
     /// The kernel's name.
     pub kernel: String,
@@ -310,6 +312,7 @@ pub struct LoadReport {
 
 /// One verified file.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct FileReport {
     /// Its path in the release.
     pub path: String,
@@ -321,6 +324,7 @@ pub struct FileReport {
 
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ExportReport {
     /// The name.
     pub name: String,
@@ -621,6 +625,7 @@ fn remember_loaded(d: Sha256Digest, lib: &'static libloading::Library) {
 
 /// What a kernel library's descriptor declares, read by loading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Description {
     /// The kernel's name.
     pub name: String,

@@ -178,17 +178,17 @@ fn the_release_holds_cpu_cuda_and_hip_variants() {
     let out = common::khub(&["inspect", lib.to_str().unwrap(), "--json"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["hip_targets"], serde_json::json!(["gfx11-generic"]));
+    assert_eq!(doc["hip-targets"], serde_json::json!(["gfx11-generic"]));
     assert_eq!(doc["descriptor"]["backend"], "rocm");
-    let device = doc["hip_entries"]
+    let device = doc["hip-entries"]
         .as_array()
         .unwrap()
         .iter()
         .find(|e| e["kind"] == "hipv4")
         .unwrap()
         .clone();
-    assert_eq!(device["elf"]["code_object_version"], 6);
-    assert_eq!(device["elf"]["generic_version"], 1);
+    assert_eq!(device["elf"]["code-object-version"], 6);
+    assert_eq!(device["elf"]["generic-version"], 1);
 }
 
 #[test]

@@ -266,7 +266,7 @@ fn cli_load_selftest_bench_and_inspect() {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(doc["gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(doc["gb-per-s"].as_f64().unwrap() > 0.0);
     assert_eq!(doc["bytes"], 800_000);
 
     let lib = format!("{rel}/variants/cpu-x86_64-v1-linux/libactivation.so");
@@ -274,7 +274,7 @@ fn cli_load_selftest_bench_and_inspect() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["descriptor"]["name"], "activation");
     assert!(doc["exports"].as_array().unwrap().iter().any(|e| e == "khub_kernel_entry"));
-    assert!(doc["glibc_floor"].as_str().unwrap().starts_with("2."));
+    assert!(doc["glibc-floor"].as_str().unwrap().starts_with("2."));
 
     // A library that is not a kernel is described as such, without crashing khub.
     let out = khub(&["inspect", "/bin/sh"], &[]);

@@ -13,20 +13,22 @@
 #   --link       hard-link the libraries instead of copying them where the file system
 #                allows (tests use it: a debug libkhub.a is hundreds of MB)
 #
+# KHUB_INSTALL_FROM=DIR and KHUB_INSTALL_LINK=1 in the environment act as --from DIR and
+# --link (the documentation tests install the libraries their own run built that way).
 # CARGO_TARGET_DIR is honoured. Then: PKG_CONFIG_PATH=PREFIX/lib/pkgconfig pkg-config
 # --cflags --libs khub (see docs/c-api.md and examples/c-host/Makefile).
 set -euo pipefail
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 profile=release
-from=""
-link=0
+from=${KHUB_INSTALL_FROM:-}
+link=${KHUB_INSTALL_LINK:-0}
 while [ $# -gt 0 ]; do
   case "$1" in
     --debug) profile=debug; shift ;;

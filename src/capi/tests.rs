@@ -1,5 +1,6 @@
 //! Unit tests of the C API boundary: codes, strings, handles and bad arguments.
 use super::*;
+use crate::registry::RegistryError;
 
 fn message(err: *const khub_error) -> String {
     // SAFETY: `err` is NULL or a live error from this module.
@@ -132,4 +133,28 @@ fn refused_files_and_damaged_blobs_are_verification_errors() {
         has: "x86_64, level x86-64-v3".into(),
     };
     assert_eq!(Failure::from(cpu).code, KHUB_E_NO_VARIANT);
+}
+
+/// The library's error kinds are the C API's codes, one for one.
+#[test]
+fn error_kinds_are_the_c_codes() {
+    use crate::error_kind::ErrorKind as K;
+    let pairs = [
+        (K::InvalidArgument, KHUB_E_INVALID_ARGUMENT),
+        (K::NotFound, KHUB_E_NOT_FOUND),
+        (K::NoVariant, KHUB_E_NO_VARIANT),
+        (K::Verify, KHUB_E_VERIFY),
+        (K::Trust, KHUB_E_TRUST),
+        (K::Registry, KHUB_E_REGISTRY),
+        (K::OfflineMiss, KHUB_E_OFFLINE_MISS),
+        (K::Load, KHUB_E_LOAD),
+        (K::SignatureMismatch, KHUB_E_SIGNATURE_MISMATCH),
+        (K::Kernel, KHUB_E_KERNEL),
+        (K::Host, KHUB_E_HOST),
+        (K::Lock, KHUB_E_LOCK),
+        (K::Io, KHUB_E_IO),
+    ];
+    for (kind, code) in pairs {
+        assert_eq!(kind.code(), code, "{kind:?}");
+    }
 }

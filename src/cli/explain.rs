@@ -1,16 +1,65 @@
 //! `khub explain`: every variant of a release, ranked and explained for a host.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
-use khub::host::{HostFacts, ProbeOptions};
+use khub::host::HostFacts;
+use khub::manifest::Manifest;
 use khub::resolve::{Explain, Preferences, Resolution, Verdict, describe_host, resolve};
 
-pub fn run(manifest: &Path, options: &ProbeOptions, prefs: &Preferences, json: bool) -> Result<ExitCode> {
-    let m = super::read_manifest(manifest)?;
-    let host = super::detect_host(options)?;
+use super::registry::RegistryArgs;
+
+/// What `khub explain` reads the manifest from.
+enum Source {
+    Local(PathBuf),
+    Repo(khub::RepoId),
+}
+
+/// A path form or an existing file or directory is local (explain loads nothing, so a
+/// directory named like a repository keeps working), unless a registry option asks for the
+/// repository; otherwise `org/name` is a repository.
+fn source(target: &str, version: Option<&str>, args: &RegistryArgs) -> Result<Source> {
+    let remote_asked = version.is_some() || args.registry.is_some() || args.offline;
+    let path_form = target == "." || target == ".." || ["/", "./", "../", "~/"].iter().any(|p| target.starts_with(p));
+    let repo = target.parse::<khub::RepoId>();
+    if path_form || !(remote_asked && repo.is_ok()) && Path::new(target).exists() {
+        if version.is_some() {
+            bail!("--version applies to a repository; {target} is a local release");
+        }
+        if !path_form {
+            return Ok(Source::Local(PathBuf::from(target)));
+        }
+        return Ok(match super::classify(target)? {
+            super::Target::Path(p) => Source::Local(p),
+            super::Target::Repo(_) => Source::Local(PathBuf::from(target)),
+        });
+    }
+    match repo {
+        Ok(id) => Ok(Source::Repo(id)),
+        Err(e) => {
+            bail!("`{target}` is neither a release directory or khub.toml here ({target} does not exist) nor a repository org/name ({e})")
+        }
+    }
+}
+
+pub fn run(
+    target: &str,
+    version: Option<&str>,
+    args: &RegistryArgs,
+    host: Option<PathBuf>,
+    prefs: &Preferences,
+    json: bool,
+) -> Result<ExitCode> {
+    let (m, host): (Manifest, HostFacts) = match source(target, version, args)? {
+        Source::Local(path) => (super::read_manifest(&path)?, super::detect_host(&super::probe_options(host)?)?),
+        Source::Repo(repo) => {
+            let hub = super::registry::hub(args, host, prefs.clone())?;
+            let release = hub.resolve_release(&repo, version.unwrap_or("*"))?;
+            (release.manifest, hub.host().clone())
+        }
+    };
     let r = resolve(&m, &host, prefs);
     let chosen = r.best().map(|c| c.id.as_str());
     if json {

@@ -20,6 +20,7 @@ pub struct Toolchain {
     pub nvcc: Option<PathBuf>,
     pub nvcc_args: Vec<String>,
     pub hip: Option<PathBuf>,
+    pub only: Vec<String>,
 }
 
 impl Toolchain {
@@ -29,7 +30,7 @@ impl Toolchain {
             nvcc: self.nvcc.clone(),
             nvcc_args: self.nvcc_args.clone(),
             hip: self.hip.clone(),
-            only: Vec::new(),
+            only: self.only.clone(),
             describe_helper: std::env::current_exe().ok(),
             force: false,
         }
@@ -50,9 +51,7 @@ pub fn build(kernel_dir: &Path, out: Option<&Path>, tc: &Toolchain) -> Result<Ex
     for b in &report.built {
         println!("built {:<36} {}", b.config.id, b.library.display());
     }
-    for (id, why) in &report.skipped {
-        println!("skipped {id:<34} {why}");
-    }
+    // Skipped variants were reported as warnings (stderr) when they were skipped.
     Ok(ExitCode::SUCCESS)
 }
 
@@ -61,6 +60,7 @@ pub fn package(kernel_dir: &Path, out: &Path, force: bool, tc: &Toolchain, json:
     let (manifest, report) = package::package(kernel_dir, out, &options, &mut log(json))?;
     if json {
         #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
         struct Doc<'a> {
             release: String,
             kernel: &'a str,
@@ -87,9 +87,7 @@ pub fn package(kernel_dir: &Path, out: &Path, force: bool, tc: &Toolchain, json:
             let f = &v.files[0];
             println!("  {:<36} {:>9} bytes  sha256 {}", v.id, f.size, f.sha256);
         }
-        for (id, why) in &report.skipped {
-            println!("  skipped {id}: {why}");
-        }
+        // Skipped variants were reported as warnings (stderr) when they were skipped.
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -101,6 +99,7 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
     let description = describe_isolated(lib);
     if json {
         #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
         struct Doc<'a> {
             library: String,
             machine: &'a str,
@@ -120,7 +119,7 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
             machine: &info.machine,
             exports: &info.exports,
             needed: &info.needed,
-            glibc_floor: info.glibc_floor.map(|v| v.to_string()),
+            glibc_floor: info.glibc_floor_version.clone(),
             musl: info.musl,
             cuda_code: info.cuda_code().iter().map(ToString::to_string).collect(),
             cuda_entries: info.cuda.iter().map(|e| format!("{e:?}")).collect(),
@@ -140,7 +139,10 @@ pub fn inspect(lib: &Path, json: bool) -> Result<ExitCode> {
     println!("needs        {}", info.needed.join(", "));
     match (info.musl, info.glibc_floor) {
         (true, _) => println!("libc         musl"),
-        (false, Some(v)) => println!("libc         glibc {v} or newer"),
+        (false, Some(v)) => println!(
+            "libc         glibc {} or newer",
+            info.glibc_floor_version.clone().unwrap_or_else(|| v.to_string())
+        ),
         (false, None) => println!("libc         no versioned glibc symbols"),
     }
     println!("exports      {}", info.exports.join(", "));
@@ -316,11 +318,8 @@ fn print_bench(r: &khub::bench::BenchResult) {
 /// for this host, load it, run its self-tests and benchmark `silu_and_mul`.
 pub fn demo(kernel_dir: &Path, out: &Path, options: &ProbeOptions, tc: &Toolchain) -> Result<ExitCode> {
     println!("== 1. package {} -> {}", kernel_dir.display(), out.display());
-    let (manifest, report) = package::package(kernel_dir, out, &tc.options(), &mut |l: &str| {
-        if l.starts_with("warning") {
-            eprintln!("   {l}")
-        }
-    })?;
+    // Progress and skip warnings stay quiet: the summary below reports each skipped variant.
+    let (manifest, report) = package::package(kernel_dir, out, &tc.options(), &mut |_: &str| {})?;
     for v in &manifest.variants {
         println!("   packaged {:<34} sha256 {}", v.id, v.files[0].sha256);
     }

@@ -41,8 +41,14 @@ enum Command {
     /// Show every variant of a release for this host: accepted with its score, or
     /// rejected with its reason, best first.
     Explain {
-        /// A khub.toml, or a release directory holding one.
-        manifest: PathBuf,
+        /// A release directory or a khub.toml, or a repository `org/name` (its manifest
+        /// is fetched, no variant is). A name that exists here as a directory is that
+        /// directory unless --registry, --version or --offline is given; write `./dir` or
+        /// pass --registry to say which.
+        target: String,
+        /// For a repository: a version requirement.
+        #[arg(long)]
+        version: Option<String>,
         /// A host-profile TOML file to resolve for (also KHUB_HOST_PROFILE).
         #[arg(long, value_name = "FILE")]
         host: Option<PathBuf>,
@@ -52,6 +58,8 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
     },
     /// Compile a kernel package's variants (kernel.toml) into shared libraries.
     Build {
@@ -188,8 +196,9 @@ enum Command {
         /// Only report what would be removed.
         #[arg(long)]
         dry_run: bool,
-        #[command(flatten)]
-        registry: registry::RegistryArgs,
+        /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
     /// Serve a directory registry over a Hub-compatible HTTP API.
     #[cfg(feature = "serve")]
@@ -316,6 +325,9 @@ struct ToolchainArgs {
     /// $ROCM_PATH/llvm/bin/clang, clang on PATH).
     #[arg(long, value_name = "PATH")]
     hipcc: Option<PathBuf>,
+    /// Build only this variant (repeatable; default: every variant kernel.toml declares).
+    #[arg(long = "variant", value_name = "ID")]
+    only: Vec<String>,
 }
 
 impl ToolchainArgs {
@@ -325,6 +337,7 @@ impl ToolchainArgs {
             nvcc: self.nvcc,
             nvcc_args: self.nvcc_args,
             hip: self.hipcc,
+            only: self.only,
         }
     }
 }
@@ -510,17 +523,44 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // With --json anywhere on the command line, an error is one JSON object on stderr.
     let json = std::env::args_os().any(|a| a == "--json");
+    let network = network_context(&cli);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             const FAILED: u8 = 2;
+            use khub::registry::RegistryError;
+            let unreachable = e.chain().any(|c| {
+                let registry = c.downcast_ref::<RegistryError>().or(match c.downcast_ref::<khub::hub::HubError>() {
+                    Some(khub::hub::HubError::Registry(r)) => Some(r),
+                    _ => None,
+                });
+                matches!(registry, Some(RegistryError::Transport { .. }))
+            });
+            let hint = match network {
+                Some((repo, args)) if unreachable => Some(registry::unreachable_hint(&repo, &args)),
+                _ => None,
+            };
+            let r = report::Report::new(&e, hint);
             if json {
-                eprintln!("{}", report::json(&e, FAILED));
+                eprintln!("{}", r.json(FAILED));
             } else {
-                eprintln!("{}", report::text(&e));
+                eprintln!("{}", r.text());
             }
             ExitCode::from(FAILED)
         }
+    }
+}
+
+/// The repository and registry options of a command that talks to a registry, for the
+/// hint when the registry cannot be reached.
+fn network_context(cli: &Cli) -> Option<(String, registry::RegistryArgs)> {
+    match &cli.command {
+        Command::Load { target, .. } | Command::Selftest { target, .. } | Command::Bench { target, .. } => {
+            Some((target.target.clone(), target.registry.clone()))
+        }
+        Command::Fetch { repo, registry, .. } | Command::Versions { repo, registry, .. } => Some((repo.clone(), registry.clone())),
+        Command::Explain { target, registry, .. } => Some((target.clone(), registry.clone())),
+        _ => None,
     }
 }
 
@@ -528,11 +568,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Host { host, json } => host::run(&probe_options(host)?, json),
         Command::Explain {
-            manifest,
+            target,
+            version,
             host,
             prefer,
             json,
-        } => explain::run(&manifest, &probe_options(host)?, &parse_preferences(&prefer)?, json),
+            registry: reg,
+        } => explain::run(&target, version.as_deref(), &reg, host, &parse_preferences(&prefer)?, json),
         Command::Build {
             kernel,
             out_dir,
@@ -602,11 +644,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cache: c,
             } => cache::rm(c.as_ref(), repo.as_deref(), version.as_deref(), all),
         },
-        Command::Gc {
-            keep,
-            dry_run,
-            registry: reg,
-        } => registry::gc(&reg, &keep, dry_run),
+        Command::Gc { keep, dry_run, cache: c } => registry::gc(c.as_ref(), &keep, dry_run),
         #[cfg(feature = "serve")]
         Command::Serve {
             dir,

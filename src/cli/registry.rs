@@ -69,6 +69,29 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     Ok(Hub::new(o)?)
 }
 
+/// The hint for a registry that did not answer, with `--offline` when the store holds
+/// releases of `repo` fetched from that registry before.
+pub fn unreachable_hint(repo: &str, args: &RegistryArgs) -> String {
+    let base = "the registry did not answer: check the URL (--registry, KHUB_REGISTRY, HF_ENDPOINT) and that the server is up";
+    let offline = RegistryArgs {
+        offline: true,
+        ..args.clone()
+    };
+    let stored = repo
+        .parse::<RepoId>()
+        .ok()
+        .and_then(|id| hub(&offline, None, Preferences::default()).ok()?.versions(&id).ok())
+        .map_or(0, |v| v.len());
+    match stored {
+        0 => base.to_owned(),
+        n => format!(
+            "{base}; the store holds {n} release{} of {repo} from it: add --offline to use {}",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "it" } else { "them" }
+        ),
+    }
+}
+
 /// The trust policy: `--trust FILE`, else the environment's (KHUB_TRUST_POLICY, then
 /// ~/.config/khub/trust.toml, else the permissive default).
 pub fn trust_policy(args: &RegistryArgs) -> Result<khub::verify::trust::TrustPolicy> {
@@ -279,9 +302,9 @@ pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, pref
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn gc(args: &RegistryArgs, keep_locks: &[PathBuf], dry_run: bool) -> Result<ExitCode> {
+pub fn gc(cache: Option<&PathBuf>, keep_locks: &[PathBuf], dry_run: bool) -> Result<ExitCode> {
     let env = Environment::capture();
-    let root = match &args.cache {
+    let root = match cache {
         Some(c) => c.clone(),
         None => khub::store::Store::default_root(&env)?,
     };

@@ -107,12 +107,16 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
                     return Err(corrupt("version needs", 0, "too many version records"));
                 }
                 let name = vernaux.name(endian, strings).map_err(elf_err("version needs"))?;
-                let version = std::str::from_utf8(name)
-                    .ok()
-                    .and_then(|n| n.strip_prefix("GLIBC_"))
-                    .and_then(|v| v.parse::<MajorMinor>().ok());
-                if let Some(v) = version {
-                    info.glibc_floor = info.glibc_floor.max(Some(v));
+                let written = std::str::from_utf8(name).ok().and_then(|n| n.strip_prefix("GLIBC_"));
+                if let Some((w, v)) = written.and_then(|w| Some((w, w.parse::<MajorMinor>().ok()?))) {
+                    let newer = match (&info.glibc_floor, &info.glibc_floor_version) {
+                        (Some(old), Some(old_w)) => (v, patch_of(w)) > (*old, patch_of(old_w)),
+                        _ => true,
+                    };
+                    if newer {
+                        info.glibc_floor = Some(v);
+                        info.glibc_floor_version = Some(w.to_owned());
+                    }
                 }
             }
             records += 1;
@@ -165,6 +169,11 @@ pub fn inspect_library(bytes: &[u8]) -> Result<LibraryInfo, InspectError> {
     }
 
     Ok(info)
+}
+
+/// The third component of a symbol version such as `2.2.5` (0 when there is none).
+fn patch_of(version: &str) -> u32 {
+    version.split('.').nth(2).and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

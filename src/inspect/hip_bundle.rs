@@ -151,6 +151,7 @@ impl fmt::Display for HipOffloadKind {
 
 /// How a compressed (`CCOB`) bundle was stored (binary-formats.md §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct HipCompression {
     /// The CCOB format version, 1 to 3.
     pub version: u16,
@@ -202,6 +203,7 @@ impl CodeObjectFeature {
 
 /// What the ELF header of one AMDGPU code object says (binary-formats.md §2.5).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AmdCodeObjectHeader {
     /// `e_machine`: 224 (`EM_AMDGPU`) for every AMDGPU code object.
     pub e_machine: u16,
@@ -305,6 +307,7 @@ impl AmdCodeObjectHeader {
 /// One entry of a clang offload bundle in `.hip_fatbin`: a code object for one target, or
 /// the (empty) host entry.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct HipCodeObject {
     /// The index of the bundle within the section, from 0: one bundle per translation unit
     /// in an ordinary build.

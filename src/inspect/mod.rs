@@ -93,6 +93,7 @@ fn corrupt(section: &str, offset: u64, problem: impl Into<String>) -> InspectErr
 
 /// What a shared library is, needs and embeds, read from its bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LibraryInfo {
     /// The CPU: `"x86_64"`, `"aarch64"`, or `"elf machine N"` for any other `e_machine`.
     pub machine: String,
@@ -103,6 +104,9 @@ pub struct LibraryInfo {
     pub needed: Vec<String>,
     /// The highest `GLIBC_x.y` version required in `.gnu.version_r`; `None` if none.
     pub glibc_floor: Option<MajorMinor>,
+    /// That version as the symbol writes it (`2.2.5` for `GLIBC_2.2.5`), for display:
+    /// [`MajorMinor`] keeps only `2.2`, which is what hosts are compared on.
+    pub glibc_floor_version: Option<String>,
     /// True if a `DT_NEEDED` entry is a musl libc (`libc.musl-*`, `ld-musl-*`) or the
     /// `PT_INTERP` interpreter names musl.
     pub musl: bool,

@@ -87,6 +87,7 @@ impl fmt::Display for CudaCodeKind {
 /// Entries of a concatenated entry (kind 0x100, `nvcc --concat`) are reported one by one,
 /// with [`CudaCodeEntry::concat`] set; the concatenated entry itself is not reported.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CudaCodeEntry {
     /// Cubin, PTX, NVVM, or an unknown kind.
     pub kind: CudaCodeKind,

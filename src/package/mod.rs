@@ -189,6 +189,14 @@ impl ConfigRocm {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PackageError {
+    /// `--variant` names a variant the package does not declare.
+    #[error("kernel.toml declares no variant `{id}`; its variants are: {known}")]
+    UnknownVariant {
+        /// The id asked for.
+        id: String,
+        /// The declared ids, comma-separated.
+        known: String,
+    },
     /// The output directory already holds files.
     #[error(
         "{} is not empty: a release directory must hold only what its new khub.toml lists (an old khub.toml.minisig or old variant files would go out with it); choose an empty or new directory, or pass --force to empty it first",
@@ -634,6 +642,12 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
     let nvcc = find_nvcc(options.nvcc.as_deref());
     // Looked up on the first rocm variant only: it runs the compiler.
     let mut hip: Option<Result<HipToolchain, String>> = None;
+    if let Some(id) = options.only.iter().find(|id| !config.variants.iter().any(|v| &v.id == *id)) {
+        return Err(PackageError::UnknownVariant {
+            id: id.clone(),
+            known: config.variants.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    }
     for v in &config.variants {
         if !options.only.is_empty() && !options.only.contains(&v.id) {
             continue;
@@ -812,6 +826,8 @@ pub struct Inspected {
     pub description: Description,
     /// The glibc floor (or musl).
     pub libc: Libc,
+    /// The floor as people read it: `glibc 2.2.5` where [`Inspected::libc`] keeps `2.2`.
+    pub libc_display: String,
     /// The device code embedded.
     pub cuda_code: Vec<CudaArch>,
     /// The AMD targets of the code objects embedded (`.hip_fatbin`).
@@ -954,9 +970,14 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant, describe_help
             version: info.glibc_floor.unwrap_or(MajorMinor::new(2, 17)),
         }
     };
+    let libc_display = match (&info.glibc_floor_version, libc.family) {
+        (Some(v), LibcFamily::Glibc) => format!("glibc {v}"),
+        _ => libc.to_string(),
+    };
     Ok(Inspected {
         description,
         libc,
+        libc_display,
         cuda_code,
         hip_targets,
         rocm_version,
@@ -1045,7 +1066,7 @@ pub fn package(
             built.config.id,
             inspected.description.functions.len(),
             if inspected.description.functions.len() == 1 { "" } else { "s" },
-            inspected.libc,
+            inspected.libc_display,
             if device_code.is_empty() {
                 String::new()
             } else {

@@ -283,7 +283,7 @@ impl HubRegistry {
             },
             other => RegistryError::Transport {
                 registry,
-                message: format!("{what}: {other}"),
+                message: format!("{what}: {}", with_root_cause(&other)),
             },
         }
     }
@@ -1012,4 +1012,20 @@ impl HubRegistry {
             }
         })
     }
+}
+/// An error's message followed by what its sources add: the root cause of a failed request
+/// (`Connection refused`, a DNS failure, a TLS error, a timeout) sits several sources deep
+/// under reqwest's `error sending request for url (…)`.
+pub(crate) fn with_root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = s.source();
+    }
+    text
 }

@@ -1,0 +1,223 @@
+//! One classification of khub's errors, shared by every front end: the C API's `KHUB_E_*`
+//! codes, the command line's `--json` error reports, and language bindings' exception
+//! classes all come from [`ErrorKind`].
+
+use crate::hub::HubError;
+use crate::load::{CallError, LoadError};
+use crate::lock::LockError;
+use crate::registry::RegistryError;
+use crate::release::ReleaseError;
+use crate::store::StoreError;
+use crate::verify::VerifyError;
+
+/// What kind of failure an error is. The discriminants are the C API's `KHUB_E_*` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// An argument is wrong (a repository id, a requirement, a signature string …).
+    InvalidArgument = 1,
+    /// A repository, release, file, function or lock entry does not exist.
+    NotFound = 2,
+    /// No variant of the release runs on this host.
+    NoVariant = 3,
+    /// Bytes failed verification (digest, size, file type, lock digests).
+    Verify = 4,
+    /// The trust policy refused a release (signature, key, expiry, rollback).
+    Trust = 5,
+    /// The registry failed: unreachable, refused credentials, rate limit, bad answer.
+    Registry = 6,
+    /// Offline, and the store does not hold what was asked for.
+    OfflineMiss = 7,
+    /// A verified library could not be loaded, or its descriptor was refused.
+    Load = 8,
+    /// A function was asked for, or called, with the wrong signature or arguments.
+    SignatureMismatch = 9,
+    /// A kernel returned a non-zero status.
+    Kernel = 10,
+    /// Host detection failed (a bad override or host profile).
+    Host = 11,
+    /// A lockfile is unreadable or inconsistent.
+    Lock = 12,
+    /// A file system error.
+    Io = 13,
+}
+
+impl ErrorKind {
+    /// The C API's code (`KHUB_E_*`).
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// A stable, kebab-case name: `not-found`, `offline-miss`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::NoVariant => "no-variant",
+            ErrorKind::Verify => "verify",
+            ErrorKind::Trust => "trust",
+            ErrorKind::Registry => "registry",
+            ErrorKind::OfflineMiss => "offline-miss",
+            ErrorKind::Load => "load",
+            ErrorKind::SignatureMismatch => "signature-mismatch",
+            ErrorKind::Kernel => "kernel",
+            ErrorKind::Host => "host",
+            ErrorKind::Lock => "lock",
+            ErrorKind::Io => "io",
+        }
+    }
+
+    /// The kind of the first khub error in `e`'s chain (`e` itself first), if any.
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cur {
+            if let Some(k) = Self::of_one(c) {
+                return Some(k);
+            }
+            cur = c.source();
+        }
+        None
+    }
+
+    fn of_one(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        if let Some(e) = e.downcast_ref::<HubError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<LoadError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<CallError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<RegistryError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<StoreError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<ReleaseError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<VerifyError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = e.downcast_ref::<LockError>() {
+            return Some(HubError::kind_of_lock(e));
+        }
+        None
+    }
+}
+
+impl HubError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            HubError::Host(_) => ErrorKind::Host,
+            HubError::Registry(r) => r.kind(),
+            HubError::Store(s) => s.kind(),
+            HubError::Load(l) => l.kind(),
+            HubError::Lock(l) => Self::kind_of_lock(l),
+            HubError::Requirement(_) => ErrorKind::InvalidArgument,
+            HubError::Trust(_) => ErrorKind::Trust,
+            HubError::NoMatchingRelease { .. } => ErrorKind::NotFound,
+            HubError::Manifest { .. } | HubError::TagMismatch { .. } => ErrorKind::Registry,
+            HubError::NoVariant(_) | HubError::LockedVariantUnfit { .. } => ErrorKind::NoVariant,
+            HubError::OfflineMiss { .. } => ErrorKind::OfflineMiss,
+            HubError::LockDigestMismatch { .. } | HubError::DamagedBlob { .. } | HubError::UnusableRelease { .. } => ErrorKind::Verify,
+            HubError::Io { .. } => ErrorKind::Io,
+        }
+    }
+
+    fn kind_of_lock(e: &LockError) -> ErrorKind {
+        match e {
+            LockError::NotLocked { .. } => ErrorKind::NotFound,
+            _ => ErrorKind::Lock,
+        }
+    }
+}
+
+impl RegistryError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::RepoNotFound { .. } | RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::Offline { .. } => ErrorKind::OfflineMiss,
+            RegistryError::Io { .. } => ErrorKind::Io,
+            RegistryError::NotRegular { .. } => ErrorKind::Verify,
+            RegistryError::Unauthorized { .. }
+            | RegistryError::RateLimited { .. }
+            | RegistryError::TooLarge { .. }
+            | RegistryError::Transport { .. } => ErrorKind::Registry,
+        }
+    }
+}
+
+impl StoreError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } | StoreError::NotRegular { .. } => ErrorKind::Verify,
+            StoreError::Fill { .. } => ErrorKind::Registry,
+            StoreError::Missing { .. } => ErrorKind::OfflineMiss,
+            StoreError::InvalidEnv { .. } => ErrorKind::Host,
+            StoreError::Io { .. } | StoreError::LockTimeout { .. } | StoreError::NoCacheDir => ErrorKind::Io,
+        }
+    }
+}
+
+impl VerifyError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VerifyError::FileMissing { .. }
+            | VerifyError::NotRegular { .. }
+            | VerifyError::SizeMismatch { .. }
+            | VerifyError::DigestMismatch { .. } => ErrorKind::Verify,
+            VerifyError::Unavailable { .. } | VerifyError::Io { .. } => ErrorKind::Io,
+        }
+    }
+}
+
+impl ReleaseError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReleaseError::ExtraFile { .. } | ReleaseError::NotRegular { .. } | ReleaseError::NonUtf8Name { .. } => ErrorKind::Verify,
+            ReleaseError::Verify(e) => e.kind(),
+            ReleaseError::Trust(_) => ErrorKind::Trust,
+            ReleaseError::UnknownVariant(_) => ErrorKind::NotFound,
+            ReleaseError::ManifestRead { .. } | ReleaseError::Manifest { .. } => ErrorKind::Load,
+        }
+    }
+}
+
+impl LoadError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LoadError::NoVariant(_) | LoadError::CpuUnsupported { .. } => ErrorKind::NoVariant,
+            LoadError::Release(e) => e.kind(),
+            LoadError::Verify(e) => e.kind(),
+            LoadError::UnknownVariant(_) | LoadError::NoSuchFunction { .. } => ErrorKind::NotFound,
+            LoadError::TypeMismatch { .. } => ErrorKind::SignatureMismatch,
+            LoadError::Dlopen { .. }
+            | LoadError::Helper { .. }
+            | LoadError::NoEntry { .. }
+            | LoadError::AbiRefused { .. }
+            | LoadError::BadDescriptor { .. }
+            | LoadError::ExportMissing { .. }
+            | LoadError::SignatureMismatch { .. }
+            | LoadError::IdentityMismatch { .. } => ErrorKind::Load,
+        }
+    }
+}
+
+impl CallError {
+    /// This error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::Kernel { .. } => ErrorKind::Kernel,
+            CallError::Arguments { .. } => ErrorKind::SignatureMismatch,
+            CallError::NotFound(_) => ErrorKind::NotFound,
+        }
+    }
+}
