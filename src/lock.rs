@@ -54,6 +54,16 @@ pub enum LockError {
         /// What is wrong.
         message: String,
     },
+    /// `khub remove` of a kernel the file does not declare.
+    #[error("{} does not declare {repo}; its kernels: {declared}", path.display())]
+    NotDeclared {
+        /// The declaration file.
+        path: PathBuf,
+        /// The repository.
+        repo: RepoId,
+        /// The repositories it declares, comma-separated (or `none`).
+        declared: String,
+    },
     /// The lock has no entry for this repository.
     #[error("{} has no entry for {repo}; add it to kernels.toml and run `khub lock`", path.display())]
     NotLocked {
@@ -96,6 +106,82 @@ impl AppKernels {
             path: path.to_owned(),
             message,
         })
+    }
+
+    /// Declares `repo` with `requirement` in the file at `path` (created when missing),
+    /// replacing an earlier requirement, which is returned. Comments, order and layout of
+    /// the rest of the file are kept; the result is checked before it replaces the file.
+    pub fn add(path: &Path, repo: &RepoId, requirement: &str) -> Result<Option<String>, LockError> {
+        crate::version::parse_requirement(requirement).map_err(|e| LockError::Invalid {
+            path: path.to_owned(),
+            message: format!("{repo}: {e}"),
+        })?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(LockError::Io {
+                    what: "cannot read",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let key = repo.to_string();
+        Self::edit(path, &text, |kernels| {
+            let old = kernels.get(&key).and_then(|v| v.as_str()).map(str::to_owned);
+            kernels.insert(&key, toml_edit::value(requirement));
+            Ok(old)
+        })
+    }
+
+    /// Removes `repo` from the file at `path`; returns the requirement it had.
+    pub fn remove(path: &Path, repo: &RepoId) -> Result<String, LockError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LockError::Io {
+            what: "cannot read",
+            path: path.to_owned(),
+            source,
+        })?;
+        let key = repo.to_string();
+        Self::edit(path, &text, |kernels| match kernels.remove(&key) {
+            Some(old) => Ok(old.as_str().unwrap_or_default().to_owned()),
+            None => Err(LockError::NotDeclared {
+                path: path.to_owned(),
+                repo: repo.clone(),
+                declared: {
+                    let names: Vec<&str> = kernels.iter().map(|(k, _)| k).collect();
+                    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+                },
+            }),
+        })
+    }
+
+    /// Applies `change` to the `[kernels]` table of `text` (the file at `path`), checks
+    /// the result parses as a declaration file, and writes it atomically.
+    fn edit<T>(path: &Path, text: &str, change: impl FnOnce(&mut toml_edit::Table) -> Result<T, LockError>) -> Result<T, LockError> {
+        let invalid = |message: String| LockError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        // The file must be valid before it is edited: a broken file is the user's to fix.
+        if !text.trim().is_empty() {
+            Self::parse(text).map_err(invalid)?;
+        }
+        let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
+        let kernels = doc
+            .entry("kernels")
+            .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| invalid("`kernels` is not a table".to_owned()))?;
+        let out = change(kernels)?;
+        let new = doc.to_string();
+        Self::parse(&new).map_err(invalid)?;
+        crate::fsx::write_atomic(path, new.as_bytes()).map_err(|e| LockError::Io {
+            what: e.what,
+            path: path.to_owned(),
+            source: e.source,
+        })?;
+        Ok(out)
     }
 
     /// Parses and checks the text of `kernels.toml` (every requirement must parse).

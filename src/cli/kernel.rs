@@ -37,11 +37,18 @@ impl Toolchain {
     }
 }
 
+/// Build progress on stderr: `building `id``, with the whole compiler command under -v;
+/// nothing under -q or --json.
 fn log(json: bool) -> impl FnMut(&str) {
-    move |line: &str| {
-        if !json {
-            eprintln!("{line}");
-        }
+    use super::{Verbosity, verbosity};
+    move |line: &str| match verbosity() {
+        _ if json => {}
+        Verbosity::Quiet => {}
+        Verbosity::Verbose => eprintln!("{line}"),
+        Verbosity::Normal => match line.strip_prefix("building ").and_then(|l| l.split_once(": ")) {
+            Some((id, _command)) => eprintln!("building {id}"),
+            None => eprintln!("{line}"),
+        },
     }
 }
 

@@ -23,8 +23,34 @@ mod report;
 #[derive(Parser, Debug)]
 #[command(name = "khub", version, about, long_about = None)]
 struct Cli {
+    /// Print nothing but results and errors: no progress, no warnings.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Say more: the full compiler commands, and which registry, store and host a command
+    /// uses.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How much the command says on stderr besides results and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet = 0,
+    Normal = 1,
+    Verbose = 2,
+}
+
+static VERBOSITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+/// The verbosity `-q`/`-v` chose.
+pub fn verbosity() -> Verbosity {
+    match VERBOSITY.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Verbosity::Quiet,
+        1 => Verbosity::Normal,
+        _ => Verbosity::Verbose,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +194,25 @@ enum Command {
         #[command(flatten)]
         registry: registry::RegistryArgs,
     },
+    /// Declare a kernel in kernels.toml: `org/name@REQ`, or `org/name` for `^` the newest
+    /// release in the registry (like `cargo add`). Then run `khub lock`.
+    Add {
+        /// The repository, with an optional requirement: `acme/activation@^0.1`.
+        kernel: String,
+        /// The application's declaration file (created when missing).
+        #[arg(long, default_value = "kernels.toml", value_name = "FILE")]
+        app: PathBuf,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Remove a kernel from kernels.toml (the next `khub lock` drops it from khub.lock).
+    Remove {
+        /// The repository, org/name.
+        repo: String,
+        /// The application's declaration file.
+        #[arg(long, default_value = "kernels.toml", value_name = "FILE")]
+        app: PathBuf,
+    },
     /// A repository's releases: versions, commits, signed or not, their variants.
     Versions {
         /// The repository, org/name.
@@ -249,8 +294,9 @@ enum Command {
         /// The repository, org/name.
         #[arg(long, value_name = "ORG/NAME")]
         to: String,
-        /// The registry URL (default: KHUB_REGISTRY, HF_ENDPOINT, https://huggingface.co).
-        #[arg(long, value_name = "URL")]
+        /// A Hub-compatible URL, or a directory registry written in place (default:
+        /// KHUB_REGISTRY, HF_ENDPOINT, https://huggingface.co).
+        #[arg(long, value_name = "URL|DIR")]
         registry: Option<String>,
         /// Create the repository if it does not exist.
         #[arg(long)]
@@ -524,6 +570,14 @@ pub fn main() -> ExitCode {
     // With --json anywhere on the command line, an error is one JSON object on stderr.
     let json = std::env::args_os().any(|a| a == "--json");
     let network = network_context(&cli);
+    let level = if cli.quiet {
+        Verbosity::Quiet
+    } else if cli.verbose {
+        Verbosity::Verbose
+    } else {
+        Verbosity::Normal
+    };
+    VERBOSITY.store(level as u8, std::sync::atomic::Ordering::Relaxed);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -559,6 +613,7 @@ fn network_context(cli: &Cli) -> Option<(String, registry::RegistryArgs)> {
             Some((target.target.clone(), target.registry.clone()))
         }
         Command::Fetch { repo, registry, .. } | Command::Versions { repo, registry, .. } => Some((repo.clone(), registry.clone())),
+        Command::Add { kernel, registry, .. } => Some((kernel.split('@').next().unwrap_or_default().to_owned(), registry.clone())),
         Command::Explain { target, registry, .. } => Some((target.clone(), registry.clone())),
         _ => None,
     }
@@ -624,6 +679,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
         Command::Versions { repo, json, registry: reg } => registry::versions(&repo, &reg, json),
+        Command::Add {
+            kernel,
+            app,
+            registry: reg,
+        } => registry::add(&kernel, &app, &reg),
+        Command::Remove { repo, app } => {
+            let id: khub::RepoId = repo.parse()?;
+            let old = khub::lock::AppKernels::remove(&app, &id)?;
+            println!("removed {id} ({old}) from {}; run `khub lock` to update khub.lock", app.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             use std::io::Write;
@@ -709,16 +775,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let repo: khub::registry::RepoId = to.parse()?;
             let env = Environment::capture();
-            let config = khub::registry::hf::HubConfig::from_env(&env, registry.as_deref())?;
             let policy = registry::trust_policy(&registry::RegistryArgs {
                 trust,
                 ..Default::default()
             })?;
-            let report = khub::package::publish::publish(&release, &repo, config, create, Some(&policy), &mut |line: &str| {
-                if !json {
+            let mut log = |line: &str| {
+                if !json && verbosity() > Verbosity::Quiet {
                     eprintln!("{line}");
                 }
-            })?;
+            };
+            // A directory registry (--registry ./registry, or KHUB_REGISTRY naming one) is
+            // written in place; anything else is a Hub-compatible URL.
+            let spec = registry
+                .clone()
+                .or_else(|| env.get(khub::env::KHUB_REGISTRY).map(str::to_owned))
+                .map(|r| khub::hub::RegistrySpec::parse(&r));
+            let report = match spec {
+                Some(khub::hub::RegistrySpec::Dir(dir)) => {
+                    khub::package::publish::publish_to_directory(&release, &repo, &dir, create, Some(&policy), &mut log)?
+                }
+                _ => {
+                    let config = khub::registry::hf::HubConfig::from_env(&env, registry.as_deref())?;
+                    khub::package::publish::publish(&release, &repo, config, create, Some(&policy), &mut log)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -66,7 +66,70 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
         o.trust = o.trust.allow_rollback("*");
     }
     o.preferences = prefs;
+    if super::verbosity() == super::Verbosity::Verbose {
+        eprintln!(
+            "registry {}{}\nstore    {}\nhost     {}",
+            o.registry.describe(),
+            if o.offline { " (offline: not contacted)" } else { "" },
+            o.cache.display(),
+            khub::resolve::describe_host(&o.host)
+        );
+    }
     Ok(Hub::new(o)?)
+}
+
+/// `khub add org/name[@REQ]`: declares the kernel in `app`; without a requirement, `^`
+/// the newest usable release the registry has, as `cargo add` does.
+pub fn add(spec: &str, app: &Path, args: &RegistryArgs) -> Result<ExitCode> {
+    let (repo, requirement) = match spec.split_once('@') {
+        Some((r, q)) => (r, Some(q.trim().to_owned())),
+        None => (spec, None),
+    };
+    let id: RepoId = repo.parse()?;
+    let requirement = match requirement {
+        Some(q) if q.is_empty() => {
+            bail!("`{spec}` has an empty requirement after @; write org/name@^1.2, or org/name for the newest release")
+        }
+        Some(q) => q,
+        None => {
+            let mut args = args.clone();
+            if args.registry.is_none()
+                && let Ok(decl) = AppKernels::read(app)
+                && let Some(r) = decl.registry
+            {
+                args.registry = Some(r.url);
+            }
+            let hub = hub(&args, None, Preferences::default())?;
+            let newest = hub
+                .versions(&id)?
+                .into_iter()
+                .filter(|r| r.problem.is_none())
+                .filter_map(|r| r.version.parse::<semver::Version>().ok())
+                .max()
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{id} has no releases on {} to add; give a requirement: {id}@^1.0",
+                        hub.registry_name()
+                    )
+                })?;
+            if newest.major == 0 && newest.minor == 0 {
+                format!("^0.0.{}", newest.patch)
+            } else if newest.major == 0 {
+                format!("^0.{}", newest.minor)
+            } else {
+                format!("^{}.{}", newest.major, newest.minor)
+            }
+        }
+    };
+    match AppKernels::add(app, &id, &requirement)? {
+        Some(old) if old == requirement => println!("{id} = \"{requirement}\" is already in {}", app.display()),
+        Some(old) => println!(
+            "changed {id} from \"{old}\" to \"{requirement}\" in {}; run `khub lock` to update khub.lock",
+            app.display()
+        ),
+        None => println!("added {id} = \"{requirement}\" to {}; run `khub lock` to pin it", app.display()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The hint for a registry that did not answer, with `--offline` when the store holds
@@ -109,6 +172,7 @@ pub struct Bars {
 
 impl Bars {
     pub fn new(quiet: bool) -> Self {
+        let quiet = quiet || super::verbosity() == super::Verbosity::Quiet;
         let multi = (!quiet && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
         Bars {
             multi,
@@ -121,10 +185,13 @@ impl Progress for Bars {
     fn start(&self, file: &str, size: u64) {
         let Some(m) = &self.multi else { return };
         let bar = m.add(indicatif::ProgressBar::new(size));
-        let style = indicatif::ProgressStyle::with_template("{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let (name_width, bar_width) = bar_layout(terminal_width());
+        let style = indicatif::ProgressStyle::with_template(&format!(
+            "{{msg:{name_width}}} {{bar:{bar_width}}} {{bytes:>9}}/{{total_bytes:9}} {{bytes_per_sec:>11}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style);
-        bar.set_message(file.to_owned());
+        bar.set_message(fit_name(file, name_width));
         if let Ok(mut b) = self.bars.lock() {
             b.insert(file.to_owned(), bar);
         }
@@ -145,6 +212,46 @@ impl Progress for Bars {
             bar.finish();
         }
     }
+}
+
+/// The columns of stderr's terminal (80 when unknown; never below 80).
+fn terminal_width() -> usize {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass; a descriptor that is
+    // not a terminal makes it fail without writing.
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 { usize::from(ws.ws_col).max(80) } else { 80 }
+}
+
+/// The widths of the file name and of the bar for a terminal `width` columns wide: the
+/// sizes and the rate take 31 columns, the separators 3; the name gets up to 40.
+fn bar_layout(width: usize) -> (usize, usize) {
+    let rest = width.max(80) - 31 - 3 - 1;
+    let name = (rest / 2).min(40);
+    (name, rest - name)
+}
+
+/// `file` in at most `width` columns: whole when it fits, else its last path components,
+/// else its end behind `…` (never cut in the middle of a name's start).
+fn fit_name(file: &str, width: usize) -> String {
+    if file.chars().count() <= width {
+        return file.to_owned();
+    }
+    let parts: Vec<&str> = file.split('/').collect();
+    for skip in 1..parts.len() {
+        let tail = format!("…/{}", parts[skip..].join("/"));
+        if tail.chars().count() <= width {
+            return tail;
+        }
+    }
+    let chars: Vec<char> = file.chars().collect();
+    let keep = width.saturating_sub(1);
+    format!("…{}", chars[chars.len() - keep..].iter().collect::<String>())
 }
 
 pub fn fetch(
@@ -450,4 +557,30 @@ pub fn serve(
     server.wait();
     eprintln!("khub serve: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_fit_the_terminal() {
+        for width in [40, 80, 100, 132, 200, 400] {
+            let (name, bar) = bar_layout(width);
+            // name, space, bar, space, "123.4 MiB/123.4 MiB", space, rate.
+            assert!(name + 1 + bar + 1 + 19 + 1 + 11 <= width.max(80), "{width}: {name} + {bar}");
+            assert!(name >= 20 && bar >= 10, "{width}: {name} {bar}");
+        }
+    }
+
+    #[test]
+    fn long_file_names_keep_their_end() {
+        let f = "variants/cuda-sm80-sm90a-x86_64-linux/libactivation.so";
+        assert_eq!(fit_name(f, 60), f);
+        assert_eq!(fit_name(f, 48), "…/cuda-sm80-sm90a-x86_64-linux/libactivation.so");
+        assert_eq!(fit_name(f, 40), "…/libactivation.so");
+        assert_eq!(fit_name(f, 20), "…/libactivation.so");
+        assert_eq!(fit_name(f, 10).chars().count(), 10);
+        assert!(fit_name(f, 10).ends_with("tion.so"));
+    }
 }

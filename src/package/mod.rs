@@ -634,6 +634,17 @@ pub fn include_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include"))
 }
 
+/// Refuses a `--variant` the package does not declare.
+fn check_only(config: &PackageConfig, only: &[String]) -> Result<(), PackageError> {
+    match only.iter().find(|id| !config.variants.iter().any(|v| &v.id == *id)) {
+        Some(id) => Err(PackageError::UnknownVariant {
+            id: id.clone(),
+            known: config.variants.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Compiles every variant of the kernel in `kernel_dir` into `out_dir/<id>/lib<name>.so`.
 pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mut dyn FnMut(&str)) -> Result<BuildReport, PackageError> {
     let config = PackageConfig::read(kernel_dir)?;
@@ -642,12 +653,7 @@ pub fn build(kernel_dir: &Path, out_dir: &Path, options: &BuildOptions, log: &mu
     let nvcc = find_nvcc(options.nvcc.as_deref());
     // Looked up on the first rocm variant only: it runs the compiler.
     let mut hip: Option<Result<HipToolchain, String>> = None;
-    if let Some(id) = options.only.iter().find(|id| !config.variants.iter().any(|v| &v.id == *id)) {
-        return Err(PackageError::UnknownVariant {
-            id: id.clone(),
-            known: config.variants.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
-        });
-    }
+    check_only(&config, &options.only)?;
     for v in &config.variants {
         if !options.only.is_empty() && !options.only.contains(&v.id) {
             continue;
@@ -1041,6 +1047,8 @@ pub fn package(
             kernel: kernel_dir.to_owned(),
         });
     }
+    // Everything that can be checked before --force empties the output directory is.
+    check_only(&config, &options.only)?;
     prepare_out(out, options.force)?;
     let variants_dir = out.join("variants");
     let report = build(kernel_dir, &variants_dir, options, log)?;

@@ -127,6 +127,14 @@ pub enum PublishError {
     /// The trust policy would refuse the release at load time.
     #[error("the trust policy would refuse this release at load time, so nothing was uploaded: {0}")]
     Trust(Box<TrustError>),
+    /// Publishing into a directory registry failed.
+    #[error("directory registry {}: {problem}", path.display())]
+    Directory {
+        /// The directory concerned.
+        path: PathBuf,
+        /// What went wrong and what to do.
+        problem: String,
+    },
     /// The release read back differs from what was sent.
     #[error("after upload, {what} read back from {registry} differs from the local release ({detail}); do not use this release")]
     Mismatch {
@@ -176,16 +184,17 @@ pub struct PublishedFile {
 }
 
 /// Publishes the release in `dir` to `repo` on the registry `config` describes.
-pub fn publish(
-    dir: &Path,
-    repo: &RepoId,
-    config: HubConfig,
-    create: bool,
-    trust: Option<&TrustPolicy>,
-    log: &mut dyn FnMut(&str),
-) -> Result<PublishReport, PublishError> {
-    // 1. Check the release locally, as a load would: the tree, every digest, and the
-    // signature against the repository and version it is published as.
+/// A release checked for publishing: what is uploaded, byte for byte.
+struct Checked {
+    manifest: crate::manifest::Manifest,
+    /// (path in the release, local file, size, digest); khub.toml first.
+    files: Vec<(String, PathBuf, u64, crate::manifest::Sha256Digest)>,
+    signed: bool,
+}
+
+/// Checks the release locally, as a load would: the tree, every digest, and the signature
+/// against the repository and version it is published as.
+fn check_release(dir: &Path, repo: &RepoId, trust: Option<&TrustPolicy>, log: &mut dyn FnMut(&str)) -> Result<Checked, PublishError> {
     let release = Release::open(dir)?;
     release.check_tree()?;
     let manifest = release.manifest().clone();
@@ -226,13 +235,29 @@ pub fn publish(
         }
     }
     log(&format!(
-        "checked {} {}: {} variants, {} files, {}",
+        "checked {} {}: {} variant{}, {} files, {}",
         manifest.kernel.name,
         manifest.kernel.version,
         manifest.variants.len(),
+        if manifest.variants.len() == 1 { "" } else { "s" },
         files.len(),
         if signed { "signed" } else { "unsigned" }
     ));
+    Ok(Checked { manifest, files, signed })
+}
+
+/// Uploads the release directory `dir` to `repo` on a Hub-compatible registry as an
+/// immutable release (tag `v<version>`), then reads every byte back.
+pub fn publish(
+    dir: &Path,
+    repo: &RepoId,
+    config: HubConfig,
+    create: bool,
+    trust: Option<&TrustPolicy>,
+    log: &mut dyn FnMut(&str),
+) -> Result<PublishReport, PublishError> {
+    // 1. Check.
+    let Checked { manifest, files, signed } = check_release(dir, repo, trust, log)?;
 
     // 2. Upload.
     let registry = HubRegistry::new(config)?;
@@ -281,6 +306,97 @@ pub fn publish(
         tag: published.tag,
         branches: published.branches,
         created: published.created,
+        signed,
+        files: files
+            .iter()
+            .map(|(p, _, s, d)| PublishedFile {
+                path: p.clone(),
+                size: *s,
+                sha256: d.to_string(),
+            })
+            .collect(),
+        verified: true,
+    })
+}
+
+/// Publishes the release directory `dir` into the directory registry `registry` as
+/// `<registry>/<org>/<name>/<version>/`: the checked files are copied into a staging
+/// directory beside it, synced, and renamed into place, so a reader (or `khub serve`) sees
+/// the whole release or none. An existing version is refused: releases are immutable.
+pub fn publish_to_directory(
+    dir: &Path,
+    repo: &RepoId,
+    registry: &Path,
+    create: bool,
+    trust: Option<&TrustPolicy>,
+    log: &mut dyn FnMut(&str),
+) -> Result<PublishReport, PublishError> {
+    let Checked { manifest, files, signed } = check_release(dir, repo, trust, log)?;
+    let fail = |path: &Path, problem: String| PublishError::Directory {
+        path: path.to_owned(),
+        problem,
+    };
+    // The same checks as a load from it (a `host:port` gets the hint to write a URL).
+    crate::registry::dir::DirRegistry::new(registry)?;
+    let repo_dir = registry.join(repo.org()).join(repo.name());
+    if !repo_dir.is_dir() {
+        if !create {
+            return Err(fail(&repo_dir, format!("{repo} does not exist here; pass --create to create it")));
+        }
+        std::fs::create_dir_all(&repo_dir).map_err(|e| fail(&repo_dir, format!("cannot create it: {e}")))?;
+    }
+    let version = manifest.kernel.version.to_string();
+    let target = repo_dir.join(&version);
+    if std::fs::symlink_metadata(&target).is_ok() {
+        return Err(fail(
+            &target,
+            format!("{repo} {version} is already published; releases are immutable: publish a new version"),
+        ));
+    }
+    log(&format!("copying to {}", target.display()));
+    let staging = repo_dir.join(format!(".staging-{}-{version}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let copied = (|| -> std::io::Result<()> {
+        std::fs::create_dir(&staging)?;
+        for (path, local, _, _) in &files {
+            let to = staging.join(path);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            crate::fsx::write_durable_new(&to, &std::fs::read(local)?)?;
+        }
+        // Every directory the rename publishes, deepest first, then the repository's.
+        let mut dirs: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|(p, ..)| staging.join(p).parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        dirs.dedup();
+        for d in &dirs {
+            crate::fsx::sync_dir(d)?;
+        }
+        std::fs::rename(&staging, &target)?;
+        crate::fsx::sync_dir(&repo_dir)
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(fail(&target, format!("cannot write the release: {e}; nothing was published")));
+    }
+    // Read it back as a load would.
+    let back = Release::open(&target)?;
+    back.check_tree()?;
+    for v in &back.manifest().variants {
+        back.verify_variant(&v.id)?;
+    }
+    log(&format!("verified {} files in {}", files.len(), target.display()));
+    Ok(PublishReport {
+        repo: repo.to_string(),
+        registry: registry.display().to_string(),
+        version: version.clone(),
+        commit: files[0].3.to_string(),
+        tag: format!("v{version}"),
+        branches: Vec::new(),
+        created: false,
         signed,
         files: files
             .iter()
