@@ -22,6 +22,8 @@ const LAYERS: &[&[&str]] = &[
     &["load"],
     &["lock", "bench"],
     &["hub"],
+    // One classification of every error above, for the front ends.
+    &["error_kind"],
     // Front ends on the library's API.
     &["package", "serve", "capi"],
 ];

@@ -264,7 +264,7 @@ fn run_file(rel: &str) {
     let mut script = String::from(
         "cd \"$SANDBOX/work\"\n\
          __wait_port() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }\n\
-         trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n",
+         trap 'kill $(jobs -pr) 2>/dev/null; wait' EXIT\n",
     );
     let mut steps: Vec<Step> = Vec::new();
     let mut skipped = Vec::new();
@@ -304,18 +304,26 @@ fn run_file(rel: &str) {
                 let port = server_port(&run, 8080);
                 writeln!(
                     script,
-                    "{{ {run}\n}} > {o}.out 2>&1 & pid=$!\n\
-                     if __wait_port {port}; then echo 0 > {o}.rc; else echo 'not listening on {port}' >> {o}.out; echo 1 > {o}.rc; exit 0; fi\n\
-                     kill $pid; wait $pid 2>/dev/null"
+                    "{{ exec {} {run}\n}} > {o}.out 2>&1 & pid=$!\n\
+                     if __wait_port {port} && kill -0 $pid 2>/dev/null; then echo 0 > {o}.rc; else echo 'not listening on {port}, or exited' >> {o}.out; echo 1 > {o}.rc; exit 0; fi\n\
+                     kill $pid; wait $pid 2>/dev/null",
+                    exec_prefix(&run)
                 )
                 .unwrap();
             } else if let Some(bg) = background {
-                writeln!(script, "{{ {bg}\n}} > {o}.out 2>&1 &\necho 0 > {o}.rc").unwrap();
+                // `exec`: `$!` must be the server itself, not a subshell that a kill would
+                // leave it running behind (a group keeps a trailing `# comment` harmless).
+                writeln!(
+                    script,
+                    "{{ exec {} {bg}\n}} > {o}.out 2>&1 & pid=$!\necho 0 > {o}.rc",
+                    exec_prefix(&bg)
+                )
+                .unwrap();
                 if bg.contains("khub serve") {
                     let port = server_port(&bg, 8080);
                     writeln!(
                         script,
-                        "__wait_port {port} || {{ echo 'not listening on {port}' >> {o}.out; echo 1 > {o}.rc; exit 0; }}"
+                        "__wait_port {port} && kill -0 $pid 2>/dev/null || {{ echo 'not listening on {port}, or exited' >> {o}.out; echo 1 > {o}.rc; exit 0; }}"
                     )
                     .unwrap();
                 }
@@ -394,6 +402,12 @@ fn run_file(rel: &str) {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     eprintln!("{rel}: {} commands ran, {} blocks skipped", steps.len(), skipped.len());
+}
+
+/// `env` when a command starts with `VAR=value` (which `exec` alone does not take).
+fn exec_prefix(cmd: &str) -> &'static str {
+    let first = cmd.split_whitespace().next().unwrap_or_default();
+    if first.contains('=') { "env" } else { "" }
 }
 
 /// The documentation's `…` as snapbox wildcards.

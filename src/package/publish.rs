@@ -127,6 +127,9 @@ pub enum PublishError {
     /// The trust policy would refuse the release at load time.
     #[error("the trust policy would refuse this release at load time, so nothing was uploaded: {0}")]
     Trust(Box<TrustError>),
+    /// The directory registry refused the commit.
+    #[error("directory registry: {0}")]
+    Commit(#[from] crate::registry::dir::CommitError),
     /// Publishing into a directory registry failed.
     #[error("directory registry {}: {problem}", path.display())]
     Directory {
@@ -320,9 +323,9 @@ pub fn publish(
 }
 
 /// Publishes the release directory `dir` into the directory registry `registry` as
-/// `<registry>/<org>/<name>/<version>/`: the checked files are copied into a staging
-/// directory beside it, synced, and renamed into place, so a reader (or `khub serve`) sees
-/// the whole release or none. An existing version is refused: releases are immutable.
+/// `<registry>/<org>/<name>/<version>/`, through [`commit_release`](crate::registry::dir::commit_release):
+/// a reader (or `khub serve`) sees the whole release or none, and an existing version is
+/// refused (releases are immutable).
 pub fn publish_to_directory(
     dir: &Path,
     repo: &RepoId,
@@ -347,43 +350,17 @@ pub fn publish_to_directory(
     }
     let version = manifest.kernel.version.to_string();
     let target = repo_dir.join(&version);
-    if std::fs::symlink_metadata(&target).is_ok() {
-        return Err(fail(
-            &target,
-            format!("{repo} {version} is already published; releases are immutable: publish a new version"),
-        ));
-    }
-    log(&format!("copying to {}", target.display()));
-    let staging = repo_dir.join(format!(".staging-{}-{version}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let copied = (|| -> std::io::Result<()> {
-        std::fs::create_dir(&staging)?;
-        for (path, local, _, _) in &files {
-            let to = staging.join(path);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            crate::fsx::write_durable_new(&to, &std::fs::read(local)?)?;
-        }
-        // Every directory the rename publishes, deepest first, then the repository's.
-        let mut dirs: Vec<PathBuf> = files
-            .iter()
-            .filter_map(|(p, ..)| staging.join(p).parent().map(Path::to_path_buf))
-            .collect();
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        dirs.dedup();
-        for d in &dirs {
-            crate::fsx::sync_dir(d)?;
-        }
-        std::fs::rename(&staging, &target)?;
-        crate::fsx::sync_dir(&repo_dir)
-    })();
-    if let Err(e) = copied {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(fail(&target, format!("cannot write the release: {e}; nothing was published")));
-    }
+    log(&format!("committing to {}", target.display()));
+    // The directory registry's one write path (the one `khub serve` commits with): staged,
+    // synced, renamed into place; a version that exists is refused.
+    let contents = files.iter().map(|(path, local, _, _)| -> Result<_, PublishError> {
+        let rel = crate::manifest::RelPath::new(path.clone()).map_err(|e| fail(local, e.to_string()))?;
+        let bytes = std::fs::read(local).map_err(|e| fail(local, format!("cannot read it: {e}")))?;
+        Ok((rel, bytes))
+    });
+    let committed = crate::registry::dir::commit_release::<PublishError>(registry, repo, None, contents)?;
     // Read it back as a load would.
-    let back = Release::open(&target)?;
+    let back = Release::open(&committed.dir)?;
     back.check_tree()?;
     for v in &back.manifest().variants {
         back.verify_variant(&v.id)?;
@@ -393,7 +370,7 @@ pub fn publish_to_directory(
         repo: repo.to_string(),
         registry: registry.display().to_string(),
         version: version.clone(),
-        commit: files[0].3.to_string(),
+        commit: committed.commit,
         tag: format!("v{version}"),
         branches: Vec::new(),
         created: false,
