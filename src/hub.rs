@@ -500,8 +500,31 @@ impl Hub {
                 have.push("no releases".into());
             }
             if self.registry.is_none() {
+                // The store may hold the repository from another registry: say which, so a
+                // forgotten --registry is not mistaken for an empty store.
+                let this = self.options.registry.describe();
+                let mut elsewhere: Vec<String> = self
+                    .store
+                    .index_entries()
+                    .into_iter()
+                    .filter(|e| &e.repo == repo)
+                    .filter_map(|e| e.registry)
+                    .filter(|r| r != &this)
+                    .collect();
+                elsewhere.sort();
+                elsewhere.dedup();
+                let also = match elsewhere.first() {
+                    Some(first) => format!(
+                        "; the store has releases of it from {}: pass --registry {first}",
+                        elsewhere.join(", ")
+                    ),
+                    None => String::new(),
+                };
                 HubError::OfflineMiss {
-                    what: format!("a release of {repo} matching `{requirement}` (known here: {})", have.join(", ")),
+                    what: format!(
+                        "a release of {repo} matching `{requirement}` from {this} (known here: {}{also})",
+                        have.join(", ")
+                    ),
                     store: self.store.root().to_owned(),
                     command: format!("khub fetch {repo} --version '{requirement}'"),
                 }

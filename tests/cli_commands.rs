@@ -109,6 +109,14 @@ fn an_unreachable_registry_names_the_root_cause_and_suggests_offline() {
     // The hint is right: offline, the release loads.
     let o = common::khub(&["load", "acme/activation", "--registry", &url, "--offline"], &env);
     assert!(o.status.success(), "{}", text(&o));
+    // Offline without --registry, the miss names the registry it checked and the one the
+    // store has the release from.
+    let o = common::khub(&["load", "acme/activation", "--offline"], &env);
+    let t = text(&o);
+    assert!(
+        t.contains("from https://huggingface.co") && t.contains(&format!("pass --registry {url}")),
+        "{t}"
+    );
     // A store without the release gets the hint without --offline.
     let empty = w.path().join("empty");
     let o = common::khub(
@@ -353,4 +361,31 @@ fn a_lock_for_several_hosts_names_each_variant_once() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(t.contains("(cpu-x86_64-v4-linux)"), "each locked variant once: {t}");
+}
+
+#[test]
+fn khub_include_takes_the_header_or_its_directory() {
+    let w = tempfile::tempdir().unwrap();
+    let inc = w.path().join("inc");
+    std::fs::create_dir_all(&inc).unwrap();
+    std::fs::copy(common::repo().join("include/khub_kernel.h"), inc.join("khub_kernel.h")).unwrap();
+    for given in [inc.join("khub_kernel.h"), inc.clone()] {
+        let out = w.path().join("rel");
+        let o = common::khub(
+            &[
+                "-v",
+                "package",
+                "kernels-example",
+                "--out",
+                out.to_str().unwrap(),
+                "--force",
+                "--variant",
+                "cpu-x86_64-v1-linux",
+            ],
+            &[("KHUB_INCLUDE", given.to_str().unwrap())],
+        );
+        let t = text(&o);
+        assert!(o.status.success(), "{given:?}: {t}");
+        assert!(t.contains(&format!("-I {}", inc.display())), "{given:?}: {t}");
+    }
 }

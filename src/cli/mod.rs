@@ -286,7 +286,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Upload a release directory to a Hub-compatible registry as an immutable release.
+    /// Upload a release directory to a Hub-compatible registry (or write it into a directory
+    /// registry) as an immutable release.
     #[cfg(feature = "hub")]
     Publish {
         /// The release directory (from `khub package`).

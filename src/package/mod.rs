@@ -626,12 +626,15 @@ pub fn gencode_args(code: &[CudaArch]) -> Vec<String> {
         .collect()
 }
 
-/// The include directory holding `khub_kernel.h`: `KHUB_INCLUDE`, else the one next to
-/// this crate's sources (a source checkout or `cargo install --path`).
+/// The include directory holding `khub_kernel.h`: `KHUB_INCLUDE` (the directory, or the
+/// header file itself), else the one next to this crate's sources (a source checkout or
+/// `cargo install --path`).
 pub fn include_dir() -> PathBuf {
-    crate::env::var_os(crate::env::KHUB_INCLUDE)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include"))
+    match crate::env::var_os(crate::env::KHUB_INCLUDE).map(PathBuf::from) {
+        Some(p) if p.is_file() => p.parent().map(Path::to_path_buf).unwrap_or(p),
+        Some(p) => p,
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include"),
+    }
 }
 
 /// Refuses a `--variant` the package does not declare.
