@@ -195,6 +195,16 @@ fn commands_offer_only_options_that_do_something() {
     assert!(help.contains("--cache") && help.contains("--keep"), "{help}");
     let o = common::khub(&["gc", "--trust", "t.toml"], &[]);
     assert_eq!(o.status.code(), Some(2));
+    // Listing releases makes no trust decision; resolving one does.
+    for cmd in ["versions", "add"] {
+        let help = String::from_utf8_lossy(&common::khub(&[cmd, "--help"], &[]).stdout).into_owned();
+        assert!(!help.contains("--trust") && !help.contains("--allow-rollback"), "{cmd}: {help}");
+        assert!(help.contains("--registry") && help.contains("--offline"), "{cmd}: {help}");
+    }
+    for cmd in ["load", "fetch", "lock", "explain"] {
+        let help = String::from_utf8_lossy(&common::khub(&[cmd, "--help"], &[]).stdout).into_owned();
+        assert!(help.contains("--trust") && help.contains("--allow-rollback"), "{cmd}: {help}");
+    }
 }
 
 #[test]

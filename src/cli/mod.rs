@@ -203,7 +203,7 @@ enum Command {
         #[arg(long, default_value = "kernels.toml", value_name = "FILE")]
         app: PathBuf,
         #[command(flatten)]
-        registry: registry::RegistryArgs,
+        registry: registry::SourceArgs,
     },
     /// Remove a kernel from kernels.toml (the next `khub lock` drops it from khub.lock).
     Remove {
@@ -221,7 +221,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        registry: registry::RegistryArgs,
+        registry: registry::SourceArgs,
     },
     /// Print a shell completion script: `khub completions bash > ~/.local/share/bash-completion/completions/khub`.
     Completions {
@@ -613,8 +613,9 @@ fn network_context(cli: &Cli) -> Option<(String, registry::RegistryArgs)> {
         Command::Load { target, .. } | Command::Selftest { target, .. } | Command::Bench { target, .. } => {
             Some((target.target.clone(), target.registry.clone()))
         }
-        Command::Fetch { repo, registry, .. } | Command::Versions { repo, registry, .. } => Some((repo.clone(), registry.clone())),
-        Command::Add { kernel, registry, .. } => Some((kernel.split('@').next().unwrap_or_default().to_owned(), registry.clone())),
+        Command::Fetch { repo, registry, .. } => Some((repo.clone(), registry.clone())),
+        Command::Versions { repo, registry, .. } => Some((repo.clone(), registry.clone().into())),
+        Command::Add { kernel, registry, .. } => Some((kernel.split('@').next().unwrap_or_default().to_owned(), registry.clone().into())),
         Command::Explain { target, registry, .. } => Some((target.clone(), registry.clone())),
         _ => None,
     }
@@ -679,12 +680,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prefer,
             registry: reg,
         } => registry::lock(&app, &out, &host, &reg, parse_preferences(&prefer)?),
-        Command::Versions { repo, json, registry: reg } => registry::versions(&repo, &reg, json),
+        Command::Versions { repo, json, registry: reg } => registry::versions(&repo, &reg.into(), json),
         Command::Add {
             kernel,
             app,
             registry: reg,
-        } => registry::add(&kernel, &app, &reg),
+        } => registry::add(&kernel, &app, &reg.into()),
         Command::Remove { repo, app } => {
             let id: khub::RepoId = repo.parse()?;
             let old = khub::lock::AppKernels::remove(&app, &id)?;

@@ -37,6 +37,34 @@ pub struct RegistryArgs {
     pub allow_rollback: bool,
 }
 
+/// Where kernels come from, for commands that only read what a registry lists (no trust
+/// decision is made by them, so they take no --trust or --allow-rollback).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// A Hub-compatible URL or a directory registry (default: KHUB_REGISTRY, HF_ENDPOINT,
+    /// then https://huggingface.co).
+    #[arg(long, value_name = "URL|DIR")]
+    pub registry: Option<String>,
+    /// Never touch the network: only what the store has seen (also KHUB_OFFLINE=1,
+    /// HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+impl From<SourceArgs> for RegistryArgs {
+    fn from(s: SourceArgs) -> Self {
+        RegistryArgs {
+            registry: s.registry,
+            offline: s.offline,
+            cache: s.cache,
+            ..Default::default()
+        }
+    }
+}
+
 /// Builds a hub from the environment, the registry flags, a host profile and preferences.
 pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<Hub> {
     let mut env = Environment::capture();
