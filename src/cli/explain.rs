@@ -24,17 +24,21 @@ fn source(target: &str, version: Option<&str>, args: &RegistryArgs) -> Result<So
     let remote_asked = version.is_some() || args.registry.is_some() || args.offline;
     let path_form = target == "." || target == ".." || ["/", "./", "../", "~/"].iter().any(|p| target.starts_with(p));
     let repo = target.parse::<khub::RepoId>();
-    if path_form || !(remote_asked && repo.is_ok()) && Path::new(target).exists() {
+    let local = if path_form {
+        match super::classify(target)? {
+            super::Target::Path(p) => Some(p),
+            super::Target::Repo(_) => None,
+        }
+    } else if !(remote_asked && repo.is_ok()) && Path::new(target).exists() {
+        Some(PathBuf::from(target))
+    } else {
+        None
+    };
+    if let Some(path) = local {
         if version.is_some() {
             bail!("--version applies to a repository; {target} is a local release");
         }
-        if !path_form {
-            return Ok(Source::Local(PathBuf::from(target)));
-        }
-        return Ok(match super::classify(target)? {
-            super::Target::Path(p) => Source::Local(p),
-            super::Target::Repo(_) => Source::Local(PathBuf::from(target)),
-        });
+        return Ok(Source::Local(path));
     }
     match repo {
         Ok(id) => Ok(Source::Repo(id)),
