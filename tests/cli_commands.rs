@@ -57,7 +57,7 @@ fn explain_reads_a_remote_repository_fetching_only_its_manifest() {
     let o = common::khub(&["explain", "./examples/sample-release", "--version", "^1"], &env);
     assert!(text(&o).contains("--version applies to a repository"), "{}", text(&o));
     let o = common::khub(&["explain", "nope"], &env);
-    assert!(text(&o).contains("neither"), "{}", text(&o));
+    assert!(text(&o).contains("cannot read nope"), "{}", text(&o));
 }
 
 #[test]

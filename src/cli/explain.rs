@@ -19,7 +19,7 @@ enum Source {
 
 /// A path form or an existing file or directory is local (explain loads nothing, so a
 /// directory named like a repository keeps working), unless a registry option asks for the
-/// repository; otherwise `org/name` is a repository.
+/// repository; otherwise `org/name` is a repository, and anything else a path.
 fn source(target: &str, version: Option<&str>, args: &RegistryArgs) -> Result<Source> {
     let remote_asked = version.is_some() || args.registry.is_some() || args.offline;
     let path_form = target == "." || target == ".." || ["/", "./", "../", "~/"].iter().any(|p| target.starts_with(p));
@@ -42,9 +42,8 @@ fn source(target: &str, version: Option<&str>, args: &RegistryArgs) -> Result<So
     }
     match repo {
         Ok(id) => Ok(Source::Repo(id)),
-        Err(e) => {
-            bail!("`{target}` is neither a release directory or khub.toml here ({target} does not exist) nor a repository org/name ({e})")
-        }
+        // Not a repository name: a path, and reading it says what is wrong with it.
+        Err(_) => Ok(Source::Local(PathBuf::from(target))),
     }
 }
 
