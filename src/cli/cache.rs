@@ -206,7 +206,7 @@ struct Damaged {
 }
 
 pub fn verify(args: &RegistryArgs, repair: bool, json: bool) -> Result<ExitCode> {
-    let store = open_store(args.cache.as_ref())?;
+    let store = open_store(args.source.cache.as_ref())?;
     let blobs = store.list()?;
     let mut report = Checked {
         store: store.root().display().to_string(),
@@ -252,7 +252,7 @@ pub fn verify(args: &RegistryArgs, repair: bool, json: bool) -> Result<ExitCode>
         // 2. Fetch again every affected release from its registry, when that is the
         //    current one and the network is allowed: its manifest and signature (always,
         //    online) and the variants that use a damaged blob (per the fresh manifest).
-        let hub = if args.offline {
+        let hub = if args.source.offline {
             None
         } else {
             registry::hub(args, None, Default::default()).ok().filter(|h| !h.offline())

@@ -21,7 +21,7 @@ enum Source {
 /// directory named like a repository keeps working), unless a registry option asks for the
 /// repository; otherwise `org/name` is a repository, and anything else a path.
 fn source(target: &str, version: Option<&str>, args: &RegistryArgs) -> Result<Source> {
-    let remote_asked = version.is_some() || args.registry.is_some() || args.offline;
+    let remote_asked = version.is_some() || args.source.registry.is_some() || args.source.offline;
     let path_form = target == "." || target == ".." || ["/", "./", "../", "~/"].iter().any(|p| target.starts_with(p));
     let repo = target.parse::<khub::RepoId>();
     let local = if path_form {

@@ -14,9 +14,10 @@ use khub::lock::{AppKernels, LOCK_FILE, Lockfile};
 use khub::registry::RepoId;
 use khub::resolve::Preferences;
 
-/// Where kernels come from, for commands that take a repository.
+/// Where kernels come from: the registry, the network and the store. Commands that only
+/// read what a registry lists (`versions`, `add`) take just these.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct RegistryArgs {
+pub struct SourceArgs {
     /// A Hub-compatible URL or a directory registry (default: KHUB_REGISTRY, HF_ENDPOINT,
     /// then https://huggingface.co).
     #[arg(long, value_name = "URL|DIR")]
@@ -28,6 +29,14 @@ pub struct RegistryArgs {
     /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+}
+
+/// Where kernels come from and which to trust, for commands that resolve a release (the
+/// trust policy and the rollback check apply to them).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// The trust policy (default: KHUB_TRUST_POLICY, then ~/.config/khub/trust.toml if
     /// present, else: signatures are not required).
     #[arg(long, value_name = "FILE")]
@@ -37,29 +46,10 @@ pub struct RegistryArgs {
     pub allow_rollback: bool,
 }
 
-/// Where kernels come from, for commands that only read what a registry lists (no trust
-/// decision is made by them, so they take no --trust or --allow-rollback).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct SourceArgs {
-    /// A Hub-compatible URL or a directory registry (default: KHUB_REGISTRY, HF_ENDPOINT,
-    /// then https://huggingface.co).
-    #[arg(long, value_name = "URL|DIR")]
-    pub registry: Option<String>,
-    /// Never touch the network: only what the store has seen (also KHUB_OFFLINE=1,
-    /// HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    pub offline: bool,
-    /// The store's root (default: KHUB_CACHE, then ~/.cache/khub).
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-}
-
 impl From<SourceArgs> for RegistryArgs {
-    fn from(s: SourceArgs) -> Self {
+    fn from(source: SourceArgs) -> Self {
         RegistryArgs {
-            registry: s.registry,
-            offline: s.offline,
-            cache: s.cache,
+            source,
             ..Default::default()
         }
     }
@@ -69,7 +59,7 @@ impl From<SourceArgs> for RegistryArgs {
 pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Result<Hub> {
     let mut env = Environment::capture();
     // --cache stands for KHUB_CACHE: with it, no default cache directory (HOME) is needed.
-    if let Some(c) = &args.cache {
+    if let Some(c) = &args.source.cache {
         env.set(khub::env::KHUB_CACHE, c.display().to_string());
     }
     let mut probe = super::probe_options(host)?;
@@ -78,13 +68,13 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     // driver) and with --host applied; the hub takes these facts as they are.
     let facts = HostFacts::detect(&probe)?.facts;
     let mut o = HubOptions::from_env_for_host(env, facts)?;
-    if let Some(r) = &args.registry {
+    if let Some(r) = &args.source.registry {
         o.registry = RegistrySpec::parse(r);
     }
-    if args.offline {
+    if args.source.offline {
         o.offline = true;
     }
-    if let Some(c) = &args.cache {
+    if let Some(c) = &args.source.cache {
         o.cache = c.clone();
     }
     if args.trust.is_some() {
@@ -121,11 +111,11 @@ pub fn add(spec: &str, app: &Path, args: &RegistryArgs) -> Result<ExitCode> {
         Some(q) => q,
         None => {
             let mut args = args.clone();
-            if args.registry.is_none()
+            if args.source.registry.is_none()
                 && let Ok(decl) = AppKernels::read(app)
                 && let Some(r) = decl.registry
             {
-                args.registry = Some(r.url);
+                args.source.registry = Some(r.url);
             }
             let hub = hub(&args, None, Preferences::default())?;
             let newest = hub
@@ -164,10 +154,8 @@ pub fn add(spec: &str, app: &Path, args: &RegistryArgs) -> Result<ExitCode> {
 /// releases of `repo` fetched from that registry before.
 pub fn unreachable_hint(repo: &str, args: &RegistryArgs) -> String {
     let base = "the registry did not answer: check the URL (--registry, KHUB_REGISTRY, HF_ENDPOINT) and that the server is up";
-    let offline = RegistryArgs {
-        offline: true,
-        ..args.clone()
-    };
+    let mut offline = args.clone();
+    offline.source.offline = true;
     let stored = repo
         .parse::<RepoId>()
         .ok()
@@ -392,10 +380,10 @@ pub fn lock(app: &Path, out: &Path, hosts: &[PathBuf], args: &RegistryArgs, pref
         );
     }
     let mut args = args.clone();
-    if args.registry.is_none()
+    if args.source.registry.is_none()
         && let Some(r) = &decl.registry
     {
-        args.registry = Some(r.url.clone());
+        args.source.registry = Some(r.url.clone());
     }
     let hub = hub(&args, None, prefs)?;
     let mut targets = Vec::new();

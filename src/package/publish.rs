@@ -187,6 +187,18 @@ pub struct PublishedFile {
 }
 
 /// Publishes the release in `dir` to `repo` on the registry `config` describes.
+/// The report's list of what was published.
+fn published_files(files: &[(String, PathBuf, u64, crate::manifest::Sha256Digest)]) -> Vec<PublishedFile> {
+    files
+        .iter()
+        .map(|(p, _, s, d)| PublishedFile {
+            path: p.clone(),
+            size: *s,
+            sha256: d.to_string(),
+        })
+        .collect()
+}
+
 /// A release checked for publishing: what is uploaded, byte for byte.
 struct Checked {
     manifest: crate::manifest::Manifest,
@@ -310,14 +322,7 @@ pub fn publish(
         branches: published.branches,
         created: published.created,
         signed,
-        files: files
-            .iter()
-            .map(|(p, _, s, d)| PublishedFile {
-                path: p.clone(),
-                size: *s,
-                sha256: d.to_string(),
-            })
-            .collect(),
+        files: published_files(&files),
         verified: true,
     })
 }
@@ -375,14 +380,7 @@ pub fn publish_to_directory(
         branches: Vec::new(),
         created: false,
         signed,
-        files: files
-            .iter()
-            .map(|(p, _, s, d)| PublishedFile {
-                path: p.clone(),
-                size: *s,
-                sha256: d.to_string(),
-            })
-            .collect(),
+        files: published_files(&files),
         verified: true,
     })
 }
