@@ -278,29 +278,44 @@ impl Failure {
 
 impl From<HubError> for Failure {
     fn from(e: HubError) -> Self {
-        let code = match &e {
-            HubError::Host(_) => KHUB_E_HOST,
-            HubError::Registry(r) => registry_code(r),
-            HubError::Store(s) => store_code(s),
-            HubError::Load(l) => load_code(l),
-            HubError::Lock(LockError::NotLocked { .. }) => KHUB_E_NOT_FOUND,
-            HubError::Lock(_) => KHUB_E_LOCK,
-            HubError::Requirement(_) => KHUB_E_INVALID_ARGUMENT,
-            HubError::Trust(_) => KHUB_E_TRUST,
-            HubError::NoMatchingRelease { .. } => KHUB_E_NOT_FOUND,
-            HubError::Manifest { .. } | HubError::TagMismatch { .. } => KHUB_E_REGISTRY,
-            HubError::NoVariant(_) | HubError::LockedVariantUnfit { .. } => KHUB_E_NO_VARIANT,
-            HubError::OfflineMiss { .. } => KHUB_E_OFFLINE_MISS,
-            HubError::LockDigestMismatch { .. } | HubError::DamagedBlob { .. } | HubError::UnusableRelease { .. } => KHUB_E_VERIFY,
-            HubError::Io { .. } => KHUB_E_IO,
-        };
-        Failure::new(code, e.to_string())
+        Failure::new(hub_error_code(&e), e.to_string())
+    }
+}
+
+/// The `KHUB_E_*` code the C API reports for a hub error. Public so that other language
+/// bindings (the Python package, `bindings/python`) classify errors exactly as C hosts see
+/// them.
+pub fn hub_error_code(e: &HubError) -> c_int {
+    match e {
+        HubError::Host(_) => KHUB_E_HOST,
+        HubError::Registry(r) => registry_code(r),
+        HubError::Store(s) => store_code(s),
+        HubError::Load(l) => load_error_code(l),
+        HubError::Lock(LockError::NotLocked { .. }) => KHUB_E_NOT_FOUND,
+        HubError::Lock(_) => KHUB_E_LOCK,
+        HubError::Requirement(_) => KHUB_E_INVALID_ARGUMENT,
+        HubError::Trust(_) => KHUB_E_TRUST,
+        HubError::NoMatchingRelease { .. } => KHUB_E_NOT_FOUND,
+        HubError::Manifest { .. } | HubError::TagMismatch { .. } => KHUB_E_REGISTRY,
+        HubError::NoVariant(_) | HubError::LockedVariantUnfit { .. } => KHUB_E_NO_VARIANT,
+        HubError::OfflineMiss { .. } => KHUB_E_OFFLINE_MISS,
+        HubError::LockDigestMismatch { .. } | HubError::DamagedBlob { .. } | HubError::UnusableRelease { .. } => KHUB_E_VERIFY,
+        HubError::Io { .. } => KHUB_E_IO,
+    }
+}
+
+/// The `KHUB_E_*` code the C API reports for a call error (see [`hub_error_code`]).
+pub fn call_error_code(e: &CallError) -> c_int {
+    match e {
+        CallError::Kernel { .. } => KHUB_E_KERNEL,
+        CallError::Arguments { .. } => KHUB_E_SIGNATURE_MISMATCH,
+        CallError::NotFound(_) => KHUB_E_NOT_FOUND,
     }
 }
 
 impl From<LoadError> for Failure {
     fn from(e: LoadError) -> Self {
-        Failure::new(load_code(&e), e.to_string())
+        Failure::new(load_error_code(&e), e.to_string())
     }
 }
 
@@ -367,7 +382,8 @@ fn release_code(e: &ReleaseError) -> c_int {
     }
 }
 
-fn load_code(e: &LoadError) -> c_int {
+/// The `KHUB_E_*` code the C API reports for a load error (see [`hub_error_code`]).
+pub fn load_error_code(e: &LoadError) -> c_int {
     match e {
         LoadError::NoVariant(_) | LoadError::CpuUnsupported { .. } => KHUB_E_NO_VARIANT,
         LoadError::Release(e) => release_code(e),
