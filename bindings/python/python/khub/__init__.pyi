@@ -1,6 +1,7 @@
 """Type stubs for khub (the package re-exports the extension module khub._khub)."""
 
 import os
+import pathlib
 from typing import Any, Dict, List, Optional, Union
 
 PathLike = Union[str, os.PathLike[str]]
@@ -64,7 +65,7 @@ class Hub:
     @property
     def offline(self) -> bool: ...
     @property
-    def cache(self) -> str: ...
+    def cache(self) -> pathlib.Path: ...
     @property
     def host(self) -> Dict[str, Any]: ...
     def load(self, repo: str, version: str = "*") -> Kernel: ...
