@@ -93,7 +93,10 @@ def output_shapes(signature: str, inputs: Sequence[Any]) -> List[Tuple[List[int]
     rank >= 2 whose leading dimensions flatten into ``n``); an output whose first named
     dimension matches an input's keeps that input's leading dimensions.
     """
-    params = _params(signature)
+    return _output_shapes(signature, _params(signature), inputs)
+
+
+def _output_shapes(signature: str, params: List[_Param], inputs: Sequence[Any]) -> List[Tuple[List[Any], Optional[str]]]:
     ins = [p for p in params if not p.mutable]
     if len(ins) != len(inputs):
         raise SignatureMismatch(f"{signature} takes {len(ins)} inputs, got {len(inputs)}")
@@ -163,11 +166,11 @@ def register(kernel: Kernel, namespace: str) -> SimpleNamespace:
         lib.define(f"{name}({args}) -> {ret}")
         fn = getattr(kernel, name)
 
-        def allocate(inputs: Tuple[Any, ...], signature: str = signature) -> List[Any]:
+        def allocate(inputs: Tuple[Any, ...], signature: str = signature, params: List[_Param] = params) -> List[Any]:
             first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
             device = first.device if first is not None else torch.device("cpu")
             result = []
-            for shape, dtype in output_shapes(signature, inputs):
+            for shape, dtype in _output_shapes(signature, params, inputs):
                 dt = _DTYPES.get(dtype or "", first.dtype if first is not None else torch.float32)
                 result.append(torch.empty(shape, dtype=dt, device=device))
             return result
