@@ -215,3 +215,30 @@ def test_threads_call_concurrently(kernel):
     assert not errors
     for x, out in zip(inputs, results):
         np.testing.assert_allclose(out, silu_and_mul_ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_gil_is_released_during_the_call(kernel):
+    import time
+
+    x = np.random.default_rng(2).standard_normal(1 << 24, dtype=np.float32)
+    out = np.empty_like(x)
+    window = []
+    seen = []
+    done = threading.Event()
+
+    def call():
+        t0 = time.perf_counter()
+        kernel.gelu(out, x)
+        window.extend([t0, time.perf_counter()])
+        done.set()
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    while not done.is_set():
+        seen.append(time.perf_counter())
+    worker.join()
+    t0, t1 = window
+    # While the kernel runs in the worker, this thread keeps running Python: it could not
+    # if the call held the GIL (it would stall from just after t0 until t1).
+    lo, hi = t0 + (t1 - t0) / 3, t1 - (t1 - t0) / 3
+    assert any(lo < t < hi for t in seen), f"no Python ran during the middle of a {1e3 * (t1 - t0):.1f} ms call"
