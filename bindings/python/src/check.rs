@@ -83,6 +83,70 @@ fn shape_text(dims: &[Dim]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
+/// Why a tensor does not fit its parameter. The messages follow "the tensor …".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    /// On another kind of device than the kernel's variant runs on.
+    #[error("is on {}, but this kernel's variant runs on {}", device_name(*found), device_name(*expected))]
+    Device {
+        /// The tensor's DLPack device type.
+        found: i32,
+        /// The backend's.
+        expected: i32,
+    },
+    /// On another device than an earlier tensor of the call.
+    #[error(
+        "is on {}:{}, but an earlier tensor is on {}:{}; every tensor of a call must be on one device",
+        device_name(found.0), found.1, device_name(first.0), first.1
+    )]
+    MixedDevices {
+        /// This tensor's `(type, id)`.
+        found: (i32, i32),
+        /// The first tensor's.
+        first: (i32, i32),
+    },
+    /// Another dtype than the signature's.
+    #[error("has dtype {found}, but the signature wants {wanted}")]
+    Dtype {
+        /// The tensor's dtype, named.
+        found: String,
+        /// The signature's.
+        wanted: String,
+    },
+    /// A rank below the documented shape's.
+    #[error(
+        "has rank {} (shape {shape:?}), but the signature wants {wanted} (rank {rank}{})",
+        shape.len(),
+        if *rank == 0 { "" } else { " or more, leading dimensions flattened into the first" }
+    )]
+    Rank {
+        /// The tensor's shape.
+        shape: Vec<i64>,
+        /// The documented shape, as written.
+        wanted: String,
+        /// Its rank.
+        rank: usize,
+    },
+    /// A negative extent.
+    #[error("has a negative extent in shape {shape:?}")]
+    Negative {
+        /// The tensor's shape.
+        shape: Vec<i64>,
+    },
+    /// An extent that does not fit the documented dimension.
+    #[error("has shape {shape:?}, but the signature wants {wanted}: {which} must be {rule}")]
+    Extent {
+        /// The tensor's shape.
+        shape: Vec<i64>,
+        /// The documented shape, as written.
+        wanted: String,
+        /// Which dimension, in words.
+        which: String,
+        /// What it must be, in words.
+        rule: String,
+    },
+}
+
 /// What the named dimensions were bound to so far in one call.
 #[derive(Debug, Default)]
 pub struct Bindings {
@@ -116,25 +180,18 @@ pub fn check_tensor(
     expected_device: i32,
     first_device: &mut Option<(i32, i32)>,
     bindings: &mut Bindings,
-) -> Result<(), String> {
+) -> Result<(), ArgError> {
     let t = view.tensor;
     let dev = (t.device.device_type, t.device.device_id);
     if dev.0 != expected_device {
-        return Err(format!(
-            "is on {}, but this kernel's variant runs on {}",
-            device_name(dev.0),
-            device_name(expected_device)
-        ));
+        return Err(ArgError::Device {
+            found: dev.0,
+            expected: expected_device,
+        });
     }
     match first_device {
         Some(first) if *first != dev => {
-            return Err(format!(
-                "is on {}:{}, but an earlier tensor is on {}:{}; every tensor of a call must be on one device",
-                device_name(dev.0),
-                dev.1,
-                device_name(first.0),
-                first.1
-            ));
+            return Err(ArgError::MixedDevices { found: dev, first: *first });
         }
         Some(_) => {}
         None => *first_device = Some(dev),
@@ -143,28 +200,21 @@ pub fn check_tensor(
         && let Some((code, bits)) = dtype_code(want)
         && (t.dtype.code, t.dtype.bits, t.dtype.lanes) != (code, bits, 1)
     {
-        return Err(format!(
-            "has dtype {}, but the signature wants {want}",
-            dtype_name(t.dtype.code, t.dtype.bits, t.dtype.lanes)
-        ));
+        return Err(ArgError::Dtype {
+            found: dtype_name(t.dtype.code, t.dtype.bits, t.dtype.lanes),
+            wanted: want.clone(),
+        });
     }
     let Some(dims) = &param.shape else {
         return Ok(());
     };
     let shape = view.shape();
     if shape.len() < dims.len() || dims.is_empty() && !shape.is_empty() {
-        return Err(format!(
-            "has rank {} (shape {:?}), but the signature wants {} (rank {}{})",
-            shape.len(),
+        return Err(ArgError::Rank {
             shape,
-            shape_text(dims),
-            dims.len(),
-            if dims.is_empty() {
-                ""
-            } else {
-                " or more, leading dimensions flattened into the first"
-            }
-        ));
+            wanted: shape_text(dims),
+            rank: dims.len(),
+        });
     }
     if dims.is_empty() {
         return Ok(());
@@ -174,12 +224,12 @@ pub fn check_tensor(
     let mut extents: Vec<u64> = Vec::with_capacity(dims.len());
     let mut first: u64 = 1;
     for &e in &shape[..lead] {
-        let e = u64::try_from(e).map_err(|_| format!("has a negative extent in shape {shape:?}"))?;
+        let e = u64::try_from(e).map_err(|_| ArgError::Negative { shape: shape.clone() })?;
         first = first.saturating_mul(e);
     }
     extents.push(first);
     for &e in &shape[lead..] {
-        extents.push(u64::try_from(e).map_err(|_| format!("has a negative extent in shape {shape:?}"))?);
+        extents.push(u64::try_from(e).map_err(|_| ArgError::Negative { shape: shape.clone() })?);
     }
     for (pos, (dim, &extent)) in dims.iter().zip(&extents).enumerate() {
         let which = if pos == 0 && lead > 1 {
@@ -190,29 +240,33 @@ pub fn check_tensor(
         match &dim.name {
             None => {
                 if extent != dim.factor {
-                    return Err(format!(
-                        "has shape {shape:?}, but the signature wants {}: {which} must be {}",
-                        shape_text(dims),
-                        dim.factor
-                    ));
+                    return Err(ArgError::Extent {
+                        shape,
+                        wanted: shape_text(dims),
+                        which,
+                        rule: dim.factor.to_string(),
+                    });
                 }
             }
             Some(name) => {
                 if dim.factor == 0 || extent % dim.factor != 0 {
-                    return Err(format!(
-                        "has shape {shape:?}, but the signature wants {}: {which} must be a multiple of {}",
-                        shape_text(dims),
-                        dim.factor
-                    ));
+                    return Err(ArgError::Extent {
+                        shape,
+                        wanted: shape_text(dims),
+                        which,
+                        rule: format!("a multiple of {}", dim.factor),
+                    });
                 }
                 let value = extent / dim.factor;
                 match bindings.values.get(name) {
                     Some(&(bound, at)) if bound != value => {
                         let want = bound.saturating_mul(dim.factor);
-                        return Err(format!(
-                            "has shape {shape:?}, but the signature wants {}: {which} must be {want}, since `{name}` is {bound} from argument {at}",
-                            shape_text(dims),
-                        ));
+                        return Err(ArgError::Extent {
+                            shape,
+                            wanted: shape_text(dims),
+                            which,
+                            rule: format!("{want}, since `{name}` is {bound} from argument {at}"),
+                        });
                     }
                     Some(_) => {}
                     None => {

@@ -114,36 +114,20 @@ impl Drop for Managed {
 }
 
 /// Why an object could not be taken as a tensor.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The object has no `__dlpack__`.
+    #[error("a {0} is not a tensor: it has no `__dlpack__` (pass a torch tensor, a numpy >= 1.23 array, or any DLPack producer)")]
     NoProtocol(String),
     /// `__dlpack__` raised.
+    #[error("its `__dlpack__` raised {0}")]
     Raised(PyErr),
     /// `__dlpack__` returned something else than a fresh DLPack capsule.
+    #[error("its `__dlpack__` returned an object of type `{0}`, not an unused DLPack capsule (\"dltensor\" or \"dltensor_versioned\")")]
     NotCapsule(String),
     /// A versioned tensor of a major version khub does not know.
+    #[error("it is a DLPack {0}.{1} tensor, and khub understands DLPack {MAJOR}.x only")]
     Version(u32, u32),
-}
-
-impl std::fmt::Display for ImportError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ImportError::NoProtocol(t) => write!(
-                f,
-                "a {t} is not a tensor: it has no `__dlpack__` (pass a torch tensor, a numpy >= 1.23 array, or any DLPack producer)"
-            ),
-            ImportError::Raised(e) => write!(f, "its `__dlpack__` raised {e}"),
-            ImportError::NotCapsule(t) => write!(
-                f,
-                "its `__dlpack__` returned an object of type `{t}`, not an unused DLPack capsule (\"dltensor\" or \"dltensor_versioned\")"
-            ),
-            ImportError::Version(major, minor) => write!(
-                f,
-                "it is a DLPack {major}.{minor} tensor, and khub understands DLPack {MAJOR}.x only"
-            ),
-        }
-    }
 }
 
 /// The device of a DLPack producer, from `__dlpack_device__()`, without exporting it.
