@@ -66,6 +66,26 @@ impl ErrorKind {
         }
     }
 
+    /// The kind whose C API code is `code`.
+    pub fn from_code(code: i32) -> Option<ErrorKind> {
+        const ALL: [ErrorKind; 13] = [
+            ErrorKind::InvalidArgument,
+            ErrorKind::NotFound,
+            ErrorKind::NoVariant,
+            ErrorKind::Verify,
+            ErrorKind::Trust,
+            ErrorKind::Registry,
+            ErrorKind::OfflineMiss,
+            ErrorKind::Load,
+            ErrorKind::SignatureMismatch,
+            ErrorKind::Kernel,
+            ErrorKind::Host,
+            ErrorKind::Lock,
+            ErrorKind::Io,
+        ];
+        ALL.into_iter().find(|k| k.code() == code)
+    }
+
     /// The kind of the first khub error in `e`'s chain (`e` itself first), if any.
     pub fn of(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -105,6 +125,42 @@ impl ErrorKind {
         }
         None
     }
+}
+
+/// The messages of an error's chain, outermost first, each said once: a cause whose text a
+/// message before it already contains is dropped (libraries often repeat their source in
+/// their own message), and so is a parenthesized group repeated back to back (`(URL)
+/// (URL)`). What the command line prints and what bindings raise.
+pub fn messages(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = next {
+        let text = collapse_repeats(c.to_string().trim());
+        if !text.is_empty() && !out.iter().any(|kept| kept.contains(&text)) {
+            out.push(text);
+        }
+        next = c.source();
+    }
+    out
+}
+
+/// `a (x) (x)` → `a (x)`: a parenthesized group said twice in a row, once.
+fn collapse_repeats(s: &str) -> String {
+    let mut out = s.to_owned();
+    let mut from = 0;
+    while let Some(open) = out[from..].find('(').map(|i| i + from) {
+        let Some(close) = out[open..].find(')').map(|i| i + open) else {
+            break;
+        };
+        let group = out[open..=close].to_owned();
+        let repeat = format!(" {group}");
+        if out[close + 1..].starts_with(&repeat) {
+            out.replace_range(close + 1..close + 1 + repeat.len(), "");
+        } else {
+            from = close + 1;
+        }
+    }
+    out
 }
 
 impl HubError {
@@ -219,5 +275,29 @@ impl CallError {
             CallError::Arguments { .. } => ErrorKind::SignatureMismatch,
             CallError::NotFound(_) => ErrorKind::NotFound,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_repeated_back_to_back_is_said_once() {
+        assert_eq!(
+            collapse_repeats("error sending request for url (http://h:9/x) (http://h:9/x)"),
+            "error sending request for url (http://h:9/x)"
+        );
+        assert_eq!(collapse_repeats("a (b) (c) (c) d"), "a (b) (c) d");
+        assert_eq!(collapse_repeats("unbalanced (x"), "unbalanced (x");
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for code in 1..=13 {
+            assert_eq!(ErrorKind::from_code(code).map(ErrorKind::code), Some(code));
+        }
+        assert_eq!(ErrorKind::from_code(0), None);
+        assert_eq!(ErrorKind::from_code(14), None);
     }
 }

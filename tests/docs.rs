@@ -17,8 +17,8 @@
 //! - `<!-- doctest: skip: REASON -->`: not run; the reason is printed (for commands whose
 //!   run this test cannot host: the test suite itself, release builds, benchmarks).
 //! - `<!-- doctest: needs: TOOL … -->`: skipped with a message when a tool is missing
-//!   (with `CI=true`, a failure: CI installs every tool). Later blocks must not depend
-//!   on such a block.
+//!   (with `CI=true`, a failure: CI installs every tool). `python:MODULE` needs the
+//!   sandbox's `python` to import MODULE. Later blocks must not depend on such a block.
 //! - `<!-- doctest: output varies: REASON -->`: a transcript whose commands run but whose
 //!   output is a record of one machine (lscpu, timings), not matched.
 //! - `<!-- doctest: servers -->`: each line is a server: started, waited for until it
@@ -30,7 +30,9 @@
 //! Each file runs in one bash session in a sandbox: the working directory holds copies of
 //! kernels-example/, examples/ and include/; HOME, TMPDIR and the store are private;
 //! `/tmp/` in a command means the sandbox's own tmp, and port 8080 a free port (both
-//! mapped back in the output before matching); `khub` on PATH is the binary under test.
+//! mapped back in the output before matching); `khub` on PATH is the binary under test, and
+//! `python` is `KHUB_DOCS_PYTHON` (a Python with the `khub` package installed, as `.ci/run`
+//! sets it), else `PYTHON`.
 #![allow(clippy::disallowed_methods)] // test code: scratch files and the process environment are its own
 
 mod common;
@@ -175,7 +177,20 @@ fn parse(file: &str, text: &str) -> Vec<Block> {
     blocks
 }
 
+/// The Python the sandbox's `python` runs.
+fn docs_python() -> Option<std::ffi::OsString> {
+    std::env::var_os("KHUB_DOCS_PYTHON").or_else(|| std::env::var_os("PYTHON"))
+}
+
 fn have_tool(tool: &str) -> bool {
+    if let Some(module) = tool.strip_prefix("python:") {
+        return docs_python().is_some_and(|py| {
+            Command::new(py)
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -215,7 +230,7 @@ impl Sandbox {
         // The install script reads the crate's layout next to it.
         std::fs::copy(common::repo().join("Cargo.toml"), root.join("work/Cargo.toml")).unwrap();
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_khub"), root.join("bin/khub")).unwrap();
-        if let Some(py) = std::env::var_os("PYTHON") {
+        if let Some(py) = docs_python() {
             // A wrapper, not a symlink: a virtual environment's python finds its packages
             // from the path it was started by.
             let wrapper = root.join("bin/python");
@@ -464,6 +479,7 @@ doc_tests! {
     lockfile => "docs/lockfile.md",
     performance => "docs/performance.md",
     publishing => "docs/publishing.md",
+    python => "docs/python.md",
     registry => "docs/registry.md",
     resolve => "docs/resolve.md",
     security => "docs/security.md",

@@ -3,38 +3,9 @@
 
 use serde::Serialize;
 
-/// The messages of an error's chain, outermost first, each once: a cause whose text a
-/// message before it already contains is dropped (libraries often repeat their source in
-/// their own message), and so is a group repeated back to back (`(URL) (URL)`).
+/// The messages of an error's chain, each once ([`khub::error_kind::messages`]).
 pub fn causes(e: &anyhow::Error) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for c in e.chain() {
-        let text = collapse_repeats(c.to_string().trim());
-        if text.is_empty() || out.iter().any(|kept| kept.contains(&text)) {
-            continue;
-        }
-        out.push(text);
-    }
-    out
-}
-
-/// `a (x) (x)` → `a (x)`: a parenthesized group said twice in a row, once.
-fn collapse_repeats(s: &str) -> String {
-    let mut out = s.to_owned();
-    let mut from = 0;
-    while let Some(open) = out[from..].find('(').map(|i| i + from) {
-        let Some(close) = out[open..].find(')').map(|i| i + open) else {
-            break;
-        };
-        let group = out[open..=close].to_owned();
-        let repeat = format!(" {group}");
-        if out[close + 1..].starts_with(&repeat) {
-            out.replace_range(close + 1..close + 1 + repeat.len(), "");
-        } else {
-            from = close + 1;
-        }
-    }
-    out
+    khub::error_kind::messages(e.as_ref())
 }
 
 /// What the user reads: the causes, the error's kind, and at most one hint.
@@ -142,15 +113,5 @@ mod tests {
         );
         let r = Report::new(&anyhow::anyhow!("plain"), Some("try --offline".into()));
         assert_eq!(r.text(), "error: plain\nhint: try --offline");
-    }
-
-    #[test]
-    fn a_group_repeated_back_to_back_is_said_once() {
-        assert_eq!(
-            collapse_repeats("error sending request for url (http://h:9/x) (http://h:9/x)"),
-            "error sending request for url (http://h:9/x)"
-        );
-        assert_eq!(collapse_repeats("a (b) (c) (c) d"), "a (b) (c) d");
-        assert_eq!(collapse_repeats("unbalanced (x"), "unbalanced (x");
     }
 }
