@@ -1,8 +1,10 @@
 //! The content-addressed store: verified file bytes on disk, named by their SHA-256.
 //!
-//! This module alone writes to the cache directory. Nothing else in khub creates, renames
-//! or deletes files there: the blobs live in `store-v1/`, and the known-release index
-//! (what offline mode resolves against) in `index-v1/`, written by [`index`].
+//! This module alone writes to the cache directory, with one exception. Nothing else in khub
+//! creates, renames or deletes files there: the blobs live in `store-v1/`, and the
+//! known-release index (what offline mode resolves against) in `index-v1/`, written by
+//! [`index`]. The exception is `host-v1/`, the per-boot host-facts cache that
+//! [`crate::host::cache`] owns (it holds no blob and nothing here reads it).
 //!
 //! # Layout
 //!
