@@ -26,7 +26,7 @@
 //!   `O_NOFOLLOW`), owned by this user, not writable by group or others, and under 64 KiB;
 //!   it is parsed strictly (unknown fields refused) and may only set the `cuda` facts.
 //!   Anything else (a corrupt, truncated, foreign or hostile file) is ignored, the probe
-//!   runs, and the file is replaced atomically ([`crate::fsx::write_atomic`]). Host facts
+//!   runs, and the file is replaced atomically (a private temp file renamed over it). Host facts
 //!   decide which variant is *chosen*, never whether bytes are *trusted*: every loaded
 //!   byte is still verified against the manifest, so a forged cache can at worst pick a
 //!   variant that fails to load, as a forged `KHUB_CUDA_ARCH` could.
@@ -157,8 +157,19 @@ pub(crate) fn record(path: &Path, key: &str, d: &Detected) {
     if let Some(dir) = path.parent()
         && create_private_dir(dir).is_ok()
     {
-        let _ = crate::fsx::write_atomic(path, &bytes);
+        let _ = write_atomic(dir, path, &bytes);
     }
+}
+
+/// Replaces `path` with `bytes` through a private temp file in `dir` and a rename, so a
+/// reader sees the old file or the new one. Not synced: a crash can at worst leave an
+/// empty or short file, which [`read`] refuses, and the next run rewrites.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = tempfile::Builder::new().prefix(".nvidia.").suffix(".tmp").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 fn is_cuda_fact(name: &str) -> bool {
