@@ -366,7 +366,8 @@ fn scaling(manifests: &[(usize, Manifest)], host: &HostFacts, prefs: &Preference
         f();
         t.elapsed().as_secs_f64()
     };
-    let arms: [(&str, &dyn Fn(&Manifest)); 2] = [
+    type Arm<'a> = (&'a str, &'a dyn Fn(&Manifest));
+    let arms: [Arm; 2] = [
         ("choose", &|m| {
             black_box(khub::resolve::choose(black_box(m), host, prefs).ok());
         }),

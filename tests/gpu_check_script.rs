@@ -71,9 +71,16 @@ fn without_nvidia_smi_it_says_so_and_exits_2() {
 
 #[test]
 fn a_failing_nvidia_smi_is_no_gpu() {
-    let out = run(Some("echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9"), &[]);
+    let out = run(
+        Some("echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9"),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("nvidia-smi failed: NVIDIA-SMI has failed"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nvidia-smi failed: NVIDIA-SMI has failed"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
