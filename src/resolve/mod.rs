@@ -327,7 +327,7 @@ pub fn describe_host(h: &HostFacts) -> String {
 
 /// Resolves every variant of `manifest` against `host`, best first.
 pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Resolution {
-    let candidates: Vec<Candidate> = manifest
+    let mut candidates: Vec<Candidate> = manifest
         .variants
         .iter()
         .enumerate()
@@ -341,22 +341,9 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
             },
         })
         .collect();
-    // Sort small keys, not the candidates: (rank, id, position) triples are 40 bytes
-    // against a Candidate's 100-odd, and an unstable sort needs no scratch copy. Ids are
-    // unique (manifest validation), so the order is total and deterministic. Then each
-    // candidate moves once, into its place.
-    let mut order: Vec<(Rank<'_>, &str, usize)> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let (rank, id) = c.sort_key();
-            (rank, id, i)
-        })
-        .collect();
-    order.sort_unstable();
-    let order: Vec<usize> = order.into_iter().map(|(_, _, i)| i).collect();
-    let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
-    let candidates: Vec<Candidate> = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    // Ids are unique (manifest validation), so the order is total and an unstable sort is
+    // deterministic.
+    candidates.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     Resolution {
         kernel: manifest.kernel.name.clone(),
         version: manifest.kernel.version.to_string(),
