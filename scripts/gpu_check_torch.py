@@ -84,7 +84,7 @@ kernel = vp()
 check(lib.khub_hub_load(hub, b"acme/activation", b"*", ctypes.byref(kernel), ctypes.byref(err)), err, "hub_load")
 prov = ctypes.c_char_p()
 check(lib.khub_kernel_provenance_json(kernel, ctypes.byref(prov), ctypes.byref(err)), err, "provenance")
-variant = json.loads(prov.value.decode()).get("variant", "?")
+variant = json.loads(prov.value.decode()).get("loaded", {}).get("variant", "?")
 print(f"khub loaded variant {variant}")
 if not variant.startswith("cuda"):
     sys.exit(f"gpu_check_torch: the hub chose {variant}, not a CUDA variant")
