@@ -92,7 +92,8 @@ if not variant.startswith("cuda"):
 
 def dl(t):
     shape = (ctypes.c_int64 * t.dim())(*t.shape)
-    d = DLTensor(t.data_ptr(), DLDevice(KDL_CUDA, t.device.index or 0), t.dim(), DLDataType(KDL_FLOAT, 32, 1), shape, None, 0)
+    shape_ptr = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
+    d = DLTensor(t.data_ptr(), DLDevice(KDL_CUDA, t.device.index or 0), t.dim(), DLDataType(KDL_FLOAT, 32, 1), shape_ptr, None, 0)
     return d, shape  # keep the shape array alive with the tensor struct
 
 
