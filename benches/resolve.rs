@@ -309,6 +309,18 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
 
+    scaling(&manifests, &host, &prefs);
+
+    // The load path's selection: the best variant in one pass, nothing sorted.
+    let mut g = c.benchmark_group("choose");
+    for (n, m) in &manifests {
+        g.throughput(Throughput::Elements(*n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), m, |b, m| {
+            b.iter(|| khub::resolve::choose(black_box(m), black_box(&host), black_box(&prefs)))
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("resolve");
     for (n, m) in &manifests {
         g.throughput(Throughput::Elements(*n as u64));
@@ -338,6 +350,53 @@ fn benches(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Growth from 1,000 to 10,000 variants, measured interleaved (1,000 ten times, then
+/// 10,000 once, alternating, 15 rounds), for `choose` (what loading uses) and `resolve`
+/// (the full ranking explain prints). Linear growth is 10×; the goal is at most 12×.
+fn scaling(manifests: &[(usize, Manifest)], host: &HostFacts, prefs: &Preferences) {
+    let get = |n: usize| manifests.iter().find(|(k, _)| *k == n).map(|(_, m)| m);
+    let (Some(small), Some(large)) = (get(1_000), get(10_000)) else {
+        return;
+    };
+    let rounds = if std::env::args().any(|a| a == "--bench") { 15 } else { 2 };
+    let time = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    type Arm<'a> = (&'a str, &'a dyn Fn(&Manifest));
+    let arms: [Arm; 2] = [
+        ("choose", &|m| {
+            black_box(khub::resolve::choose(black_box(m), host, prefs).ok());
+        }),
+        ("resolve", &|m| {
+            black_box(resolve(black_box(m), host, prefs));
+        }),
+    ];
+    for (name, f) in arms {
+        let mut ratios = Vec::new();
+        let (mut t_small, mut t_large) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let s = time(&|| (0..10).for_each(|_| f(small))) / 10.0;
+            let l = time(&|| f(large));
+            ratios.push(l / s);
+            t_small.push(s);
+            t_large.push(l);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let r = median(&mut ratios);
+        eprintln!(
+            "scaling {name}: 1,000 variants {:.0} µs, 10,000 variants {:.0} µs (medians); 10,000 / 1,000 = {r:.1}× (median of {rounds} interleaved rounds); goal <= 12×: {}",
+            median(&mut t_small) * 1e6,
+            median(&mut t_large) * 1e6,
+            if r <= 12.0 { "met" } else { "NOT met" }
+        );
+    }
 }
 
 criterion_group!(resolve_benches, benches);

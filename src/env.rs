@@ -140,6 +140,9 @@ pub const KHUB_HIPCC: &str = "KHUB_HIPCC";
 pub const KHUB_INCLUDE: &str = "KHUB_INCLUDE";
 /// The executable search path, for finding compilers.
 pub const PATH: &str = "PATH";
+/// The dynamic loader's search path: part of the key of the host-facts cache, since it
+/// decides which `libcuda.so.1` a probe loads.
+pub const LD_LIBRARY_PATH: &str = "LD_LIBRARY_PATH";
 
 /// Every variable khub reads, for the snapshot and the documentation.
 pub const ALL: &[&str] = &[
@@ -206,7 +209,7 @@ pub const ALL: &[&str] = &[
 
 /// Variables of the process that khub consults but that are not khub settings (a test or
 /// an embedding host that clears [`ALL`] keeps these): only through [`var_os`].
-pub const SYSTEM: &[&str] = &[PATH];
+pub const SYSTEM: &[&str] = &[PATH, LD_LIBRARY_PATH];
 
 /// Whether `var` is registered: in [`ALL`] or [`SYSTEM`].
 fn registered(var: &str) -> bool {

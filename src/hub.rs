@@ -33,7 +33,7 @@ use crate::load::{Kernel, LoadError, load_from};
 use crate::lock::{LockError, LockedKernel, LockedTarget, Lockfile};
 use crate::manifest::{Manifest, ManifestError, Sha256Digest, Variant};
 use crate::registry::{GitRef, Refs, Registry, RegistryError, RepoId, dir::DirRegistry};
-use crate::resolve::{NoVariantFits, Preferences, resolve};
+use crate::resolve::{NoVariantFits, Preferences};
 use crate::store::{KnownRelease, KnownReleases, Store, StoreError, StoreSource};
 use crate::version::{RequirementError, Selected, parse_requirement, select};
 
@@ -1023,35 +1023,29 @@ impl Hub {
                 }
             }
         }
-        // Among the locked variants, the best one for this host.
-        // (Each variant once: several target hosts often pin the same one.)
-        let mut locked: Vec<&str> = Vec::new();
-        for t in &entry.targets {
-            if !locked.contains(&t.variant.as_str()) {
-                locked.push(&t.variant);
+        // Among the locked variants, the best one for this host: one pass, no copy of the
+        // manifest, no ranking of the others.
+        let locked = |v: &Variant| entry.targets.iter().any(|t| t.variant == v.id);
+        let chosen = crate::resolve::choose_among(&manifest, &self.options.host, &self.options.preferences, locked).map_err(|e| {
+            HubError::LockedVariantUnfit {
+                lock: lock_path.into(),
+                repo: repo.clone(),
+                variants: {
+                    // Each variant once: several target hosts often pin the same one.
+                    let mut ids: Vec<&str> = Vec::new();
+                    for t in &entry.targets {
+                        if !ids.contains(&t.variant.as_str()) {
+                            ids.push(&t.variant);
+                        }
+                    }
+                    ids.join(", ")
+                },
+                why: e.to_string(),
             }
-        }
-        let mut restricted = manifest.clone();
-        restricted.variants.retain(|v| locked.contains(&v.id.as_str()));
-        let resolution = resolve(&restricted, &self.options.host, &self.options.preferences);
-        let chosen = resolution.chosen(&self.options.host).map_err(|e| HubError::LockedVariantUnfit {
-            lock: lock_path.into(),
-            repo: repo.clone(),
-            variants: locked.join(", "),
-            why: e.to_string(),
         })?;
-        let variant = manifest
-            .variant(&chosen.id)
-            .ok_or_else(|| LoadError::UnknownVariant(chosen.id.clone()))?;
-        for f in &variant.files {
-            if !self.store.contains(&f.sha256, f.size) {
-                return Err(HubError::OfflineMiss {
-                    what: format!("file `{}` (sha256 {}) of {repo} {}", f.path, f.sha256, entry.version),
-                    store: self.store.root().to_owned(),
-                    command: fetch_cmd,
-                });
-            }
-        }
+        let variant = &manifest.variants[chosen];
+        // The store is not checked for the files here: `load_from` opens each one (with
+        // the same lstat checks) and a missing one comes back as `OfflineMiss` below.
         match load_from(&StoreSource { store: &self.store }, &manifest, &variant.id) {
             Err(e) if is_damage(&e) => {
                 let release = ResolvedRelease {
@@ -1071,8 +1065,30 @@ impl Hub {
                     command: fetch_cmd,
                 })
             }
+            Err(e) if store_miss(&e).is_some() => {
+                let path = store_miss(&e).map(ToString::to_string).unwrap_or_default();
+                let digest = variant
+                    .files
+                    .iter()
+                    .find(|f| f.path.as_str() == path)
+                    .map_or_else(String::new, |f| format!(" (sha256 {})", f.sha256));
+                Err(HubError::OfflineMiss {
+                    what: format!("file `{path}`{digest} of {repo} {}", entry.version),
+                    store: self.store.root().to_owned(),
+                    command: fetch_cmd,
+                })
+            }
             other => Ok(other?),
         }
+    }
+}
+
+/// The file a locked load found absent from the store (or unreadable there), if that is
+/// why it failed.
+fn store_miss(e: &LoadError) -> Option<&crate::manifest::RelPath> {
+    match e {
+        LoadError::Verify(crate::verify::VerifyError::Unavailable { path, .. }) => Some(path),
+        _ => None,
     }
 }
 
@@ -1104,9 +1120,7 @@ fn is_damage(e: &LoadError) -> bool {
 
 /// Resolves `manifest` for `host`, returning the chosen variant.
 fn choose<'a>(manifest: &'a Manifest, host: &HostFacts, prefs: &Preferences) -> Result<&'a Variant, HubError> {
-    let r = resolve(manifest, host, prefs);
-    let c = r.chosen(host)?;
-    Ok(&manifest.variants[c.index])
+    Ok(&manifest.variants[crate::resolve::choose(manifest, host, prefs)?])
 }
 
 /// A writer that reports progress as bytes pass through.

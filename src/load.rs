@@ -23,7 +23,7 @@ use crate::abi::{self, KernelFn, KhubCall, KhubFunction, KhubKernelDesc, ParamKi
 use crate::host::HostFacts;
 use crate::manifest::{FileEntry, Manifest, RelPath, Sha256Digest, Variant};
 use crate::release::{Release, ReleaseError};
-use crate::resolve::{NoVariantFits, Preferences, resolve};
+use crate::resolve::{NoVariantFits, Preferences};
 use crate::verify::{FileSource, VerifyError, open_verified};
 
 /// Loading failed. Every variant says which file or function and what to do.
@@ -338,9 +338,8 @@ pub struct ExportReport {
 impl Release {
     /// Resolves for `host` and loads the best variant.
     pub fn load(&self, host: &HostFacts, prefs: &Preferences) -> Result<Kernel, LoadError> {
-        let resolution = resolve(self.manifest(), host, prefs);
-        let chosen = resolution.chosen(host)?;
-        self.load_variant(&chosen.id)
+        let chosen = crate::resolve::choose(self.manifest(), host, prefs)?;
+        self.load_variant(&self.manifest().variants[chosen].id)
     }
 
     /// Verifies and loads one variant by id, without resolution.

@@ -506,8 +506,12 @@ fn schema_version(text: &str) -> Result<(u32, u32), ManifestError> {
     struct Head {
         schema: Option<toml::Value>,
     }
+    if let Some(found) = leading_schema(text) {
+        return parse_schema(found.to_owned());
+    }
     // Parsing twice costs a little; it lets an unknown major fail with a clear message
-    // before any field of a future format is misread.
+    // before any field of a future format is misread. Only documents that do not open
+    // with a plain `schema = "…"` line (the first line khub writes) pay for it.
     let head: Head = toml::from_str(text).map_err(|e| ManifestError::Syntax(Box::new(e)))?;
     let found = match head.schema {
         Some(toml::Value::String(s)) => s,
@@ -524,6 +528,27 @@ fn schema_version(text: &str) -> Result<(u32, u32), ManifestError> {
             ));
         }
     };
+    parse_schema(found)
+}
+
+/// The schema string when the document's first line that is not blank or a comment is
+/// exactly `schema = "DIGITS.DIGITS"` (spaces around `=` and a trailing comment allowed).
+/// Such a line can only be the top-level key `schema`: nothing comes before it that could
+/// open a table or a multi-line string, and a second `schema` key would be a TOML error
+/// that the full parse reports. Anything else returns `None` and is parsed in full.
+fn leading_schema(text: &str) -> Option<&str> {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'))?;
+    let rest = line.strip_prefix("schema")?.trim_start().strip_prefix('=')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let (value, after) = rest.split_once('"')?;
+    let after = after.trim_start();
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (major, minor) = value.split_once('.')?;
+    (plain(major) && plain(minor) && (after.is_empty() || after.starts_with('#'))).then_some(value)
+}
+
+/// `MAJOR.MINOR` of a schema string; an error for another major or another form.
+fn parse_schema(found: String) -> Result<(u32, u32), ManifestError> {
     let parsed = found
         .split_once('.')
         .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
@@ -584,7 +609,7 @@ impl Manifest {
     /// Checks every rule that the types alone do not enforce. Returns the first violation,
     /// scanning in document order.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let (major, _) = schema_version(&format!("schema = {:?}", self.schema))?;
+        let (major, _) = parse_schema(self.schema.clone())?;
         debug_assert_eq!(major, SCHEMA_MAJOR);
         let k = &self.kernel;
         check_name(
@@ -957,6 +982,32 @@ sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         let text = format!("{head}{variant}{variant}");
         let e = err_text(Manifest::from_toml_str(&text));
         assert!(e.contains("variants[1].id") && e.contains("unique"), "{e}");
+    }
+
+    /// The shortcut for a leading `schema = "X.Y"` line agrees with the full parse, and
+    /// declines everything it cannot read for certain.
+    #[test]
+    fn the_leading_schema_line_shortcut_agrees_with_the_full_parse() {
+        for (text, want) in [
+            ("schema = \"1.0\"\n[kernel]\n", Some("1.0")),
+            ("# comment\n\n  schema=\"1.3\"   # trailing\nx = 1\n", Some("1.3")),
+            ("schema = \"2.0\"\n", Some("2.0")),
+            ("\"schema\" = \"1.0\"\n", None),
+            ("schema = '1.0'\n", None),
+            ("schema = \"1.0\" x\n", None),
+            ("schema = \"1\\u002e0\"\n", None),
+            ("schema.x = 1\n", None),
+            ("[kernel]\nschema = \"1.0\"\n", None),
+            ("name = \"\"\"\nschema = \"1.0\"\n\"\"\"\nschema = \"2.0\"\n", None),
+        ] {
+            assert_eq!(leading_schema(text), want, "{text:?}");
+            if let Some(v) = want {
+                let head: toml::Table = toml::from_str(text).unwrap();
+                assert_eq!(head["schema"].as_str(), Some(v), "{text:?}");
+            }
+        }
+        // A second `schema` key after the shortcut's line is still a syntax error.
+        assert!(Manifest::from_toml_str(&format!("{SMALL}\nschema = \"2.0\"\n")).is_err());
     }
 
     #[test]

@@ -673,3 +673,54 @@ fn a_crashing_driver_does_not_take_a_registry_command_down() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.starts_with("error:"), "{stderr}");
 }
+
+/// Issue 14: a registry command caches the NVIDIA probe's answer for the boot, so a warm
+/// run starts no probe helper (the fake driver logs every `cuInit`); a change of the key
+/// (here `CUDA_VISIBLE_DEVICES`) probes again, and a corrupt cache file is ignored and
+/// replaced.
+#[test]
+fn a_warm_registry_command_probes_the_driver_once_per_boot() {
+    let fx = Fixture::new();
+    let log = fx.path().join("cuinit.log");
+    let lib = fx.compile(Mode::Ok, "libfake_ok_log.so", &[&format!("-DFAKE_CALLLOG=\"{}\"", log.display())]);
+    let nvml = fx.missing("libnvidia-ml.so.1");
+    let registry = fx.path().join("empty-registry");
+    std::fs::create_dir_all(&registry).unwrap();
+    let cache_file = fx.path().join("cache/host-v1/nvidia.json");
+    let probes = || std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
+    let run = |cvd: Option<&str>| {
+        let mut cmd = Command::new(KHUB);
+        for var in khub::env::ALL {
+            cmd.env_remove(var);
+        }
+        cmd.args(["fetch", "acme/activation", "--offline", "--registry"])
+            .arg(&registry)
+            .arg("--cache")
+            .arg(fx.path().join("cache"))
+            .env("KHUB_LIBCUDA", &lib)
+            .env("KHUB_LIBNVML", &nvml)
+            .env("HOME", fx.path());
+        if let Some(v) = cvd {
+            cmd.env("CUDA_VISIBLE_DEVICES", v);
+        }
+        let out = cmd.output().unwrap();
+        // An empty registry, offline: the command fails after probing, as intended.
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let base = std::env::var_os("CUDA_VISIBLE_DEVICES");
+    let base = base.as_ref().map(|v| v.to_str().unwrap());
+    run(base);
+    assert_eq!(probes(), 1, "the first run probes");
+    assert!(cache_file.is_file(), "and records the answer");
+    run(base);
+    assert_eq!(probes(), 1, "a warm run does not probe again");
+    run(Some("2,0"));
+    assert_eq!(probes(), 2, "another device selection is another key");
+    std::fs::write(&cache_file, b"{ not json").unwrap();
+    run(Some("2,0"));
+    assert_eq!(probes(), 3, "a corrupt cache is ignored");
+    let v: Value = serde_json::from_slice(&std::fs::read(&cache_file).unwrap()).expect("rewritten as valid JSON");
+    assert_eq!(v["cuda"]["devices"][0]["cc"], "12.0", "the answer for CUDA_VISIBLE_DEVICES=2,0");
+    run(Some("2,0"));
+    assert_eq!(probes(), 3, "and the rewritten cache is used");
+}

@@ -156,6 +156,24 @@ fn lock_then_load_locked_offline_for_several_hosts() {
         e.contains("locked manifest of acme/activation 0.1.0") && e.contains("run `khub fetch acme/activation"),
         "{e}"
     );
+    // The manifest is there but the library blob is gone: the miss names the file, its
+    // digest and the command (load_locked no longer stats the files first; the open in
+    // load_from finds the miss).
+    let lib = &lock.kernels[0].targets[0].files[0];
+    let hex = lib.sha256.to_string();
+    let blob = cache.path().join("store-v1/blobs").join(&hex[..2]).join(&hex);
+    let kept = std::fs::read(&blob).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    let e = off.load_locked(&lock, &path, &repo()).unwrap_err();
+    assert!(matches!(e, HubError::OfflineMiss { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!("file `{}` (sha256 {hex}) of acme/activation 0.1.0", lib.path))
+            && e.contains("run `khub fetch acme/activation"),
+        "{e}"
+    );
+    std::fs::write(&blob, kept).unwrap();
+    assert_eq!(off.load_locked(&lock, &path, &repo()).unwrap().variant(), "cpu-x86_64-v3-linux");
     // A lock with an edited digest is refused, naming the file.
     let edited = std::fs::read_to_string(&path).unwrap();
     let digest = lock.kernels[0].targets[0].files[0].sha256.to_string();

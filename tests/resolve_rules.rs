@@ -10,7 +10,7 @@
 use khub::host::HostFacts;
 use khub::manifest::Manifest;
 use khub::platform::{Backend, CpuArch, LibcFamily, MajorMinor, Os, X86Level};
-use khub::resolve::{DeviceMatch, Preferences, Rejection, Resolution, Verdict, resolve, runs_on};
+use khub::resolve::{DeviceMatch, Preferences, Rejection, Resolution, Verdict, choose, choose_among, resolve, runs_on};
 
 /// A dummy SHA-256 (of the empty string) for every file.
 const SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -1595,6 +1595,44 @@ fn runs_on_agrees_with_resolve() {
             }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `choose` (one pass, no sort: the load path) picks what `resolve` ranks first, and fails
+/// with the same error, for every case and its preferences; `choose_among` agrees with
+/// `resolve` over the manifest cut down to the kept variants.
+#[test]
+fn choose_agrees_with_resolve() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in cases() {
+        let (Ok(manifest), Ok(host)) = (manifest(case.abi, &case.variants), host(&case.host)) else {
+            failures.push(format!("[{}] does not build", case.name));
+            continue;
+        };
+        let full = resolve(&manifest, &host, &case.prefs);
+        let want = full.chosen(&host).map(|c| c.index).map_err(|e| e.to_string());
+        let got = choose(&manifest, &host, &case.prefs).map_err(|e| e.to_string());
+        if got != want {
+            failures.push(format!("[{}] choose = {got:?}, resolve = {want:?}", case.name));
+        }
+        // Every other variant dropped: the odd positions only.
+        let keep = |v: &khub::manifest::Variant| manifest.variants.iter().position(|w| w.id == v.id).is_some_and(|i| i % 2 == 1);
+        let mut cut = manifest.clone();
+        cut.variants.retain(|v| keep(v));
+        let want = resolve(&cut, &host, &case.prefs)
+            .chosen(&host)
+            .map(|c| c.id.clone())
+            .map_err(|e| e.to_string());
+        let got = choose_among(&manifest, &host, &case.prefs, keep)
+            .map(|i| manifest.variants[i].id.clone())
+            .map_err(|e| e.to_string());
+        if got != want {
+            failures.push(format!("[{}] choose_among = {got:?}, resolve over the cut = {want:?}", case.name));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 70, "only {checked} cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

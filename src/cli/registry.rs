@@ -64,6 +64,11 @@ pub fn hub(args: &RegistryArgs, host: Option<PathBuf>, prefs: Preferences) -> Re
     }
     let mut probe = super::probe_options(host)?;
     probe.env = env.clone();
+    // The NVIDIA probe's answer is cached per boot in the cache directory (docs/host.md),
+    // so a warm command starts no probe helper.
+    probe.host_cache = khub::store::Store::default_root(&env)
+        .ok()
+        .map(|d| khub::host::cache::default_path(&d));
     // The host is probed once, here, under the CLI's isolation (a helper process for the
     // driver) and with --host applied; the hub takes these facts as they are.
     let facts = HostFacts::detect(&probe)?.facts;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::platform::{AmdTarget, CpuArch, Libc, MajorMinor, Os, ParseError, X86Level};
 
+pub mod cache;
 mod overrides;
 
 use crate::env;
@@ -255,6 +256,10 @@ pub struct ProbeOptions {
     pub isolation: Isolation,
     /// The root under which `/sys` and `/proc` are read (tests point it at fixtures).
     pub root: PathBuf,
+    /// A per-boot cache file for the NVIDIA probe's answer ([`cache`]); `None` (the
+    /// default) probes every time. The CLI sets it to [`cache::default_path`] of the cache
+    /// directory.
+    pub host_cache: Option<PathBuf>,
 }
 
 impl ProbeOptions {
@@ -293,6 +298,7 @@ impl ProbeOptions {
             timeout,
             isolation,
             root: PathBuf::from("/"),
+            host_cache: None,
             env,
         })
     }

@@ -73,7 +73,7 @@ pub(crate) fn probe_all(options: &ProbeOptions) -> Detected {
     }
 
     if os == Os::Linux {
-        probe_nvidia(options, &mut d);
+        probe_nvidia_cached(options, &mut d);
         probe_amd(options, &mut d);
     } else if !d.sources.contains_key("metal") {
         d.set_source(
@@ -242,9 +242,33 @@ pub struct CudaProbe {
     pub library: String,
 }
 
-fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
+/// [`probe_nvidia`] through the per-boot cache, when `options` names one.
+fn probe_nvidia_cached(options: &ProbeOptions, d: &mut Detected) {
+    let Some(path) = &options.host_cache else {
+        probe_nvidia(options, d);
+        return;
+    };
+    let key = super::cache::key(options);
+    if let Some(key) = &key
+        && super::cache::apply(path, key, d)
+    {
+        return;
+    }
+    if probe_nvidia(options, d)
+        && let Some(key) = &key
+    {
+        super::cache::record(path, key, d);
+    }
+}
+
+/// Probes the NVIDIA driver into `d`. Returns whether the answer is definite (the driver
+/// answered, or nothing NVIDIA is installed), and so may be cached for this boot; a timeout,
+/// a crash or a half-working driver is not.
+fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) -> bool {
     let probe = |m: String| FactSource::Probe { method: m };
     let mut tried = Vec::new();
+    // Whether each step found its library or file absent (rather than failing).
+    let mut all_absent = true;
 
     match run_isolated_cuda_probe(options) {
         Ok(p) => {
@@ -257,9 +281,12 @@ fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
             });
             d.set_source("cuda.driver", probe(method.clone()));
             d.set_source("cuda.devices", probe(method));
-            return;
+            return true;
         }
-        Err(why) => tried.push(why),
+        Err(why) => {
+            all_absent &= why.starts_with(&format!("{} not loaded", options.env.get(env::LIBCUDA).unwrap_or("libcuda.so.1")));
+            tried.push(why);
+        }
     }
 
     match nvml_probe(&options.env) {
@@ -274,9 +301,15 @@ fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
             });
             d.set_source("cuda.driver", probe(method.clone()));
             d.set_source("cuda.devices", probe(method));
-            return;
+            return true;
         }
-        Err(why) => tried.push(why),
+        Err(why) => {
+            all_absent &= why.starts_with(&format!(
+                "{} not loaded",
+                options.env.get(env::LIBNVML).unwrap_or("libnvidia-ml.so.1")
+            ));
+            tried.push(why);
+        }
     }
 
     let proc_path = options.root.join("proc/driver/nvidia/version");
@@ -302,13 +335,20 @@ fn probe_nvidia(options: &ProbeOptions, d: &mut Detected) {
                         ),
                     },
                 );
-                return;
+                return false;
             }
-            None => tried.push(format!("{}: no driver version found", proc_path.display())),
+            None => {
+                all_absent = false;
+                tried.push(format!("{}: no driver version found", proc_path.display()));
+            }
         },
-        Err(e) => tried.push(format!("{}: {e}", proc_path.display())),
+        Err(e) => {
+            all_absent &= e.kind() == std::io::ErrorKind::NotFound;
+            tried.push(format!("{}: {e}", proc_path.display()));
+        }
     }
     d.set_source("cuda", FactSource::Absent { why: tried.join("; ") });
+    all_absent
 }
 
 fn read_kmd_version(root: &Path) -> Option<String> {

@@ -189,8 +189,17 @@ pub fn hf_home(env: &Environment) -> Option<std::path::PathBuf> {
 }
 
 /// A Hub-compatible registry.
+///
+/// The HTTP clients and the tokio runtime are built on the first request, not in
+/// [`HubRegistry::new`]: a hub that never asks the registry anything (a locked load from a
+/// filled store) does not pay for TLS roots, connection pools and worker threads.
 pub struct HubRegistry {
     config: HubConfig,
+    clients: std::sync::OnceLock<Clients>,
+}
+
+/// What talking to the registry needs, built once on first use.
+struct Clients {
     client: HFClient,
     /// File downloads: the same timeouts, redirects followed by hand.
     http: reqwest::Client,
@@ -203,9 +212,8 @@ impl std::fmt::Debug for HubRegistry {
     }
 }
 
-impl HubRegistry {
-    /// A client for `config`. Makes no request.
-    pub fn new(config: HubConfig) -> Result<Self, RegistryError> {
+impl Clients {
+    fn build(config: &HubConfig) -> Result<Self, RegistryError> {
         let transport = |e: &dyn std::fmt::Display| RegistryError::Transport {
             registry: config.endpoint.clone(),
             message: e.to_string(),
@@ -237,14 +245,33 @@ impl HubRegistry {
             .enable_all()
             .build()
             .map_err(|e| transport(&e))?;
-        Ok(HubRegistry {
-            config,
+        Ok(Clients {
             client,
             http: downloads,
             runtime,
         })
     }
+}
 
+impl HubRegistry {
+    /// A client for `config`. Makes no request, and builds no HTTP client or runtime yet
+    /// (the first request does).
+    pub fn new(config: HubConfig) -> Result<Self, RegistryError> {
+        Ok(HubRegistry {
+            config,
+            clients: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The HTTP clients and runtime, built on first use. Two threads racing here may both
+    /// build; one set is kept and the other dropped.
+    fn clients(&self) -> Result<&Clients, RegistryError> {
+        if let Some(c) = self.clients.get() {
+            return Ok(c);
+        }
+        let built = Clients::build(&self.config)?;
+        Ok(self.clients.get_or_init(|| built))
+    }
     /// The configuration.
     pub fn config(&self) -> &HubConfig {
         &self.config
@@ -290,7 +317,7 @@ impl HubRegistry {
 
     /// Runs `op` with khub's retry policy: transport errors and 5xx back off
     /// exponentially, 429 waits for `Retry-After`, anything else fails at once.
-    fn retrying<T, F, Fut>(&self, op: F) -> Result<T, HFError>
+    fn retrying<T, F, Fut>(&self, runtime: &tokio::runtime::Runtime, op: F) -> Result<T, HFError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, HFError>>,
@@ -298,7 +325,7 @@ impl HubRegistry {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let result = self.runtime.block_on(op());
+            let result = runtime.block_on(op());
             let wait = match &result {
                 Ok(_) => return result,
                 Err(HFError::RateLimited { retry_after, .. }) => {
@@ -316,8 +343,9 @@ impl HubRegistry {
     }
 
     fn refs_of<T: RepoType>(&self, repo: &RepoId, handle: HFRepository<T>) -> Result<Refs, RegistryError> {
+        let runtime = &self.clients()?.runtime;
         let refs = self
-            .retrying(|| handle.list_refs().send())
+            .retrying(runtime, || handle.list_refs().send())
             .map_err(|e| self.map_err(repo, e, "listing refs"))?;
         let conv = |v: Vec<hf_hub::repository::GitRefInfo>| {
             v.into_iter()
@@ -360,11 +388,12 @@ impl HubRegistry {
         files: &[(String, std::path::PathBuf)],
         create: bool,
     ) -> Result<Published, RegistryError> {
+        let client = &self.clients()?.client;
         match self.config.repo_type {
             HubRepoType::Kernel => self.publish_of(
                 repo,
                 hf_hub::RepoTypeKernel,
-                self.client.kernel(repo.org(), repo.name()),
+                client.kernel(repo.org(), repo.name()),
                 version,
                 files,
                 create,
@@ -372,7 +401,7 @@ impl HubRegistry {
             HubRepoType::Model => self.publish_of(
                 repo,
                 hf_hub::RepoTypeModel,
-                self.client.model(repo.org(), repo.name()),
+                client.model(repo.org(), repo.name()),
                 version,
                 files,
                 create,
@@ -389,12 +418,15 @@ impl HubRegistry {
         files: &[(String, std::path::PathBuf)],
         create: bool,
     ) -> Result<Published, RegistryError> {
+        let clients = self.clients()?;
+        let runtime = &clients.runtime;
         let tag = format!("v{version}");
         let mut created = false;
         if create {
             let id = repo.to_string();
-            self.retrying(|| {
-                self.client
+            self.retrying(runtime, || {
+                clients
+                    .client
                     .create_repository()
                     .repo_id(&id)
                     .repo_type(repo_type)
@@ -421,8 +453,7 @@ impl HubRegistry {
                 source: hf_hub::repository::AddSource::File(local.clone()),
             })
             .collect();
-        let info = self
-            .runtime
+        let info = runtime
             .block_on(
                 handle
                     .create_commit()
@@ -436,7 +467,7 @@ impl HubRegistry {
             registry: self.describe(),
             message: "the commit response carried no commit id".into(),
         })?;
-        self.retrying(|| {
+        self.retrying(runtime, || {
             handle
                 .create_tag()
                 .tag(&tag)
@@ -450,10 +481,10 @@ impl HubRegistry {
         let major = format!("v{}", version.major);
         let current = refs.branches.iter().find(|b| b.name == major).map(|b| b.commit.clone());
         if current.as_deref() != Some(commit.as_str()) {
-            let created_branch = self.retrying(|| handle.create_branch().branch(&major).revision(commit.clone()).send());
+            let created_branch = self.retrying(runtime, || handle.create_branch().branch(&major).revision(commit.clone()).send());
             if created_branch.is_err() && current.is_some() {
-                let _ = self.retrying(|| handle.delete_branch().branch(&major).send());
-                let _ = self.retrying(|| handle.create_branch().branch(&major).revision(commit.clone()).send());
+                let _ = self.retrying(runtime, || handle.delete_branch().branch(&major).send());
+                let _ = self.retrying(runtime, || handle.create_branch().branch(&major).revision(commit.clone()).send());
             }
         }
         let after = self.refs_of(repo, handle)?;
@@ -478,9 +509,10 @@ impl Registry for HubRegistry {
     }
 
     fn refs(&self, repo: &RepoId) -> Result<Refs, RegistryError> {
+        let client = &self.clients()?.client;
         match self.config.repo_type {
-            HubRepoType::Kernel => self.refs_of(repo, self.client.kernel(repo.org(), repo.name())),
-            HubRepoType::Model => self.refs_of(repo, self.client.model(repo.org(), repo.name())),
+            HubRepoType::Kernel => self.refs_of(repo, client.kernel(repo.org(), repo.name())),
+            HubRepoType::Model => self.refs_of(repo, client.model(repo.org(), repo.name())),
         }
     }
 
@@ -497,7 +529,7 @@ impl Registry for HubRegistry {
     }
 
     fn fetch(&self, repo: &RepoId, commit: &str, path: &RelPath, limit: u64, sink: &mut dyn Write) -> Result<u64, RegistryError> {
-        self.runtime.block_on(async {
+        self.clients()?.runtime.block_on(async {
             let mut attempts = Attempts::new(&self.config);
             let t = self.download(repo, commit, path.as_str(), limit, sink, &mut attempts).await?;
             Ok(t.written)
@@ -707,8 +739,9 @@ impl HubRegistry {
         let mut url = url.clone();
         let mut linked_size = None;
         let mut linked_etag = None;
+        let http = &self.clients().map_err(Failed::Fatal)?.http;
         for _ in 0..=MAX_REDIRECTS {
-            let mut rq = self.http.get(url.clone());
+            let mut rq = http.get(url.clone());
             if let Some(t) = &self.config.token
                 && origin.as_ref() == Some(&url.origin())
             {
@@ -992,7 +1025,7 @@ impl HubRegistry {
     /// A small file (the manifest, its signature), checked against the digest the registry
     /// reports for it; a mismatch is downloaded again, within the same attempts.
     fn fetch_verified(&self, repo: &RepoId, commit: &str, path: &str, limit: u64) -> Result<Vec<u8>, RegistryError> {
-        self.runtime.block_on(async {
+        self.clients()?.runtime.block_on(async {
             let mut attempts = Attempts::new(&self.config);
             loop {
                 let mut buf = Vec::new();

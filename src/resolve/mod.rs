@@ -209,11 +209,7 @@ impl Candidate {
 
     /// Where the candidate sorts in a [`Resolution`]: by [`Rank`], then by id.
     fn sort_key(&self) -> (Rank<'_>, &str) {
-        let rank = match &self.verdict {
-            Verdict::Accepted { score } => Rank::Accepted(Reverse(score)),
-            Verdict::Rejected { reason } => Rank::Rejected(Reverse(reason.closeness())),
-        };
-        (rank, &self.id)
+        (Rank::of(&self.verdict), &self.id)
     }
 }
 
@@ -224,6 +220,15 @@ impl Candidate {
 enum Rank<'a> {
     Accepted(Reverse<&'a Score>),
     Rejected(Reverse<Closeness>),
+}
+
+impl<'a> Rank<'a> {
+    fn of(verdict: &'a Verdict) -> Self {
+        match verdict {
+            Verdict::Accepted { score } => Rank::Accepted(Reverse(score)),
+            Verdict::Rejected { reason } => Rank::Rejected(Reverse(reason.closeness())),
+        }
+    }
 }
 
 /// Every variant of a manifest, best first, with the host facts and preferences used.
@@ -344,6 +349,57 @@ pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Re
         version: manifest.kernel.version.to_string(),
         candidates,
         preferences: prefs.clone(),
+    }
+}
+
+/// The variant [`resolve`] would put first, found in one pass: the index in
+/// `manifest.variants` of the best accepted variant, or the error
+/// [`Resolution::chosen`] gives. Linear in the number of variants, with no candidate list
+/// built or sorted: loading needs the winner, not the ranking (explain output does, and
+/// calls [`resolve`]).
+pub fn choose(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Result<usize, NoVariantFits> {
+    choose_among(manifest, host, prefs, |_| true)
+}
+
+/// As [`choose`], among the variants `keep` accepts only (a lock's variants, say); the
+/// others are neither judged nor reported.
+pub fn choose_among(
+    manifest: &Manifest,
+    host: &HostFacts,
+    prefs: &Preferences,
+    keep: impl Fn(&Variant) -> bool,
+) -> Result<usize, NoVariantFits> {
+    // The least (rank, id) so far, as `resolve`'s sort would order them.
+    let mut best: Option<(usize, Verdict)> = None;
+    for (index, v) in manifest.variants.iter().enumerate() {
+        if !keep(v) {
+            continue;
+        }
+        let verdict = match judge(manifest, v, host, prefs) {
+            Ok(score) => Verdict::Accepted { score },
+            Err(reason) => Verdict::Rejected { reason },
+        };
+        let better = match &best {
+            None => true,
+            Some((b, bv)) => (Rank::of(&verdict), v.id.as_str()) < (Rank::of(bv), manifest.variants[*b].id.as_str()),
+        };
+        if better {
+            best = Some((index, verdict));
+        }
+    }
+    match best {
+        Some((index, Verdict::Accepted { .. })) => Ok(index),
+        other => Err(NoVariantFits {
+            kernel: format!("{} {}", manifest.kernel.name, manifest.kernel.version),
+            closest: other.map(|(index, verdict)| {
+                let reason = match verdict {
+                    Verdict::Rejected { reason } => Some(reason),
+                    Verdict::Accepted { .. } => None,
+                };
+                Box::new((manifest.variants[index].id.clone(), reason))
+            }),
+            host: describe_host(host),
+        }),
     }
 }
 

@@ -1,8 +1,10 @@
 //! The content-addressed store: verified file bytes on disk, named by their SHA-256.
 //!
-//! This module alone writes to the cache directory. Nothing else in khub creates, renames
-//! or deletes files there: the blobs live in `store-v1/`, and the known-release index
-//! (what offline mode resolves against) in `index-v1/`, written by [`index`].
+//! This module alone writes to the cache directory, with one exception. Nothing else in khub
+//! creates, renames or deletes files there: the blobs live in `store-v1/`, and the
+//! known-release index (what offline mode resolves against) in `index-v1/`, written by
+//! [`index`]. The exception is `host-v1/`, the per-boot host-facts cache that
+//! [`crate::host::cache`] owns (it holds no blob and nothing here reads it).
 //!
 //! # Layout
 //!
@@ -524,7 +526,8 @@ impl Store {
             .map_err(StoreError::io("cannot create a temp file in", &tmp_dir))?;
         let tmp_path = tmp.path().to_path_buf();
 
-        let mut w = HashingWriter::new(BufWriter::with_capacity(WRITE_BUFFER, tmp.as_file_mut()), size);
+        let sink = EarlyWriteback::new(tmp.as_file_mut());
+        let mut w = HashingWriter::new(BufWriter::with_capacity(WRITE_BUFFER, sink), size);
         let filled = fill(&mut w);
         if let Some(attempted) = w.overflow() {
             return Err(StoreError::SizeMismatch {
@@ -1155,6 +1158,59 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
+}
+
+/// How many bytes a temp file takes in before [`EarlyWriteback`] asks the kernel to start
+/// writing them out.
+const WRITEBACK_CHUNK: u64 = 4 * 1024 * 1024;
+
+/// A temp file that starts the writeback of each [`WRITEBACK_CHUNK`] it receives while
+/// the download goes on (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux: it queues the
+/// I/O and does not wait). The `fsync` before the rename is unchanged and still what makes
+/// the blob durable; it just finds most pages already on their way to the disk, so the
+/// disk works while the network does rather than after it. Elsewhere it only writes.
+struct EarlyWriteback<'a> {
+    file: &'a mut File,
+    /// Bytes written so far.
+    written: u64,
+    /// Bytes whose writeback was started.
+    started: u64,
+}
+
+impl<'a> EarlyWriteback<'a> {
+    fn new(file: &'a mut File) -> Self {
+        EarlyWriteback {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+}
+
+impl Write for EarlyWriteback<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= WRITEBACK_CHUNK {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                let (offset, len) = (self.started, self.written - self.started);
+                if let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) {
+                    // SAFETY: a plain syscall on a descriptor we own, over a range we wrote;
+                    // it only schedules writeback and reads or writes no memory of ours. A
+                    // failure is ignored: the fsync before the rename still syncs it all.
+                    let _ = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+                }
+            }
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Removes a file (or a symlink, never its target); an absent one is fine.

@@ -68,10 +68,9 @@ pub fn open_verified(source: &dyn FileSource, variant: &Variant, entry: &FileEnt
         });
     }
     seal(&file).map_err(io("cannot seal"))?;
-    // Hash the sealed bytes: exactly what dlopen will map.
-    let mut reader = file.try_clone().map_err(io("cannot reopen"))?;
-    std::io::Seek::rewind(&mut reader).map_err(io("cannot rewind"))?;
-    let (actual, n) = super::sha256_reader(&mut reader).map_err(io("cannot hash"))?;
+    // Hash the sealed bytes: exactly what dlopen will map. One pass over them, in place
+    // (a read-only mapping of the memfd), rather than reading them back into a buffer.
+    let (actual, n) = hash_sealed(&file, copied).map_err(io("cannot hash"))?;
     if n != entry.size {
         return Err(VerifyError::SizeMismatch {
             path: entry.path.clone(),
@@ -101,6 +100,55 @@ fn private_file(entry: &FileEntry) -> std::io::Result<(File, impl FnOnce(File) -
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     Ok((file, |file| Verified { file }))
+}
+
+/// SHA-256 of the `len` bytes of the sealed memfd `file`, through a read-only shared
+/// mapping of it: the bytes hashed are the memfd's own pages, which the seals keep from
+/// changing, and they are not copied again. Returns the digest and the file's size as
+/// `fstat` sees it after sealing (the caller compares it with the manifest's).
+#[cfg(target_os = "linux")]
+fn hash_sealed(file: &File, len: u64) -> std::io::Result<(crate::manifest::Sha256Digest, u64)> {
+    use std::os::fd::AsRawFd;
+    // The size is sealed too (F_SEAL_SHRINK | F_SEAL_GROW): what fstat says now holds for
+    // as long as the memfd exists.
+    let size = file.metadata()?.len();
+    if size != len || size == 0 {
+        // A size other than what was copied cannot happen to a sealed memfd; the caller
+        // reports it as a size mismatch, so nothing is hashed.
+        return Ok((super::sha256(&[]), 0));
+    }
+    let n = usize::try_from(size).map_err(|_| std::io::Error::from(std::io::ErrorKind::FileTooLarge))?;
+    // SAFETY: a fresh read-only shared mapping of `n` bytes of a descriptor we own, at an
+    // address the kernel picks; the result is checked against MAP_FAILED before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            n,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `ptr` maps `n` readable bytes (the whole file: its size is sealed, so no
+    // access can fault with SIGBUS) and stays mapped until the munmap below; the memfd is
+    // sealed against writes, so the bytes cannot change while the slice lives.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), n) };
+    let digest = super::sha256(bytes);
+    // SAFETY: unmaps exactly the mapping made above; `bytes` is not used after this.
+    unsafe { libc::munmap(ptr, n) };
+    Ok((digest, size))
+}
+
+/// SHA-256 of the private copy `file` (elsewhere than Linux), read back from its start.
+#[cfg(not(target_os = "linux"))]
+fn hash_sealed(file: &File, _len: u64) -> std::io::Result<(crate::manifest::Sha256Digest, u64)> {
+    let mut reader = file.try_clone()?;
+    std::io::Seek::rewind(&mut reader)?;
+    super::sha256_reader(&mut reader)
 }
 
 #[cfg(target_os = "linux")]
