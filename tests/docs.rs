@@ -439,6 +439,40 @@ fn to_pattern(expect: &str) -> String {
     p
 }
 
+/// Refuses an untagged block that starts with a command: it would escape this test. Tag it
+/// `sh` (with a directive, if it cannot run here).
+fn untagged_commands(page: &str, text: &str) {
+    const COMMANDS: [&str; 12] = [
+        "khub ",
+        "cargo ",
+        "scripts/",
+        "python",
+        "valgrind ",
+        "pip ",
+        "make ",
+        "cc ",
+        "KHUB_",
+        "HF_",
+        "hyperfine",
+        "strace",
+    ];
+    let lines: Vec<&str> = text.lines().collect();
+    let mut inside = false;
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(tag) = l.strip_prefix("```") {
+            if !inside && tag.trim().is_empty() {
+                let first = lines.get(i + 1).copied().unwrap_or_default();
+                assert!(
+                    !COMMANDS.iter().any(|c| first.starts_with(c)),
+                    "{page}:{}: an untagged block of commands (`{first}`); tag it ```sh so tests/docs.rs runs it, or skips it with a reason",
+                    i + 1
+                );
+            }
+            inside = !inside;
+        }
+    }
+}
+
 /// Where this test run's libkhub.so and libkhub.a are.
 fn target_dir() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_khub"));
@@ -462,6 +496,7 @@ macro_rules! doc_tests {
             }
             for page in pages {
                 let text = std::fs::read_to_string(common::repo().join(&page)).unwrap();
+                untagged_commands(&page, &text);
                 if !parse(&page, &text).is_empty() {
                     assert!(covered.contains(&page.as_str()), "{page} has command blocks but no test in tests/docs.rs");
                 }
