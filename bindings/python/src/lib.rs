@@ -51,8 +51,9 @@ fn probe_options(profile: Option<PathBuf>) -> PyResult<ProbeOptions> {
     Ok(o)
 }
 
-/// Where a loaded kernel came from.
+/// Where a loaded kernel came from (kebab-case keys, as every khub JSON document).
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct Origin {
     repo: String,
     requirement: String,

@@ -22,8 +22,8 @@ def test_load_from_a_directory_registry(hub, registry):
     assert info["variant"].startswith("cpu-x86_64-v")
     assert info["repo"] == REPO_ID
     assert info["source"] == "registry"
-    assert info["signature"] == "unsigned" and info["signed_by"] is None
-    assert len(info["manifest_sha256"]) == 64
+    assert info["signature"] == "unsigned" and info["signed-by"] is None
+    assert len(info["manifest-sha256"]) == 64
     assert all(len(f["sha256"]) == 64 for f in info["files"])
     assert {e["name"]: e["signature"] for e in info["exports"]}["silu_and_mul"] == "(mut tensor<f32>[n, d], tensor<f32>[n, 2d])"
     assert k.signature("gelu") == "(mut tensor<f32>[n], tensor<f32>[n])"
