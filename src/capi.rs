@@ -39,7 +39,7 @@ use serde::Serialize;
 use crate::abi::{DLTensor, Signature};
 use crate::env as vars;
 use crate::host::Environment;
-use crate::hub::{Hub, HubError, HubOptions, RegistrySpec};
+use crate::hub::{Hub, HubError, HubOptions, Origin, RegistrySpec};
 use crate::load::{Arg, CallError, Kernel, LoadError, LoadReport};
 use crate::lock::{LockError, Lockfile};
 use crate::registry::RepoId;
@@ -198,21 +198,6 @@ const _: () = {
     send_sync::<khub_kernel>();
     send_sync::<khub_error>();
 };
-
-/// Where a loaded kernel came from, for its provenance JSON.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct Origin {
-    repo: String,
-    requirement: String,
-    registry: String,
-    /// `registry` (resolved and fetched) or `lockfile` (pinned by a lock).
-    source: &'static str,
-    lockfile: Option<String>,
-    version: String,
-    commit: String,
-    manifest_sha256: String,
-}
 
 /// The document `khub_kernel_provenance_json` returns.
 #[derive(Serialize)]
@@ -708,16 +693,7 @@ fn load(h: &khub_hub, repo: &RepoId, requirement: &str) -> Result<khub_kernel, H
     let (release, kernel) = h.hub.load_release(repo, requirement)?;
     Ok(khub_kernel {
         kernel,
-        origin: Origin {
-            repo: repo.to_string(),
-            requirement: requirement.to_owned(),
-            registry: h.registry.clone(),
-            source: "registry",
-            lockfile: None,
-            version: release.version.to_string(),
-            commit: release.commit,
-            manifest_sha256: release.manifest_sha256.to_string(),
-        },
+        origin: Origin::resolved(requirement, h.registry.clone(), &release),
     })
 }
 
@@ -788,16 +764,7 @@ pub unsafe extern "C" fn khub_hub_load_locked(
         })?;
         let loaded = khub_kernel {
             kernel,
-            origin: Origin {
-                repo: repo.to_string(),
-                requirement: entry.requirement.clone(),
-                registry: entry.registry.clone(),
-                source: "lockfile",
-                lockfile: Some(path.display().to_string()),
-                version: entry.version.to_string(),
-                commit: entry.commit.clone(),
-                manifest_sha256: entry.manifest_sha256.to_string(),
-            },
+            origin: Origin::locked(entry, path),
         };
         // SAFETY: checked not NULL by clear_out.
         unsafe { out.write(Box::into_raw(Box::new(loaded))) };

@@ -296,6 +296,69 @@ pub trait Progress: Sync {
 pub struct Quiet;
 impl Progress for Quiet {}
 
+/// Where a loaded kernel came from: the provenance that front ends (the C API's
+/// provenance document, the Python package's `kernel.info`) report beside the load report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Origin {
+    /// The repository.
+    pub repo: String,
+    /// The requirement it was loaded under.
+    pub requirement: String,
+    /// The registry, as described.
+    pub registry: String,
+    /// `registry` (resolved and fetched) or `lockfile` (pinned by a lock).
+    pub source: &'static str,
+    /// The lockfile, for a locked load.
+    pub lockfile: Option<String>,
+    /// The release version.
+    pub version: String,
+    /// Its commit.
+    pub commit: String,
+    /// The digest of its manifest.
+    pub manifest_sha256: String,
+    /// `signed` (a signature the trust policy checked), `unsigned` (accepted without one,
+    /// as the policy allows) or `pinned` (a locked load: the lock pins the manifest's
+    /// digest; the policy was applied when it was locked).
+    pub signature: &'static str,
+    /// The id of the key whose signature was checked.
+    pub signed_by: Option<String>,
+}
+
+impl Origin {
+    /// A release resolved for `requirement` on `registry`.
+    pub fn resolved(requirement: &str, registry: String, release: &ResolvedRelease) -> Origin {
+        Origin {
+            repo: release.repo.to_string(),
+            requirement: requirement.to_owned(),
+            registry,
+            source: "registry",
+            lockfile: None,
+            version: release.version.to_string(),
+            commit: release.commit.clone(),
+            manifest_sha256: release.manifest_sha256.to_string(),
+            signature: if release.signed_by.is_some() { "signed" } else { "unsigned" },
+            signed_by: release.signed_by.clone(),
+        }
+    }
+
+    /// A release as the lockfile at `lock` pins it.
+    pub fn locked(entry: &LockedKernel, lock: &Path) -> Origin {
+        Origin {
+            repo: entry.repo.to_string(),
+            requirement: entry.requirement.clone(),
+            registry: entry.registry.clone(),
+            source: "lockfile",
+            lockfile: Some(lock.display().to_string()),
+            version: entry.version.to_string(),
+            commit: entry.commit.clone(),
+            manifest_sha256: entry.manifest_sha256.to_string(),
+            signature: "pinned",
+            signed_by: None,
+        }
+    }
+}
+
 /// A release chosen for a requirement.
 #[derive(Debug, Clone)]
 pub struct ResolvedRelease {

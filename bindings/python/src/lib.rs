@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use khub::abi::{DL_CUDA, DL_ROCM, ParamKind, Signature};
 use khub::host::{Environment, HostFacts, ProbeOptions};
-use khub::hub::{Hub, HubOptions, RegistrySpec};
+use khub::hub::{Hub, HubOptions, Origin, RegistrySpec};
 use khub::load::{Arg, Kernel};
 use khub::lock::Lockfile;
 use khub::manifest::Manifest;
@@ -49,25 +49,6 @@ fn probe_options(profile: Option<PathBuf>) -> PyResult<ProbeOptions> {
         o.profile = profile;
     }
     Ok(o)
-}
-
-/// Where a loaded kernel came from (kebab-case keys, as every khub JSON document).
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct Origin {
-    repo: String,
-    requirement: String,
-    registry: String,
-    /// `registry` (resolved and fetched) or `lockfile` (pinned by a lock).
-    source: &'static str,
-    lockfile: Option<String>,
-    commit: String,
-    manifest_sha256: String,
-    /// `signed` (a signature the trust policy checked), `unsigned` (accepted without one,
-    /// as the policy allows) or `pinned` (a locked load: the lock pins the manifest's
-    /// digest, the policy was applied when it was locked).
-    signature: &'static str,
-    signed_by: Option<String>,
 }
 
 /// An open hub: host facts, a registry and the store. Python: `khub.Hub`.
@@ -160,21 +141,7 @@ impl PyHub {
         let (release, kernel) = py
             .detach(|| self.hub.load_release(&id, version).map_err(Box::new))
             .map_err(|e| errors::hub(*e))?;
-        let signature = if release.signed_by.is_some() { "signed" } else { "unsigned" };
-        Ok(PyKernel::new(
-            kernel,
-            Origin {
-                repo: id.to_string(),
-                requirement: version.to_owned(),
-                registry: self.registry.clone(),
-                source: "registry",
-                lockfile: None,
-                commit: release.commit,
-                manifest_sha256: release.manifest_sha256.to_string(),
-                signature,
-                signed_by: release.signed_by,
-            },
-        ))
+        Ok(PyKernel::new(kernel, Origin::resolved(version, self.registry.clone(), &release)))
     }
 
     /// Loads `repo` exactly as the lockfile pins it: manifest and files from the store,
@@ -196,20 +163,7 @@ impl PyHub {
                 .into(),
             )
         })?;
-        Ok(PyKernel::new(
-            kernel,
-            Origin {
-                repo: id.to_string(),
-                requirement: entry.requirement.clone(),
-                registry: entry.registry.clone(),
-                source: "lockfile",
-                lockfile: Some(lock_path.display().to_string()),
-                commit: entry.commit.clone(),
-                manifest_sha256: entry.manifest_sha256.to_string(),
-                signature: "pinned",
-                signed_by: None,
-            },
-        ))
+        Ok(PyKernel::new(kernel, Origin::locked(&entry, &lock_path)))
     }
 
     /// The explain document for `repo` at `version` (that of `khub explain --json`, plus
