@@ -206,11 +206,6 @@ impl Candidate {
             Verdict::Rejected { reason } => Some(reason),
         }
     }
-
-    /// Where the candidate sorts in a [`Resolution`]: by [`Rank`], then by id.
-    fn sort_key(&self) -> (Rank<'_>, &str) {
-        (Rank::of(&self.verdict), &self.id)
-    }
 }
 
 /// A candidate's place in a [`Resolution`], first first (the derived `Ord`): accepted
@@ -227,6 +222,55 @@ impl<'a> Rank<'a> {
         match verdict {
             Verdict::Accepted { score } => Rank::Accepted(Reverse(score)),
             Verdict::Rejected { reason } => Rank::Rejected(Reverse(reason.closeness())),
+        }
+    }
+}
+
+/// [`Rank`] as a tuple of integers with the same order (least first), for sorting.
+/// Accepted before rejected; among accepted, each [`Score`] field in the order and the
+/// direction of `Score::cmp`, negated so that the best comes first; among rejected, the
+/// closest miss first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FlatRank {
+    rejected: bool,
+    device: Reverse<DeviceMatch>,
+    jit_distance: u32,
+    any_features: Reverse<bool>,
+    toolkit: Reverse<MajorMinor>,
+    cpu_level: Reverse<u8>,
+    cpu_features: Reverse<u32>,
+    specificity: Reverse<u32>,
+    priority: Reverse<i32>,
+    closeness: Reverse<Closeness>,
+}
+
+impl FlatRank {
+    fn of(verdict: &Verdict) -> Self {
+        match verdict {
+            Verdict::Accepted { score: s } => FlatRank {
+                rejected: false,
+                device: Reverse(s.device),
+                jit_distance: s.jit_distance,
+                any_features: Reverse(s.any_features),
+                toolkit: Reverse(s.toolkit),
+                cpu_level: Reverse(s.cpu_level),
+                cpu_features: Reverse(s.cpu_features),
+                specificity: Reverse(s.specificity),
+                priority: Reverse(s.priority),
+                closeness: Reverse(Closeness::Preference),
+            },
+            Verdict::Rejected { reason } => FlatRank {
+                rejected: true,
+                device: Reverse(DeviceMatch::Cpu),
+                jit_distance: 0,
+                any_features: Reverse(false),
+                toolkit: Reverse(MajorMinor::default()),
+                cpu_level: Reverse(0),
+                cpu_features: Reverse(0),
+                specificity: Reverse(0),
+                priority: Reverse(0),
+                closeness: Reverse(reason.closeness()),
+            },
         }
     }
 }
@@ -327,23 +371,39 @@ pub fn describe_host(h: &HostFacts) -> String {
 
 /// Resolves every variant of `manifest` against `host`, best first.
 pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Resolution {
-    let mut candidates: Vec<Candidate> = manifest
+    let mut verdicts: Vec<Option<Verdict>> = manifest
         .variants
         .iter()
-        .enumerate()
-        .map(|(index, v)| Candidate {
-            id: v.id.clone(),
-            index,
-            backend: v.backend,
-            verdict: match judge(manifest, v, host, prefs) {
+        .map(|v| {
+            Some(match judge(manifest, v, host, prefs) {
                 Ok(score) => Verdict::Accepted { score },
                 Err(reason) => Verdict::Rejected { reason },
-            },
+            })
         })
         .collect();
-    // Ids are unique (manifest validation), so the order is total and an unstable sort is
+    // Sort small inline keys (the rank as integers, the id borrowed from the manifest, the
+    // position) rather than the candidates themselves: no comparison follows a pointer into
+    // a score or a rejection, and each candidate is built once, in its final place. Ids are
+    // unique (manifest validation), so the order is total and an unstable sort is
     // deterministic.
-    candidates.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    let mut order: Vec<(FlatRank, &str, usize)> = verdicts
+        .iter()
+        .zip(&manifest.variants)
+        .enumerate()
+        .filter_map(|(index, (verdict, v))| Some((FlatRank::of(verdict.as_ref()?), v.id.as_str(), index)))
+        .collect();
+    order.sort_unstable();
+    let candidates = order
+        .into_iter()
+        .filter_map(|(_, id, index)| {
+            Some(Candidate {
+                id: id.to_owned(),
+                index,
+                backend: manifest.variants[index].backend,
+                verdict: verdicts[index].take()?,
+            })
+        })
+        .collect();
     Resolution {
         kernel: manifest.kernel.name.clone(),
         version: manifest.kernel.version.to_string(),
@@ -815,4 +875,56 @@ fn xpu_fit(x: &XpuVariant, ip: &str, i: usize) -> Result<DeviceFit, Rejection> {
         device: format!("xpu:{i} ({ip})"),
         have: x.aot.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flattened sort key orders every pair of verdicts exactly as `Rank` does: each
+    /// score field at two values (256 scores, in both directions of every field), and
+    /// rejections of four closeness stages.
+    #[test]
+    fn flat_rank_orders_as_rank_does() {
+        let mut verdicts = Vec::new();
+        for bits in 0u32..256 {
+            let b = |i: u32| (bits >> i) & 1;
+            verdicts.push(Verdict::Accepted {
+                score: Score {
+                    device: if b(0) == 1 { DeviceMatch::Exact } else { DeviceMatch::Jit },
+                    matched: None,
+                    jit_distance: b(1) * 10,
+                    any_features: b(2) == 1,
+                    toolkit: MajorMinor {
+                        major: 12,
+                        minor: 4 + b(3) * 4,
+                    },
+                    cpu_level: b(4) as u8 * 3,
+                    cpu_features: b(5),
+                    specificity: b(6) * 2,
+                    priority: if b(7) == 1 { -1 } else { 2 },
+                },
+            });
+        }
+        for reason in [
+            Rejection::NotSelected { selected: "a".into() },
+            Rejection::AbiUnsupported { need: 9, have: 1 },
+            Rejection::AbiUnsupported { need: 8, have: 1 },
+            Rejection::OsMismatch {
+                need: crate::platform::Os::MacOs,
+                have: crate::platform::Os::Linux,
+            },
+        ] {
+            verdicts.push(Verdict::Rejected { reason });
+        }
+        for a in &verdicts {
+            for b in &verdicts {
+                assert_eq!(
+                    FlatRank::of(a).cmp(&FlatRank::of(b)),
+                    Rank::of(a).cmp(&Rank::of(b)),
+                    "{a:?} against {b:?}"
+                );
+            }
+        }
+    }
 }

@@ -44,6 +44,7 @@ fn paths_are_sharded_by_the_first_two_hex_digits() {
         cache: PathBuf::from("/cache"),
         root: PathBuf::from("/cache/store-v1"),
         options: StoreOptions::default(),
+        root_fd: Default::default(),
     };
     let d = digest(ABC);
     assert_eq!(s.blob_path(&d), Path::new("/cache/store-v1/blobs/ba").join(ABC));
@@ -490,4 +491,54 @@ fn early_writeback_counts_what_it_passes_on() {
     );
     w.flush().unwrap();
     assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), WRITEBACK_CHUNK + 1);
+}
+
+/// `open_blob`'s one-call path (`openat2` beneath the store root) opens an intact blob,
+/// and leaves every hostile shape to the path-by-path checks, which name it: a FIFO (the
+/// open must not block on it), a directory, a symlinked `blobs` directory.
+#[cfg(target_os = "linux")]
+#[test]
+fn open_blob_opens_in_one_call_and_refuses_fifos_directories_and_symlinked_parents() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let d = s.insert_bytes("x", b"abc").unwrap();
+    let mut bytes = Vec::new();
+    s.open_blob_beneath(&d)
+        .expect("openat2 opens an intact blob")
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert_eq!(bytes, b"abc");
+    bytes.clear();
+    s.open_blob(&d).unwrap().read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, b"abc");
+
+    // A FIFO where a blob should be: refused at once, not waited on.
+    let fifo = crate::verify::sha256(b"fifo");
+    let path = s.blob_path(&fifo);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(s.open_blob_beneath(&fifo).is_none());
+    let e = s.open_blob(&fifo).unwrap_err();
+    assert!(matches!(&e, StoreError::NotRegular { path: p, .. } if *p == path), "{e:?}");
+
+    // A directory where a blob should be.
+    let dirblob = crate::verify::sha256(b"dir");
+    let path = s.blob_path(&dirblob);
+    std::fs::create_dir_all(&path).unwrap();
+    assert!(s.open_blob_beneath(&dirblob).is_none());
+    assert!(matches!(s.open_blob(&dirblob).unwrap_err(), StoreError::NotRegular { .. }));
+
+    // `blobs` itself a symlink to a copy holding the right bytes: refused by both paths.
+    let copy = dir.path().join("copy");
+    std::fs::rename(s.blobs_dir(), &copy).unwrap();
+    std::os::unix::fs::symlink(&copy, s.blobs_dir()).unwrap();
+    assert!(s.open_blob_beneath(&d).is_none());
+    let e = s.open_blob(&d).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::NotRegular { path, what: "a symlink" } if *path == s.blobs_dir()),
+        "{e:?}"
+    );
 }
