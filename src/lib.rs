@@ -29,10 +29,10 @@
 //! - [`lock`]: `khub.lock` and `kernels.toml`;
 //! - [`hub`]: the front door that runs the steps above in order.
 //!
-//! Around it:
-//! - [`bench`]: the benchmark engine and [`bench::HostTensor`];
-//! - [`inspect`]: facts read from a library's bytes (ELF, NVIDIA fatbin, HIP bundles);
-//! - [`package`]: the author's side: `init`, `build`, `package`, `sign`, `publish`;
+//! Around it (feature `tools`, part of the defaults; a host that only loads leaves it out):
+//! - `bench`: the benchmark engine and `bench::HostTensor`;
+//! - `inspect`: facts read from a library's bytes (ELF, NVIDIA fatbin, HIP bundles);
+//! - `package`: the author's side: `init`, `build`, `package`, `sign`, `publish`;
 //! - [`serve`] (feature `serve`): a Hub-compatible server over a directory registry;
 //! - [`capi`] (feature `capi`): the C API of `include/khub.h`.
 
@@ -62,8 +62,11 @@ pub mod lock;
 
 pub mod hub;
 
+#[cfg(feature = "tools")]
 pub mod bench;
+#[cfg(feature = "tools")]
 pub mod inspect;
+#[cfg(feature = "tools")]
 pub mod package;
 
 #[cfg(feature = "serve")]

@@ -108,6 +108,7 @@ impl AppKernels {
         })
     }
 
+    #[cfg(feature = "tools")]
     /// Declares `repo` with `requirement` in the file at `path` (created when missing),
     /// replacing an earlier requirement, which is returned. Comments, order and layout of
     /// the rest of the file are kept; the result is checked before it replaces the file.
@@ -135,6 +136,7 @@ impl AppKernels {
         })
     }
 
+    #[cfg(feature = "tools")]
     /// Removes `repo` from the file at `path`; returns the requirement it had.
     pub fn remove(path: &Path, repo: &RepoId) -> Result<String, LockError> {
         let text = std::fs::read_to_string(path).map_err(|source| LockError::Io {
@@ -156,6 +158,7 @@ impl AppKernels {
         })
     }
 
+    #[cfg(feature = "tools")]
     /// Applies `change` to the `[kernels]` table of `text` (the file at `path`), checks
     /// the result parses as a declaration file, and writes it atomically.
     fn edit<T>(path: &Path, text: &str, change: impl FnOnce(&mut toml_edit::Table) -> Result<T, LockError>) -> Result<T, LockError> {
