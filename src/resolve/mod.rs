@@ -247,16 +247,31 @@ struct FlatRank {
 impl FlatRank {
     fn of(verdict: &Verdict) -> Self {
         match verdict {
-            Verdict::Accepted { score: s } => FlatRank {
+            // Destructured field by field, so that a field added to `Score` does not
+            // compile here until it has its place in this key (and in `Score::cmp`).
+            Verdict::Accepted {
+                score:
+                    Score {
+                        device,
+                        matched: _,
+                        jit_distance,
+                        any_features,
+                        toolkit,
+                        cpu_level,
+                        cpu_features,
+                        specificity,
+                        priority,
+                    },
+            } => FlatRank {
                 rejected: false,
-                device: Reverse(s.device),
-                jit_distance: s.jit_distance,
-                any_features: Reverse(s.any_features),
-                toolkit: Reverse(s.toolkit),
-                cpu_level: Reverse(s.cpu_level),
-                cpu_features: Reverse(s.cpu_features),
-                specificity: Reverse(s.specificity),
-                priority: Reverse(s.priority),
+                device: Reverse(*device),
+                jit_distance: *jit_distance,
+                any_features: Reverse(*any_features),
+                toolkit: Reverse(*toolkit),
+                cpu_level: Reverse(*cpu_level),
+                cpu_features: Reverse(*cpu_features),
+                specificity: Reverse(*specificity),
+                priority: Reverse(*priority),
                 closeness: Reverse(Closeness::Preference),
             },
             Verdict::Rejected { reason } => FlatRank {
