@@ -61,7 +61,7 @@ fi
 # Timed with bash's own clock ($EPOCHREALTIME, microseconds): no process is started inside
 # the timed window but the one measured. (Timing with `$(date +%s%N)` would put the start
 # of a `date` process, about 1 ms here, into every measurement.)
-us() { local s=${1/./}; echo $(( 10#${s} )); }
+us() { local s=${1//[.,]/}; echo $(( 10#${s} )); }   # the decimal mark is the locale's
 ms() { local t0 t1; t0=$EPOCHREALTIME; "$@" > /dev/null 2>&1; t1=$EPOCHREALTIME; echo $(( $(us "$t1") - $(us "$t0") )); }
 : > "$work/version.us"; : > "$work/load.us"; : > "$work/python.us"
 for i in $(seq "$rounds"); do

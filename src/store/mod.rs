@@ -26,9 +26,12 @@
 //!   Readers therefore never see a partial blob. The temp file sits on the same file system
 //!   as `blobs/` (both are under `store-v1/`), so the rename is atomic.
 //! - Nothing follows a symlink out of the store: every component below `store-v1/` is
-//!   checked with `lstat`, blobs are opened with `O_NOFOLLOW`, lock files too, and temp
-//!   files are created with `O_EXCL`. (`store-v1/` itself, and the cache directory above
-//!   it, may be symlinks: that is the user's choice, not an attacker's.)
+//!   checked with `lstat` (or, to open a blob on Linux, by one `openat2` with
+//!   `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` below `store-v1/`, the `lstat` walk being its
+//!   fallback), blobs are opened with `O_NOFOLLOW` (and `O_NONBLOCK`), lock files with
+//!   `O_NOFOLLOW` too, and temp files are created with `O_EXCL`. (`store-v1/` itself, and
+//!   the cache directory above it, may be symlinks: that is the user's choice, not an
+//!   attacker's.)
 //! - The store is a cache, not a source of truth: [`crate::load`] re-verifies every byte it
 //!   loads against the manifest, so a blob damaged after it was written is caught there.
 //!   [`Store::verify_blob`] rehashes a blob and evicts it when damaged.
@@ -313,15 +316,7 @@ pub struct Store {
     /// `<cache>/store-v1`.
     root: PathBuf,
     options: StoreOptions,
-    /// The store root opened once (`O_PATH`), for [`Store::open_blob`]'s one-call path.
-    /// Shared by clones; empty until first needed, and while the root cannot be opened.
-    root_fd: RootFd,
 }
-
-#[cfg(target_os = "linux")]
-type RootFd = std::sync::Arc<std::sync::OnceLock<std::os::fd::OwnedFd>>;
-#[cfg(not(target_os = "linux"))]
-type RootFd = ();
 
 impl Store {
     /// Opens (creating it if needed) the store in the cache directory `root`, with default
@@ -336,7 +331,6 @@ impl Store {
             cache: root.to_path_buf(),
             root: root.join(LAYOUT_DIR),
             options,
-            root_fd: RootFd::default(),
         };
         std::fs::create_dir_all(&store.root).map_err(StoreError::io("cannot create", &store.root))?;
         for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir(), store.quarantine_dir()] {
@@ -417,7 +411,9 @@ impl Store {
     }
 
     /// Opens the blob `d` for reading. Refuses symlinks and anything but a regular file, at
-    /// the blob and at every directory between it and the store root.
+    /// the blob and at every directory between it and the store root. The file is opened
+    /// with `O_NONBLOCK` (so that a FIFO in its place cannot block the open), which changes
+    /// nothing for reading, copying or mapping a regular file.
     pub fn open_blob(&self, d: &Sha256Digest) -> Result<File, StoreError> {
         // One `openat2` that refuses every symlink and any escape below the store root does
         // what the checks below do with three `lstat`s and an `open`. When it cannot answer
@@ -435,7 +431,9 @@ impl Store {
         if self.blob_metadata(d)?.is_none() {
             return Err(missing());
         }
-        let file = open_nofollow(OpenOptions::new().read(true), &path).map_err(|e| match e.kind() {
+        // O_NONBLOCK: a FIFO swapped in after the `lstat`s must not block the open (it is
+        // refused below as not a regular file).
+        let file = open_nofollow(OpenOptions::new().read(true), &path, NONBLOCK).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => missing(),
             _ if is_symlink_refusal(&e) => StoreError::NotRegular {
                 path: path.clone(),
@@ -465,27 +463,23 @@ impl Store {
     fn open_blob_beneath(&self, d: &Sha256Digest) -> Option<File> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         use std::os::unix::ffi::OsStrExt;
-        let root = match self.root_fd.get() {
-            Some(fd) => fd,
-            None => {
-                let path = std::ffi::CString::new(self.root.as_os_str().as_bytes()).ok()?;
-                // SAFETY: `path` is NUL-terminated; O_PATH opens a handle to the directory
-                // and nothing else.
-                let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-                if fd < 0 {
-                    return None;
-                }
-                // SAFETY: `fd` was just opened by this call and is owned by nothing else.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                // A thread that got there first keeps its descriptor; this one is closed.
-                let _ = self.root_fd.set(fd);
-                self.root_fd.get()?
-            }
-        };
+        // The root is opened on every call rather than kept: a store directory moved,
+        // re-pointed (it may be a symlink) or recreated while this `Store` lives is then
+        // seen here exactly as the path-based operations (insert, gc, quarantine) see it.
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `path` is NUL-terminated; O_PATH opens a handle to the directory and
+        // nothing else.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just opened by this call and is owned by nothing else.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
         let hex = d.to_string();
         let rel = std::ffi::CString::new(format!("blobs/{}/{hex}", shard_of(&hex))).ok()?;
         // O_NONBLOCK: a FIFO planted at the blob's path must not block the open (it is
-        // then refused below as not a regular file); it changes nothing for regular files.
+        // then refused below as not a regular file). A device node would be opened before that check, as
+        // with any `open`: making one takes CAP_MKNOD, which a store writer does not have.
         // The kernel's `struct open_how` (linux/openat2.h), whose size is passed with it
         // (libc's is non-exhaustive, so it cannot be built here).
         #[repr(C)]
@@ -494,6 +488,7 @@ impl Store {
             mode: u64,
             resolve: u64,
         }
+        const _: () = assert!(std::mem::size_of::<OpenHow>() == 24, "OPEN_HOW_SIZE_VER0");
         let how = OpenHow {
             flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK) as u64,
             mode: 0,
@@ -1134,12 +1129,21 @@ fn expect_dir(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Opens `path` with `opts`, refusing to follow a symlink at its last component.
-fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+/// `O_NONBLOCK` where there is one: opening a FIFO then returns at once instead of waiting
+/// for a writer.
+#[cfg(unix)]
+const NONBLOCK: i32 = libc::O_NONBLOCK;
+#[cfg(not(unix))]
+const NONBLOCK: i32 = 0;
+
+fn open_nofollow(opts: &mut OpenOptions, path: &Path, extra_flags: i32) -> io::Result<File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | extra_flags);
     }
+    #[cfg(not(unix))]
+    let _ = extra_flags;
     #[cfg(not(unix))]
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(io::Error::other("refusing to follow a symlink"));
@@ -1208,7 +1212,7 @@ fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
 }
 
 fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-    open_nofollow(OpenOptions::new().read(true).write(true).create(true).truncate(false), path).map_err(|e| {
+    open_nofollow(OpenOptions::new().read(true).write(true).create(true).truncate(false), path, 0).map_err(|e| {
         if is_symlink_refusal(&e) {
             StoreError::NotRegular {
                 path: path.to_path_buf(),

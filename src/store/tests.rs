@@ -44,7 +44,6 @@ fn paths_are_sharded_by_the_first_two_hex_digits() {
         cache: PathBuf::from("/cache"),
         root: PathBuf::from("/cache/store-v1"),
         options: StoreOptions::default(),
-        root_fd: Default::default(),
     };
     let d = digest(ABC);
     assert_eq!(s.blob_path(&d), Path::new("/cache/store-v1/blobs/ba").join(ABC));
@@ -503,13 +502,22 @@ fn open_blob_opens_in_one_call_and_refuses_fifos_directories_and_symlinked_paren
     let dir = tempfile::tempdir().unwrap();
     let s = store(&dir);
     let d = s.insert_bytes("x", b"abc").unwrap();
+    // Where the kernel has no openat2 (before 5.6, or a seccomp filter refusing it), the
+    // one-call path answers nothing and only the fallback's answers are checked.
+    // SAFETY: openat2 with a NULL `how` and size 0: an argument error where it exists.
+    let openat2 = unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c".".as_ptr(), std::ptr::null::<u8>(), 0usize) } >= 0
+        || !matches!(io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS | libc::EPERM));
     let mut bytes = Vec::new();
-    s.open_blob_beneath(&d)
-        .expect("openat2 opens an intact blob")
-        .read_to_end(&mut bytes)
-        .unwrap();
-    assert_eq!(bytes, b"abc");
-    bytes.clear();
+    if openat2 {
+        s.open_blob_beneath(&d)
+            .expect("openat2 opens an intact blob")
+            .read_to_end(&mut bytes)
+            .unwrap();
+        assert_eq!(bytes, b"abc");
+        bytes.clear();
+    } else {
+        eprintln!("no openat2 here: only the path-by-path checks are tested");
+    }
     s.open_blob(&d).unwrap().read_to_end(&mut bytes).unwrap();
     assert_eq!(bytes, b"abc");
 
@@ -541,4 +549,21 @@ fn open_blob_opens_in_one_call_and_refuses_fifos_directories_and_symlinked_paren
         matches!(&e, StoreError::NotRegular { path, what: "a symlink" } if *path == s.blobs_dir()),
         "{e:?}"
     );
+}
+
+/// A store directory replaced while a `Store` lives is seen as it is now by `open_blob`, as
+/// by every path-based operation: no descriptor of the old directory is kept.
+#[test]
+fn open_blob_follows_a_replaced_store_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let d = s.insert_bytes("x", b"abc").unwrap();
+    assert!(s.open_blob(&d).is_ok());
+    std::fs::rename(s.root(), dir.path().join("moved-away")).unwrap();
+    let again = Store::open(dir.path()).unwrap();
+    assert_eq!(again.root(), s.root());
+    let e = s.open_blob(&d).unwrap_err();
+    assert!(matches!(e, StoreError::Missing { .. }), "{e:?}");
+    let d2 = again.insert_bytes("y", b"abd").unwrap();
+    assert!(s.open_blob(&d2).is_ok());
 }
