@@ -386,28 +386,23 @@ pub fn describe_host(h: &HostFacts) -> String {
 
 /// Resolves every variant of `manifest` against `host`, best first.
 pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Resolution {
-    let mut verdicts: Vec<Option<Verdict>> = manifest
-        .variants
-        .iter()
-        .map(|v| {
-            Some(match judge(manifest, v, host, prefs) {
-                Ok(score) => Verdict::Accepted { score },
-                Err(reason) => Verdict::Rejected { reason },
-            })
-        })
-        .collect();
     // Sort small inline keys (the rank as integers, the id borrowed from the manifest, the
     // position) rather than the candidates themselves: no comparison follows a pointer into
     // a score or a rejection, and each candidate is built once, in its final place. Ids are
     // unique (manifest validation), so the order is total and an unstable sort is
     // deterministic.
-    let mut order: Vec<(FlatRank, &str, usize)> = verdicts
-        .iter()
-        .zip(&manifest.variants)
-        .enumerate()
-        .filter_map(|(index, (verdict, v))| Some((FlatRank::of(verdict.as_ref()?), v.id.as_str(), index)))
-        .collect();
+    let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(manifest.variants.len());
+    let mut order: Vec<(FlatRank, &str, usize)> = Vec::with_capacity(manifest.variants.len());
+    for (index, v) in manifest.variants.iter().enumerate() {
+        let verdict = match judge(manifest, v, host, prefs) {
+            Ok(score) => Verdict::Accepted { score },
+            Err(reason) => Verdict::Rejected { reason },
+        };
+        order.push((FlatRank::of(&verdict), v.id.as_str(), index));
+        verdicts.push(Some(verdict));
+    }
     order.sort_unstable();
+    // Each position is in `order` once, so every `take` finds its verdict.
     let candidates = order
         .into_iter()
         .filter_map(|(_, id, index)| {
