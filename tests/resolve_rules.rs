@@ -1673,3 +1673,63 @@ fn order_is_independent_of_manifest_order() {
     assert!(multi >= 10, "only {multi} multi-variant cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The order is (rank, id) on a manifest large enough for `resolve`'s radix ordering of ids
+/// to split groups: 600 variants in a few rank classes (accepted at two CPU levels and two
+/// priorities, rejected at three stages), with ids that share long prefixes, are
+/// prefixes of one another, and are listed in neither id nor rank order. Checked against a
+/// comparison sort of the same verdicts.
+#[test]
+fn order_is_rank_then_id_on_a_large_manifest() {
+    let mut bodies = Vec::new();
+    for i in 0..600usize {
+        // Ids: `cu128-static-x86_64-linux-` + a number (so `…-1` is a prefix of `…-10`),
+        // some with a suffix, scrambled against the manifest's order.
+        let n = (i * 7919) % 600;
+        let suffix = if i % 9 == 0 { "-b" } else { "" };
+        let id = format!("cu128-static-x86_64-linux-{n}{suffix}");
+        let body = match i % 6 {
+            0 => format!("id = \"{id}\"\ncpu-level = \"x86-64-v2\""),
+            1 => format!("id = \"{id}\"\ncpu-level = \"x86-64-v3\"\npriority = 1"),
+            2 => format!("id = \"{id}\"\ncpu-level = \"x86-64-v3\""),
+            3 => format!("id = \"{id}\"\ncpu-level = \"x86-64-v4\""),
+            4 => format!("id = \"{id}\"\nos = \"macos\"\narch = \"aarch64\"\nmacos-min = \"13.0\""),
+            _ => format!("id = \"{id}\"\nlibc = \"musl 1.2\""),
+        };
+        bodies.push(body);
+    }
+    let manifest = manifest(1, &bodies).expect("the manifest builds");
+    let host = host("").expect("the host builds");
+    let got: Vec<String> = resolve(&manifest, &host, &Preferences::default())
+        .candidates
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let mut want: Vec<(Verdict, String)> = Vec::new();
+    for v in &manifest.variants {
+        let one = resolve(
+            &Manifest {
+                variants: vec![v.clone()],
+                ..manifest.clone()
+            },
+            &host,
+            &Preferences::default(),
+        );
+        want.push((one.candidates[0].verdict.clone(), v.id.clone()));
+    }
+    want.sort_by(|(a, ida), (b, idb)| {
+        let rank = |v: &Verdict| match v {
+            Verdict::Accepted { score } => (0, Some(std::cmp::Reverse(score.clone())), None),
+            Verdict::Rejected { reason } => (1, None, Some(std::cmp::Reverse(reason.closeness()))),
+        };
+        rank(a).cmp(&rank(b)).then_with(|| ida.cmp(idb))
+    });
+    let want_verdicts: Vec<Verdict> = want.iter().map(|(v, _)| v.clone()).collect();
+    let want: Vec<String> = want.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(got.len(), 600);
+    // Three accepted classes (v2, v3, v3 with priority) on the v3 host; the v4, macOS and
+    // musl variants rejected at three different stages.
+    let accepted = want_verdicts.iter().filter(|v| matches!(v, Verdict::Accepted { .. })).count();
+    assert_eq!(accepted, 300);
+    assert_eq!(got, want);
+}
