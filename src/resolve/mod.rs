@@ -28,7 +28,6 @@ use crate::platform::{
 };
 
 mod explain;
-mod order;
 mod rejection;
 
 pub use explain::{Explain, ExplainRelease};
@@ -387,32 +386,30 @@ pub fn describe_host(h: &HostFacts) -> String {
 
 /// Resolves every variant of `manifest` against `host`, best first.
 pub fn resolve(manifest: &Manifest, host: &HostFacts, prefs: &Preferences) -> Resolution {
-    // The order is (rank, id). Ids are unique (manifest validation), so it is total and
-    // never depends on the manifest's order. `order` puts the ids in order by radix and
-    // deals them into groups by rank, rather than comparison-sorting every candidate: see
-    // its module for why that keeps `resolve` linear. Each candidate is then built once,
-    // in its final place.
+    // Sort small inline keys (the rank as integers, the id borrowed from the manifest, the
+    // position) rather than the candidates themselves: no comparison follows a pointer into
+    // a score or a rejection, and each candidate is built once, in its final place. Ids are
+    // unique (manifest validation), so the order is total and an unstable sort is
+    // deterministic.
     let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(manifest.variants.len());
-    let mut ranks: Vec<FlatRank> = Vec::with_capacity(manifest.variants.len());
-    for v in &manifest.variants {
+    let mut order: Vec<(FlatRank, &str, usize)> = Vec::with_capacity(manifest.variants.len());
+    for (index, v) in manifest.variants.iter().enumerate() {
         let verdict = match judge(manifest, v, host, prefs) {
             Ok(score) => Verdict::Accepted { score },
             Err(reason) => Verdict::Rejected { reason },
         };
-        ranks.push(FlatRank::of(&verdict));
+        order.push((FlatRank::of(&verdict), v.id.as_str(), index));
         verdicts.push(Some(verdict));
     }
-    let ids: Vec<&[u8]> = manifest.variants.iter().map(|v| v.id.as_bytes()).collect();
-    let order = order::by_key_then(&ranks, &order::id_order(&ids));
+    order.sort_unstable();
     // Each position is in `order` once, so every `take` finds its verdict.
     let candidates = order
         .into_iter()
-        .filter_map(|index| {
-            let v = &manifest.variants[index];
+        .filter_map(|(_, id, index)| {
             Some(Candidate {
-                id: v.id.clone(),
+                id: id.to_owned(),
                 index,
-                backend: v.backend,
+                backend: manifest.variants[index].backend,
                 verdict: verdicts[index].take()?,
             })
         })
