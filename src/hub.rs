@@ -865,7 +865,23 @@ impl Hub {
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+            // A worker that panicked (a `Progress` callback, say) must not pass for one
+            // that finished: its files would be missing from a fetch reported complete, and
+            // the release accepted. The panic goes on, once every worker has stopped.
+            let mut results = Vec::new();
+            let mut panicked = None;
+            for h in handles {
+                match h.join() {
+                    Ok(out) => results.extend(out),
+                    Err(payload) => {
+                        panicked.get_or_insert(payload);
+                    }
+                }
+            }
+            if let Some(payload) = panicked {
+                std::panic::resume_unwind(payload);
+            }
+            results
         });
         for r in results {
             let (downloaded, bytes) = r?;

@@ -180,6 +180,33 @@ fn concurrent_processes_share_one_download() {
     assert_eq!(lib_gets, 1, "the library is downloaded once: {log:#?}");
 }
 
+/// A `Progress` callback that panics on a download worker: the panic reaches the caller
+/// of `fetch` (it used to be swallowed with that worker's files, and the fetch reported
+/// success for a release it had not stored), and the release is not recorded as known.
+#[test]
+fn a_panicking_progress_callback_is_not_a_successful_fetch() {
+    struct PanicOnSecond(std::sync::atomic::AtomicUsize);
+    impl khub::hub::Progress for PanicOnSecond {
+        fn start(&self, file: &str, _size: u64) {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                panic!("progress callback fails on {file}");
+            }
+        }
+    }
+    let (_d, root) = registry();
+    let server = Server::start(&root, "127.0.0.1:0", ServeOptions::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let hub = hub_for(&server.url(), cache.path(), &[("KHUB_CPU_LEVEL", "x86-64-v1")]);
+    let repo: RepoId = "acme/activation".parse().unwrap();
+    let progress = PanicOnSecond(Default::default());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hub.fetch(&repo, "^0.1", true, &progress)));
+    let payload = outcome.expect_err("the worker's panic reaches the caller");
+    let message = payload.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("progress callback fails on"), "{message}");
+    assert!(progress.0.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert!(hub.store().index_entries().is_empty(), "a fetch that panicked recorded the release");
+}
+
 #[test]
 fn offline_makes_no_connection() {
     let (_d, root) = registry();
