@@ -1164,9 +1164,17 @@ impl Hub {
 
 /// The file a locked load found absent from the store (or unreadable there), if that is
 /// why it failed.
+///
+/// Only an absent blob is a miss. Any other failure to open one (permissions, too many
+/// open files, an I/O error) is reported as itself: "not in the store, run `khub fetch`"
+/// would send the user to download a file that is there.
 fn store_miss(e: &LoadError) -> Option<&crate::manifest::RelPath> {
     match e {
-        LoadError::Verify(crate::verify::VerifyError::Unavailable { path, .. }) => Some(path),
+        LoadError::Verify(crate::verify::VerifyError::Unavailable { path, source, .. })
+            if matches!(source.downcast_ref::<StoreError>(), Some(StoreError::Missing { .. })) =>
+        {
+            Some(path)
+        }
         _ => None,
     }
 }
@@ -1218,5 +1226,39 @@ impl Write for Counting<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::VerifyError;
+
+    fn unavailable(source: StoreError) -> LoadError {
+        LoadError::Verify(VerifyError::Unavailable {
+            what: "the store has no readable copy of",
+            variant: "v".into(),
+            path: crate::manifest::RelPath::new("lib/libk.so").expect("a valid path"),
+            source: Box::new(source),
+        })
+    }
+
+    /// A locked load calls a file "not in the store" only when the store says it is
+    /// absent; an error opening a blob that is there keeps its own cause.
+    #[test]
+    fn only_an_absent_blob_is_a_store_miss() {
+        let d = crate::verify::sha256(b"x");
+        let missing = unavailable(StoreError::Missing {
+            digest: d,
+            path: PathBuf::from("/store/blobs/2d/x"),
+        });
+        assert_eq!(store_miss(&missing).map(ToString::to_string).as_deref(), Some("lib/libk.so"));
+        let denied = unavailable(StoreError::Io {
+            what: "cannot open",
+            path: PathBuf::from("/store/blobs/2d/x"),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        });
+        assert!(store_miss(&denied).is_none());
+        assert!(denied.to_string().contains("cannot open"), "{denied}");
     }
 }
