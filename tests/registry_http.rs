@@ -199,7 +199,9 @@ fn a_panicking_progress_callback_is_not_a_successful_fetch() {
     let hub = hub_for(&server.url(), cache.path(), &[("KHUB_CPU_LEVEL", "x86-64-v1")]);
     let repo: RepoId = "acme/activation".parse().unwrap();
     let progress = PanicOnSecond(Default::default());
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hub.fetch(&repo, "^0.1", true, &progress)));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hub.fetch(&repo, "^0.1", true, &progress).map_err(Box::new)
+    }));
     let payload = outcome.expect_err("the worker's panic reaches the caller");
     let message = payload.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("progress callback fails on"), "{message}");

@@ -8,16 +8,39 @@
 //! (or the lock) gives again, and the digests it records are checked before use.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError};
+use super::{LockMode, NONBLOCK, Store, StoreError, StoreLock, acquire, open_nofollow};
 use crate::ids::RepoId;
 use crate::manifest::Sha256Digest;
 
 /// The directory of the index inside the cache directory; the suffix is the layout version.
 pub const INDEX_DIR: &str = "index-v1";
+
+/// The largest index file read. A release's entry is a few hundred bytes, so this holds
+/// tens of thousands of releases; a larger file is not an index khub wrote.
+const MAX_INDEX_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads one index file: a regular file only, never through a symlink at its name, without
+/// blocking on a FIFO planted there, and at most [`MAX_INDEX_FILE_BYTES`]. Anything else,
+/// like a file that is unreadable or does not parse, reads as absent.
+fn read_index_file(path: &Path) -> Option<KnownReleases> {
+    let file = open_nofollow(OpenOptions::new().read(true), path, NONBLOCK).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_INDEX_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    (&file).take(MAX_INDEX_FILE_BYTES + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > MAX_INDEX_FILE_BYTES {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
 
 /// The releases known for one repository on one registry, by version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,10 +99,19 @@ impl Store {
     /// The releases known for `repo` on `registry`; empty when none are, or when the file
     /// is unreadable or invalid.
     pub fn known_releases(&self, registry: &str, repo: &RepoId) -> KnownReleases {
-        std::fs::read(self.index_path(registry, repo))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        read_index_file(&self.index_path(registry, repo)).unwrap_or_default()
+    }
+
+    /// Takes `gc.lock` shared and the lock of index file `path` exclusively (a lock file in
+    /// `locks/` named by the SHA-256 of the path), for a read-modify-write of that file:
+    /// two processes recording releases of one repository at once would otherwise each
+    /// write back what it read plus its own, and one release would be lost. The entry lock
+    /// comes first in the pair, so it is released first.
+    fn lock_index_file(&self, path: &Path) -> Result<(StoreLock, StoreLock), StoreError> {
+        let pin = self.pin()?;
+        let key = crate::verify::sha256(format!("index file {}", path.display()).as_bytes());
+        let lock = acquire(&self.entry_lock_path(&key), LockMode::Exclusive, self.options.lock_timeout)?;
+        Ok((lock, pin))
     }
 
     /// Records `release` as `version` of `repo` on `registry`, replacing the index file
@@ -92,6 +124,7 @@ impl Store {
         release: KnownRelease,
     ) -> Result<(), StoreError> {
         let path = self.index_path(registry, repo);
+        let _locks = self.lock_index_file(&path)?;
         let mut known = self.known_releases(registry, repo);
         known.registry = Some(registry.to_owned());
         known.releases.insert(version.to_string(), release);
@@ -137,10 +170,7 @@ impl Store {
                     let Ok(repo) = format!("{org_name}/{repo_name}").parse::<RepoId>() else {
                         continue;
                     };
-                    let Some(known) = std::fs::read(f.path())
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<KnownReleases>(&b).ok())
-                    else {
+                    let Some(known) = read_index_file(&f.path()) else {
                         continue;
                     };
                     for (version, release) in known.releases {
@@ -171,10 +201,8 @@ impl Store {
             .collect();
         let files: std::collections::BTreeSet<PathBuf> = entries.iter().map(|e| e.file.clone()).collect();
         for file in files {
-            let Some(mut known) = std::fs::read(&file)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<KnownReleases>(&b).ok())
-            else {
+            let _locks = self.lock_index_file(&file)?;
+            let Some(mut known) = read_index_file(&file) else {
                 continue;
             };
             known.releases.retain(|v, _| version.is_some_and(|want| v != want));

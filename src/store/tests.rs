@@ -567,3 +567,93 @@ fn open_blob_follows_a_replaced_store_directory() {
     let d2 = again.insert_bytes("y", b"abd").unwrap();
     assert!(s.open_blob(&d2).is_ok());
 }
+
+fn known(commit: &str) -> KnownRelease {
+    KnownRelease {
+        commit: commit.to_owned(),
+        manifest_sha256: digest(ABC),
+        signature_sha256: None,
+        accepted_at: None,
+    }
+}
+
+/// Releases of one repository recorded by many writers at once are all kept: each
+/// read-modify-write of the index file holds that file's lock (without it, writers wrote
+/// back what they had read and releases were lost).
+#[test]
+fn concurrent_index_updates_lose_no_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo: crate::ids::RepoId = "acme/k".parse().unwrap();
+    let registry = "http://127.0.0.1:1";
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (dir, repo) = (&dir, &repo);
+            s.spawn(move || {
+                // A `Store` per thread, as separate processes would have.
+                let st = store(dir);
+                for i in 0..10 {
+                    let v = semver::Version::new(1, t, i);
+                    st.record_release(registry, repo, &v, known(&format!("c{t}{i}"))).unwrap();
+                }
+            });
+        }
+    });
+    let got = store(&dir).known_releases(registry, &repo);
+    assert_eq!(got.releases.len(), 80, "{:?}", got.releases.keys().collect::<Vec<_>>());
+}
+
+/// An index file that is a FIFO, a symlink or far too large reads as absent, at once: a
+/// FIFO used to block every load and fetch of the repository for ever, a symlink was
+/// followed anywhere, and any size was read into memory.
+#[test]
+fn hostile_index_files_read_as_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&dir);
+    let repo: crate::ids::RepoId = "acme/k".parse().unwrap();
+    let registry = "http://127.0.0.1:1";
+    let path = st.index_path(registry, &repo);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let valid = serde_json::to_vec(&KnownReleases {
+        registry: Some(registry.into()),
+        releases: [("1.0.0".to_owned(), known("c"))].into(),
+    })
+    .unwrap();
+
+    // A FIFO: the read must return, not wait for a writer.
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (root, repo2) = (dir.path().to_owned(), repo.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(Store::open(&root).unwrap().known_releases(registry, &repo2));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("reading an index file that is a FIFO blocked");
+    assert!(got.releases.is_empty());
+    assert!(st.index_entries().is_empty());
+    std::fs::remove_file(&path).unwrap();
+
+    // A symlink to a valid index file elsewhere.
+    let elsewhere = dir.path().join("elsewhere.json");
+    std::fs::write(&elsewhere, &valid).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+    assert!(st.known_releases(registry, &repo).releases.is_empty());
+    assert!(st.index_entries().is_empty());
+    std::fs::remove_file(&path).unwrap();
+
+    // Valid JSON, but larger than any index khub writes.
+    let mut big = valid.clone();
+    big.pop();
+    big.extend(std::iter::repeat_n(b' ', 17 << 20));
+    big.push(b'}');
+    assert!(serde_json::from_slice::<KnownReleases>(&big).is_ok());
+    std::fs::write(&path, &big).unwrap();
+    assert!(st.known_releases(registry, &repo).releases.is_empty());
+
+    // The same bytes at their size are read.
+    std::fs::write(&path, &valid).unwrap();
+    assert_eq!(st.known_releases(registry, &repo).releases.len(), 1);
+    assert_eq!(st.index_entries().len(), 1);
+}
