@@ -865,7 +865,9 @@ impl Store {
     /// abandoned and every entry lock file free. A dry run does not wait for writers: it
     /// takes the exclusive lock if free, else shares it, and then counts only temp files
     /// older than [`STALE_TMP_AGE`]. Symlinks among blobs are never valid and are removed
-    /// (counted in `removed`, with no bytes); directories and foreign names are left alone.
+    /// (counted in `removed`, with no bytes), and so are directories at blob names (nothing
+    /// could be stored under that name again); foreign names are left alone. Directories
+    /// are opened once, refusing symlinks, and emptied through that handle (`GcDir`).
     pub fn gc(&self, keep: &BTreeSet<Sha256Digest>, dry_run: bool) -> Result<GcReport, StoreError> {
         let gc_lock = self.gc_lock_path();
         let (_lock, writers_may_be_active) = if dry_run {
@@ -876,78 +878,85 @@ impl Store {
         } else {
             (acquire(&gc_lock, LockMode::Exclusive, self.options.lock_timeout)?, false)
         };
-        let remove = |path: &Path| if dry_run { Ok(()) } else { remove_file(path) };
-
         let mut report = GcReport::default();
-        for shard in self.shards_and_strays(&mut report, &remove)? {
-            let entries = read_dir(&shard.path)?;
-            let mut left = entries.len();
-            for entry in &entries {
-                let Some(d) = blob_name(&shard.name, &entry.name) else { continue };
-                let kind = entry.meta.file_type();
-                if kind.is_symlink() || (kind.is_file() && !keep.contains(&d)) {
-                    remove(&entry.path)?;
+        // Every directory is opened once, without following a symlink, and listed and
+        // emptied through that handle: one swapped for a symlink while gc runs (by whoever
+        // can write the cache) cannot make gc remove files anywhere else.
+        if let Some(blobs) = GcDir::open(&self.blobs_dir())? {
+            for entry in blobs.entries()? {
+                if entry.meta.file_type().is_symlink() {
+                    blobs.remove(&entry, dry_run)?;
                     report.removed += 1;
-                    report.removed_bytes += if kind.is_file() { entry.meta.len() } else { 0 };
-                    left -= 1;
-                } else if kind.is_file() {
-                    report.kept += 1;
+                    continue;
                 }
-            }
-            if left == 0 && !dry_run {
-                match std::fs::remove_dir(&shard.path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(StoreError::Io {
-                            what: "cannot remove",
-                            path: shard.path,
-                            source,
-                        });
+                if !(entry.meta.is_dir() && is_shard_name(&entry.name)) {
+                    continue;
+                }
+                let Some(shard) = blobs.open_child(&entry)? else { continue };
+                let entries = shard.entries()?;
+                let mut left = entries.len();
+                for item in &entries {
+                    let Some(d) = blob_name(&entry.name, &item.name) else { continue };
+                    let kind = item.meta.file_type();
+                    if kind.is_symlink() || kind.is_dir() || (kind.is_file() && !keep.contains(&d)) {
+                        // A directory at a blob's name would block that blob for good
+                        // (nothing can be renamed onto it): it goes, with what it holds.
+                        shard.remove(item, dry_run)?;
+                        report.removed += 1;
+                        report.removed_bytes += if kind.is_file() { item.meta.len() } else { 0 };
+                        left -= 1;
+                    } else if kind.is_file() {
+                        report.kept += 1;
                     }
+                }
+                if left == 0 && !dry_run {
+                    blobs.remove_empty_dir(&entry)?;
                 }
             }
         }
 
         let now = SystemTime::now();
-        for entry in read_dir(&self.tmp_dir())? {
-            if entry.meta.is_dir() {
-                continue;
-            }
-            let age = entry
-                .meta
-                .modified()
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .unwrap_or_default();
-            if !writers_may_be_active || age > STALE_TMP_AGE {
-                remove(&entry.path)?;
-                report.tmp_removed += 1;
+        if let Some(tmp) = GcDir::open(&self.tmp_dir())? {
+            for entry in tmp.entries()? {
+                if entry.meta.is_dir() {
+                    continue;
+                }
+                let age = entry
+                    .meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or_default();
+                if !writers_may_be_active || age > STALE_TMP_AGE {
+                    tmp.remove(&entry, dry_run)?;
+                    report.tmp_removed += 1;
+                }
             }
         }
 
-        // Never through a symlink: whoever can write the cache could point `quarantine/`
-        // anywhere. A symlink in its place is removed itself, never what it points to.
+        // A symlink or a file in the place of `quarantine/` is removed itself, never what
+        // it points to; a directory at a quarantine name would block quarantining that
+        // digest, and goes too.
         let qdir = self.quarantine_dir();
         match lstat(&qdir)? {
             Some(m) if m.is_dir() => {
-                for entry in read_dir(&qdir)? {
-                    if entry.meta.is_file() || entry.meta.is_symlink() {
-                        remove(&entry.path)?;
+                if let Some(q) = GcDir::open(&qdir)? {
+                    for entry in q.entries()? {
+                        q.remove(&entry, dry_run)?;
                         report.quarantine_removed += 1;
                     }
                 }
             }
-            Some(_) => remove(&qdir)?,
-            None => {}
+            Some(_) if !dry_run => remove_file(&qdir)?,
+            _ => {}
         }
 
         // Safe only because nobody holds or waits for an entry lock without holding
         // `gc.lock` shared, which this exclusive hold rules out.
-        if !dry_run {
-            for entry in read_dir(&self.locks_dir())? {
+        if !dry_run && let Some(locks) = GcDir::open(&self.locks_dir())? {
+            for entry in locks.entries()? {
                 if !entry.meta.is_dir() && entry.name.ends_with(".lock") {
-                    remove_file(&entry.path)?;
+                    locks.remove(&entry, false)?;
                 }
             }
         }
@@ -960,25 +969,6 @@ impl Store {
             .into_iter()
             .filter(|e| e.meta.is_dir() && is_shard_name(&e.name))
             .collect())
-    }
-
-    /// The shard directories, after removing (through `remove`) any symlink sitting
-    /// directly in `blobs/`.
-    fn shards_and_strays(
-        &self,
-        report: &mut GcReport,
-        remove: &dyn Fn(&Path) -> Result<(), StoreError>,
-    ) -> Result<Vec<DirItem>, StoreError> {
-        let mut shards = Vec::new();
-        for entry in read_dir(&self.blobs_dir())? {
-            if entry.meta.file_type().is_symlink() {
-                remove(&entry.path)?;
-                report.removed += 1;
-            } else if entry.meta.is_dir() && is_shard_name(&entry.name) {
-                shards.push(entry);
-            }
-        }
-        Ok(shards)
     }
 
     /// Removes `tmp/<hex>.*` files: called with the entry lock held, when they can only be
@@ -1017,6 +1007,142 @@ impl FileSource for StoreSource<'_> {
                 source: Box::new(other),
             },
         })
+    }
+}
+
+/// A store directory as gc sees it: opened once, refusing a symlink, and then listed,
+/// inspected and emptied through that open handle (`/proc/self/fd/N/…` on Linux), so a
+/// path component swapped for a symlink after the open is never followed. Where there is
+/// no `/proc`, the path itself is used, checked to be a real directory when opened.
+struct GcDir {
+    /// The directory's path, for messages.
+    path: PathBuf,
+    /// Where its entries are reached: `/proc/self/fd/N`, or `path`.
+    via: PathBuf,
+    /// Keeps `via` valid while this lives.
+    #[cfg(target_os = "linux")]
+    _handle: Option<File>,
+}
+
+impl GcDir {
+    /// Opens the directory at `path`; `None` when it is absent; `NotRegular` when a symlink
+    /// or anything but a directory is there.
+    fn open(path: &Path) -> Result<Option<GcDir>, StoreError> {
+        Self::open_at(path, path)
+    }
+
+    /// Opens `entry`, a subdirectory listed by [`GcDir::entries`], through this handle.
+    fn open_child(&self, entry: &DirItem) -> Result<Option<GcDir>, StoreError> {
+        Self::open_at(&entry.path, &self.via.join(&entry.name))
+    }
+
+    fn open_at(shown: &Path, at: &Path) -> Result<Option<GcDir>, StoreError> {
+        let not_dir = |meta: &Metadata| StoreError::NotRegular {
+            path: shown.to_path_buf(),
+            what: if meta.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "not a directory"
+            },
+        };
+        match lstat(at)? {
+            None => return Ok(None),
+            Some(m) if !m.is_dir() => return Err(not_dir(&m)),
+            Some(_) => {}
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let handle = match open_nofollow(OpenOptions::new().read(true), at, libc::O_DIRECTORY) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if is_symlink_refusal(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    return Err(StoreError::NotRegular {
+                        path: shown.to_path_buf(),
+                        what: "not a directory",
+                    });
+                }
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        what: "cannot open",
+                        path: shown.to_path_buf(),
+                        source,
+                    });
+                }
+            };
+            use std::os::fd::AsRawFd;
+            let via = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+            if via.is_dir() {
+                return Ok(Some(GcDir {
+                    path: shown.to_path_buf(),
+                    via,
+                    _handle: Some(handle),
+                }));
+            }
+        }
+        Ok(Some(GcDir {
+            path: shown.to_path_buf(),
+            via: at.to_path_buf(),
+            #[cfg(target_os = "linux")]
+            _handle: None,
+        }))
+    }
+
+    /// The entries, `lstat`ed through the handle; their `path` is for messages.
+    fn entries(&self) -> Result<Vec<DirItem>, StoreError> {
+        let mut items = read_dir(&self.via).map_err(|e| self.named(e))?;
+        for item in &mut items {
+            item.path = self.path.join(&item.name);
+        }
+        Ok(items)
+    }
+
+    /// Removes `entry` (a file, a symlink itself, or a directory with what it holds)
+    /// through the handle; with `dry_run`, nothing.
+    fn remove(&self, entry: &DirItem, dry_run: bool) -> Result<(), StoreError> {
+        if dry_run {
+            return Ok(());
+        }
+        let at = self.via.join(&entry.name);
+        let done = if entry.meta.is_dir() {
+            // std's `remove_dir_all` does not follow symlinks inside the tree.
+            std::fs::remove_dir_all(&at)
+        } else {
+            return remove_file(&at).map_err(|e| self.named(e));
+        };
+        match done {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                what: "cannot remove",
+                path: entry.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Removes the subdirectory `entry` if it is (still) empty.
+    fn remove_empty_dir(&self, entry: &DirItem) -> Result<(), StoreError> {
+        match std::fs::remove_dir(self.via.join(&entry.name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                what: "cannot remove",
+                path: entry.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// An error about a path under `via`, renamed to the same path under `path`.
+    fn named(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Io { what, path, source } => StoreError::Io {
+                what,
+                path: path.strip_prefix(&self.via).map_or(path.clone(), |rest| self.path.join(rest)),
+                source,
+            },
+            other => other,
+        }
     }
 }
 

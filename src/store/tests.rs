@@ -657,3 +657,57 @@ fn hostile_index_files_read_as_absent() {
     assert_eq!(st.known_releases(registry, &repo).releases.len(), 1);
     assert_eq!(st.index_entries().len(), 1);
 }
+
+/// A directory planted at a blob's name, or at a quarantine name, blocked that digest for
+/// good (nothing can be renamed onto a directory, and gc left directories alone, though
+/// the error said to run gc). gc now removes them, and the blob can be stored again.
+#[test]
+fn gc_removes_directories_planted_at_blob_and_quarantine_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let d = digest(ABC);
+    let blob = s.blob_path(&d);
+    std::fs::create_dir_all(blob.join("inner")).unwrap();
+    std::fs::write(blob.join("inner/file"), b"x").unwrap();
+    let qdir = s.quarantine_dir().join(ABC);
+    std::fs::create_dir_all(&qdir).unwrap();
+    assert!(s.insert_bytes("abc", b"abc").is_err(), "a directory at the name blocks the insert");
+
+    let report = s.gc(&[d].into(), false).unwrap();
+    assert_eq!((report.removed, report.quarantine_removed), (1, 1), "{report:?}");
+    assert!(!blob.exists() && !qdir.exists());
+    assert_eq!(s.insert_bytes("abc", b"abc").unwrap(), d);
+    assert!(s.verify_blob(&d, 3).unwrap());
+}
+
+/// gc lists and removes through the directory it opened: a `tmp/` swapped for a symlink
+/// after that (a race whoever can write the cache could run) does not make it remove
+/// same-named files wherever the symlink points.
+#[test]
+fn gc_removes_through_the_directory_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let tmp = s.tmp_dir();
+    std::fs::write(tmp.join("victim.txt"), b"planted").unwrap();
+    let opened = GcDir::open(&tmp).unwrap().unwrap();
+    let entries = opened.entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].path, tmp.join("victim.txt"), "messages name the real path");
+
+    // Swap: the real tmp/ moves away, a symlink to an outside directory holding a file of
+    // the same name takes its place.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("victim.txt"), b"precious").unwrap();
+    let moved = dir.path().join("tmp-moved");
+    std::fs::rename(&tmp, &moved).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &tmp).unwrap();
+
+    opened.remove(&entries[0], false).unwrap();
+    assert_eq!(std::fs::read(outside.path().join("victim.txt")).unwrap(), b"precious");
+    assert!(!moved.join("victim.txt").exists(), "the file in the opened directory went");
+
+    // Opening refuses the symlink itself.
+    assert!(matches!(GcDir::open(&tmp), Err(StoreError::NotRegular { .. })));
+    assert!(matches!(s.gc(&BTreeSet::new(), false), Err(StoreError::NotRegular { .. })));
+    assert_eq!(std::fs::read(outside.path().join("victim.txt")).unwrap(), b"precious");
+}
