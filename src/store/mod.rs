@@ -60,8 +60,9 @@
 //!
 //! A blob is durable before [`Store::insert_with`] returns: the temp file is `fsync`ed
 //! before the rename (so a crash can never leave a renamed but empty or short blob, as
-//! delayed allocation allows), and the shard directory is `fsync`ed after it (and `blobs/`
-//! when the shard was new), so the name survives a crash too. Callers may record the digest
+//! delayed allocation allows), and the shard directory is `fsync`ed after it, so the name
+//! survives a crash too. A new shard directory is created and `blobs/` `fsync`ed while the
+//! bytes stream in, and always before the rename. Callers may record the digest
 //! elsewhere (a lock file) as soon as the call returns. Nothing else is synced: temp files
 //! that lose their data in a crash are garbage that gc removes; lock files carry no data;
 //! a removal by gc that a crash undoes merely leaves a blob behind. Directory `fsync` is
@@ -596,9 +597,22 @@ impl Store {
             .map_err(StoreError::io("cannot create a temp file in", &tmp_dir))?;
         let tmp_path = tmp.path().to_path_buf();
 
+        // A new shard directory is created, and its name in `blobs/` made durable, on a
+        // thread of its own while the bytes arrive, instead of after the last of them: one
+        // directory flush fewer at the end of a download into a fresh shard.
+        let shard = self.blobs_dir().join(shard_of(&hex));
         let sink = EarlyWriteback::new(tmp.as_file_mut());
         let mut w = HashingWriter::new(BufWriter::with_capacity(WRITE_BUFFER, sink), size);
-        let filled = fill(&mut w);
+        let (filled, shard_ready) = if lstat(&shard)?.is_some_and(|m| m.is_dir()) {
+            (fill(&mut w), Ok(()))
+        } else {
+            std::thread::scope(|s| {
+                let prepare = s.spawn(|| self.prepare_shard(&shard));
+                let filled = fill(&mut w);
+                let ready = prepare.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (filled, ready)
+            })
+        };
         if let Some(attempted) = w.overflow() {
             return Err(StoreError::SizeMismatch {
                 path: label.to_owned(),
@@ -643,18 +657,9 @@ impl Store {
         make_read_only(file).map_err(StoreError::io("cannot make read-only", &tmp_path))?;
 
         let blob = self.blob_path(d);
-        let shard = self.blobs_dir().join(shard_of(&hex));
-        let new_shard = match std::fs::create_dir(&shard) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "cannot create",
-                    path: shard,
-                    source,
-                });
-            }
-        };
+        shard_ready?;
+        // Checked again here: the shard may have been there before `fill` (and not made by
+        // this call), or replaced since.
         expect_dir(&shard)?;
         // `rename` replaces a damaged blob of the wrong size, or a symlink, in one step.
         tmp.persist(&blob).map_err(|e| StoreError::Io {
@@ -663,10 +668,23 @@ impl Store {
             source: e.error,
         })?;
         sync_dir(&shard)?;
-        if new_shard {
-            sync_dir(&self.blobs_dir())?;
-        }
         Ok(Inserted::Written(size))
+    }
+
+    /// Creates the shard directory `shard` unless it exists, and makes its name in
+    /// `blobs/` durable. Called only when the shard was absent a moment before, so one
+    /// found existing was just made by a concurrent writer, whose sync may still be under
+    /// way: it is synced here too.
+    fn prepare_shard(&self, shard: &Path) -> Result<(), StoreError> {
+        match std::fs::create_dir(shard) {
+            Ok(()) => sync_dir(&self.blobs_dir()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => sync_dir(&self.blobs_dir()),
+            Err(source) => Err(StoreError::Io {
+                what: "cannot create",
+                path: shard.to_path_buf(),
+                source,
+            }),
+        }
     }
 
     /// Stores `bytes`, computing their digest; returns it. A present blob is re-hashed
