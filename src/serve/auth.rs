@@ -29,6 +29,11 @@ impl Token {
             Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
             _ => "",
         };
+        // No token given (another scheme, or `Bearer` alone) is never a match, whatever
+        // is configured: an empty configured token must not admit an empty given one.
+        if t.is_empty() {
+            return Token::Invalid;
+        }
         if options.write_token.as_deref().is_some_and(|w| token_eq(t, w)) {
             Token::Write
         } else if options.read_token.as_deref().is_some_and(|r| token_eq(t, r)) {
@@ -149,5 +154,32 @@ mod tests {
         assert_eq!(check(Access::Write, Token::Read, &both).unwrap_err().status, 403);
         assert!(check(Access::Read, Token::Write, &both).is_ok());
         assert!(check(Access::Open, Token::Invalid, &both).is_ok());
+    }
+
+    /// A server configured with an empty token (`--write-token "$UNSET"`) admitted any
+    /// `Authorization` header without a bearer token as that token. `Server::start` now
+    /// refuses such a configuration, and no header without a token matches anyway.
+    #[test]
+    fn an_empty_token_admits_nobody() {
+        let empty = ServeOptions {
+            read_token: Some(String::new()),
+            write_token: Some(String::new()),
+            ..ServeOptions::default()
+        };
+        for h in ["Basic x", "Bearer", "Bearer ", "bearer\t", "x", ""] {
+            assert_eq!(Token::from_header(Some(h), &empty), Token::Invalid, "{h:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (read, write) in [(Some(""), None), (None, Some(" ")), (Some("r"), Some("\t"))] {
+            let options = ServeOptions {
+                read_token: read.map(str::to_owned),
+                write_token: write.map(str::to_owned),
+                ..ServeOptions::default()
+            };
+            let err = super::super::Server::start(dir.path(), "127.0.0.1:0", options)
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("non-empty"), "{err}");
+        }
     }
 }

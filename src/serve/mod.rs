@@ -193,6 +193,15 @@ impl fmt::Debug for Server {
 impl Server {
     /// Serves the registry at `root` on `addr` (`"127.0.0.1:0"` picks a free port).
     pub fn start(root: &Path, addr: &str, options: ServeOptions) -> Result<Server, ServeError> {
+        for (name, token) in [("read-token", &options.read_token), ("write-token", &options.write_token)] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(ServeError::Setting {
+                    name: name.to_owned(),
+                    value: token.clone().unwrap_or_default(),
+                    expected: "a non-empty token (is the variable it was read from unset?); leave the option out for no token",
+                });
+            }
+        }
         let root = canonical_root(root)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.threads.max(1))
