@@ -868,6 +868,14 @@ fn requests_are_logged_and_stop_closes_the_port() {
     );
     assert_eq!(server.connections(), 2);
 
+    // The log keeps at most 1 KiB of a target: a client sending 60 KB targets would
+    // otherwise fill the server's memory with them (no token needed, 404s count).
+    let long = format!("/acme/k/resolve/main/{}", "a".repeat(60_000));
+    assert!(get(addr, &long).status >= 400);
+    let last = server.requests().pop().unwrap();
+    assert!(last.path.len() <= 1024 + '…'.len_utf8(), "{} bytes kept", last.path.len());
+    assert!(last.path.starts_with("/acme/k/resolve/main/aaa") && last.path.ends_with('…'));
+
     // Concurrent clients are all answered.
     std::thread::scope(|s| {
         for _ in 0..16 {
@@ -878,7 +886,7 @@ fn requests_are_logged_and_stop_closes_the_port() {
             });
         }
     });
-    assert_eq!(server.connections(), 82);
+    assert_eq!(server.connections(), 83);
     server.stop();
     assert!(TcpStream::connect(addr).is_err(), "the port is closed after stop");
 }

@@ -68,7 +68,10 @@ mod routes;
 mod write;
 
 /// How many requests the in-memory log keeps.
-const LOG_CAP: usize = 100_000;
+const LOG_CAP: usize = 10_000;
+/// How much of a request's method and target the in-memory log keeps, in bytes: a client
+/// may send targets of 64 KiB, and the log lives as long as the server.
+const LOG_TEXT_CAP: usize = 1024;
 /// How many digests the cache keeps before it starts over.
 const DIGEST_CACHE_CAP: usize = 100_000;
 
@@ -368,8 +371,8 @@ impl State {
             log.pop_front();
         }
         log.push_back(RequestRecord {
-            method: method.to_owned(),
-            path: path.to_owned(),
+            method: clip_bytes(method, LOG_TEXT_CAP),
+            path: clip_bytes(path, LOG_TEXT_CAP),
             status,
         });
     }
@@ -393,4 +396,16 @@ impl State {
         }
         Ok(digest.0)
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary, with `…` when cut.
+fn clip_bytes(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", s.get(..end).unwrap_or_default())
 }
