@@ -578,6 +578,18 @@ fn tokens_guard_reads_and_writes() {
         let r = request(addr, "GET", "/api/models/acme/nope", &[("Authorization", &bearer(t))], b"");
         assert_eq!((r.status, r.error_code()), (404, Some("RepoNotFound")));
     }
+    // Checking a README is a read: with a read token, it needs one.
+    let yaml = br#"{"content":"---\nlicense: mit\n---\n"}"#;
+    let json = ("Content-Type", "application/json");
+    assert_eq!(request(addr, "POST", "/api/validate-yaml", &[json], yaml).status, 401);
+    let r = request(
+        addr,
+        "POST",
+        "/api/validate-yaml",
+        &[json, ("Authorization", &bearer("reader"))],
+        yaml,
+    );
+    assert_eq!(r.status, 200);
     let create = br#"{"name":"acme/new","type":"kernel"}"#;
     let r = request(addr, "POST", "/api/repos/create", &[], create);
     assert_eq!(r.status, 401);

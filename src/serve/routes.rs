@@ -156,7 +156,7 @@ use Methods::{Get, Post, PostOrDelete};
 /// only matters for the documentation.
 pub(super) const ROUTES: &[Route] = &[
     at("api/whoami-v2", Get, Open, NoBody, auth::whoami),
-    at("api/validate-yaml", Post, Open, Json, write::validate_yaml),
+    at("api/validate-yaml", Post, Read, Json, write::validate_yaml),
     at("api/repos/create", Post, Write, Json, write::create_repo),
     at("api/{kind}", Get, Read, NoBody, read::list),
     at("api/{kind}/{org}/{name}", Get, Read, NoBody, read::info),

@@ -376,13 +376,16 @@ pub(super) fn validate_yaml(_: &Ctx, rq: &mut Input, _: &Params) -> Result<Reply
 /// the next line `---`); nothing when it has none. The block must be closed and be a
 /// mapping: top-level lines are `key:` or `key: value` with unique keys, nested lines are
 /// indented with spaces (YAML forbids tabs), and comments and blank lines are allowed.
+///
+/// At most [`MAX_FRONT_MATTER_ERRORS`] are listed, then one line counting the rest: a
+/// megabyte of bad lines would otherwise answer with hundreds of megabytes of messages.
 pub(super) fn front_matter_errors(content: &str) -> Vec<String> {
     let content = content.strip_prefix('\u{feff}').unwrap_or(content);
     let mut lines = content.lines();
     if lines.next().map(str::trim_end) != Some("---") {
         return Vec::new();
     }
-    let mut errors = Vec::new();
+    let mut errors = Errors::default();
     let mut keys = std::collections::BTreeSet::new();
     let mut closed = false;
     for (i, line) in lines.enumerate() {
@@ -420,7 +423,34 @@ pub(super) fn front_matter_errors(content: &str) -> Vec<String> {
     if !closed {
         errors.push("the metadata block opened by `---` on the first line is never closed by a line `---`".to_owned());
     }
-    errors
+    errors.finish()
+}
+
+/// How many front-matter errors are listed before the rest are only counted.
+const MAX_FRONT_MATTER_ERRORS: usize = 20;
+
+/// Front-matter errors, the first [`MAX_FRONT_MATTER_ERRORS`] kept, the rest counted.
+#[derive(Default)]
+struct Errors {
+    kept: Vec<String>,
+    more: usize,
+}
+
+impl Errors {
+    fn push(&mut self, message: String) {
+        if self.kept.len() < MAX_FRONT_MATTER_ERRORS {
+            self.kept.push(message);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.kept.push(format!("… and {} more errors not listed", self.more));
+        }
+        self.kept
+    }
 }
 
 #[cfg(test)]
@@ -436,5 +466,17 @@ mod tests {
         assert_eq!(front_matter_errors("---\na: 1\na: 2\n---\n").len(), 1, "duplicate key");
         assert_eq!(front_matter_errors("---\na:\n\t- x\n---\n").len(), 1, "tab indent");
         assert_eq!(front_matter_errors("---\njust words\n---\n").len(), 1, "not a mapping");
+    }
+
+    /// A megabyte of bad lines answers with 21 messages, not one per line (each ~70
+    /// bytes of message for 2 bytes of input).
+    #[test]
+    fn front_matter_errors_are_bounded() {
+        let content = format!("---\n{}", "x\n".repeat(500_000));
+        let errors = front_matter_errors(&content);
+        assert_eq!(errors.len(), super::MAX_FRONT_MATTER_ERRORS + 1);
+        assert!(errors[0].starts_with("line 2:"), "{}", errors[0]);
+        // 500,000 lines that are not `key: value`, and the block never closed.
+        assert_eq!(errors[20], "… and 499981 more errors not listed");
     }
 }
