@@ -361,3 +361,55 @@ fn a_silent_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     assert!(e.to_string().contains(&url), "{e}");
 }
+
+/// A registry whose refs name something other than a full commit id (a branch name, `..`)
+/// is refused with that said: such a ref can move, would be sent as a URL path segment,
+/// and made `khub lock` write a lockfile it could not read back.
+#[test]
+fn refs_must_name_full_commit_ids() {
+    for commit in ["main", "..", "0123456", &"a".repeat(41)] {
+        let refs =
+            format!(r#"{{"branches":[],"tags":[{{"name":"v1.0.0","ref":"refs/tags/v1.0.0","targetCommit":"{commit}"}}],"converts":[]}}"#);
+        let (url, _) = canned(vec![http("200 OK", "", &refs)], None);
+        let reg = khub::registry::hf::HubRegistry::new(khub::registry::hf::HubConfig::new(&url)).unwrap();
+        let e = reg.refs(&"acme/k".parse::<RepoId>().unwrap()).unwrap_err().to_string();
+        assert!(
+            e.contains("full commit id (40 hex digits)") && e.contains("v1.0.0"),
+            "{commit}: {e}"
+        );
+    }
+}
+
+/// A file download that breaks mid-body, then meets answers a flaky network or a
+/// hostile server gives, and finishes from a third, good answer.
+fn resumed_download(second: String, third: String) -> Result<Vec<u8>, String> {
+    let first = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nETag: \"abc\"\r\nConnection: close\r\n\r\n12345".to_owned();
+    let (url, _) = canned(vec![first, second, third], None);
+    let mut config = khub::registry::hf::HubConfig::new(&url);
+    config.backoff = Duration::from_millis(1);
+    let reg = khub::registry::hf::HubRegistry::new(config).unwrap();
+    let mut sink = Vec::new();
+    let path = khub::manifest::RelPath::new("lib/libk.so").unwrap();
+    reg.fetch(&"acme/k".parse().unwrap(), &"0".repeat(40), &path, 1 << 20, &mut sink)
+        .map(|_| sink)
+        .map_err(|e| e.to_string())
+}
+
+/// A proxy's 503 page with an ETag of its own, between two parts of a download, is a
+/// reason to retry, not "the file changed on the server" (it ended the download).
+#[test]
+fn an_error_page_with_its_own_etag_is_retried() {
+    let unavailable = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nETag: \"proxy-page\"\r\nConnection: close\r\n\r\nbusy";
+    let rest = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-9/10\r\nContent-Length: 5\r\nETag: \"abc\"\r\nConnection: close\r\n\r\n67890";
+    assert_eq!(resumed_download(unavailable.into(), rest.into()).unwrap(), b"1234567890");
+}
+
+/// `Content-Range: bytes 5-18446744073709551615/*` (an end with no successor) panicked
+/// while computing the end (debug builds) or wrapped to 0 and moved the download
+/// backwards (release). It is a bad range now: the download starts over without one.
+#[test]
+fn a_content_range_ending_at_u64_max_is_refused() {
+    let hostile = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-18446744073709551615/*\r\nContent-Length: 5\r\nETag: \"abc\"\r\nConnection: close\r\n\r\n67890";
+    let whole = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nETag: \"abc\"\r\nConnection: close\r\n\r\n1234567890";
+    assert_eq!(resumed_download(hostile.into(), whole.into()).unwrap(), b"1234567890");
+}

@@ -326,13 +326,14 @@ impl HubRegistry {
         loop {
             attempt += 1;
             let result = runtime.block_on(op());
+            // Exponential, saturating, and never longer than MAX_RETRY_AFTER whatever the
+            // attempt count (a caller may configure many).
+            let backoff = |shift: u32| self.config.backoff.saturating_mul(2u32.saturating_pow(shift)).min(MAX_RETRY_AFTER);
             let wait = match &result {
                 Ok(_) => return result,
-                Err(HFError::RateLimited { retry_after, .. }) => {
-                    retry_after.unwrap_or(self.config.backoff * 2u32.pow(attempt)).min(MAX_RETRY_AFTER)
-                }
-                Err(HFError::Request { .. }) => self.config.backoff * 2u32.pow(attempt - 1),
-                Err(HFError::Http { context }) if context.status.is_server_error() => self.config.backoff * 2u32.pow(attempt - 1),
+                Err(HFError::RateLimited { retry_after, .. }) => retry_after.unwrap_or_else(|| backoff(attempt)).min(MAX_RETRY_AFTER),
+                Err(HFError::Request { .. }) => backoff(attempt - 1),
+                Err(HFError::Http { context }) if context.status.is_server_error() => backoff(attempt - 1),
                 Err(_) => return result,
             };
             if attempt >= self.config.attempts {
@@ -347,17 +348,32 @@ impl HubRegistry {
         let refs = self
             .retrying(runtime, || handle.list_refs().send())
             .map_err(|e| self.map_err(repo, e, "listing refs"))?;
-        let conv = |v: Vec<hf_hub::repository::GitRefInfo>| {
+        // Releases are pinned by full commit id: a ref whose target is anything else (a
+        // branch name, `..`, an abbreviation) could move, would be sent as a URL path
+        // segment, and would make a lockfile khub cannot read back.
+        let conv = |v: Vec<hf_hub::repository::GitRefInfo>| -> Result<Vec<GitRef>, RegistryError> {
             v.into_iter()
-                .map(|r| GitRef {
-                    name: r.name,
-                    commit: r.target_commit,
+                .map(|r| {
+                    if !is_commit_id(&r.target_commit) {
+                        return Err(RegistryError::Transport {
+                            registry: self.describe(),
+                            message: format!(
+                                "the refs of {repo} name `{}` as the commit of `{}`; a registry must answer with a full commit id (40 hex digits)",
+                                r.target_commit.chars().take(80).collect::<String>().escape_default(),
+                                r.name.chars().take(80).collect::<String>().escape_default()
+                            ),
+                        });
+                    }
+                    Ok(GitRef {
+                        name: r.name,
+                        commit: r.target_commit,
+                    })
                 })
                 .collect()
         };
         Ok(Refs {
-            tags: conv(refs.tags),
-            branches: conv(refs.branches),
+            tags: conv(refs.tags)?,
+            branches: conv(refs.branches)?,
         })
     }
 }
@@ -581,7 +597,10 @@ impl Attempts {
         if self.made >= self.max {
             return false;
         }
-        let backoff = self.backoff.saturating_mul(1 << self.made.saturating_sub(1).min(16));
+        let backoff = self
+            .backoff
+            .saturating_mul(1 << self.made.saturating_sub(1).min(16))
+            .min(MAX_RETRY_AFTER);
         tokio::time::sleep(retry_after.map_or(backoff, |d| d.min(MAX_RETRY_AFTER))).await;
         true
     }
@@ -658,14 +677,20 @@ fn header_u64(h: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option
     h.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
 }
 
+/// Whether `s` is a full git commit id: 40 hex digits.
+fn is_commit_id(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `Content-Range: bytes a-b/total` (total may be `*`).
 fn content_range(h: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     let v = h.get(CONTENT_RANGE)?.to_str().ok()?.trim();
     let (range, total) = v.strip_prefix("bytes ")?.split_once('/')?;
     let total = if total == "*" { None } else { Some(total.parse().ok()?) };
     let (a, b) = range.split_once('-')?;
-    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
-    (a <= b).then_some((a, b, total))
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    // `b` is an inclusive end: `b + 1` must exist, and `b` must lie inside a known total.
+    (a <= b && b < u64::MAX && total.is_none_or(|n| b < n)).then_some((a, b, total))
 }
 
 /// `Content-Range: bytes */total`, the answer to an unsatisfiable range.
@@ -865,15 +890,18 @@ impl HubRegistry {
         let status = response.status();
         let h = response.headers().clone();
 
-        if let (Some(before), Some(now)) = (&t.etag, &etag)
-            && before != now
-        {
-            return Err(Failed::Fatal(transport(format!(
-                "the file changed on the server during the download (ETag {before}, then {now})"
-            ))));
-        }
         match status {
-            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            // Compared only on an answer that carries the file: a proxy's 503 or 429 page
+            // has an ETag of its own, and must stay a reason to retry.
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {
+                if let (Some(before), Some(now)) = (&t.etag, &etag)
+                    && before != now
+                {
+                    return Err(Failed::Fatal(transport(format!(
+                        "the file changed on the server during the download (ETag {before}, then {now})"
+                    ))));
+                }
+            }
             StatusCode::RANGE_NOT_SATISFIABLE if resume => {
                 // Everything was written already (an earlier body was complete, but its
                 // connection failed after it): the server says how long the file is.
@@ -943,7 +971,7 @@ impl HubRegistry {
                     total.map_or("*".into(), |n| n.to_string())
                 )));
             }
-            (a, Some(b + 1), linked_size.or(total))
+            (a, b.checked_add(1), linked_size.or(total))
         } else {
             (0, header_u64(&h, CONTENT_LENGTH), linked_size)
         };
@@ -995,7 +1023,7 @@ impl HubRegistry {
                         source,
                     })
                 })?;
-                t.written = bound;
+                t.written = t.written.max(bound);
                 if t.total.or(end).is_none_or(|n| n > limit) {
                     return Err(too_large(registry, path, limit));
                 }
