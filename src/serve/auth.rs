@@ -176,9 +176,9 @@ mod tests {
                 write_token: write.map(str::to_owned),
                 ..ServeOptions::default()
             };
-            let err = super::super::Server::start(dir.path(), "127.0.0.1:0", options)
-                .err()
-                .expect("refused");
+            let Err(err) = super::super::Server::start(dir.path(), "127.0.0.1:0", options) else {
+                panic!("a blank token was accepted");
+            };
             assert!(err.to_string().contains("non-empty"), "{err}");
         }
     }
