@@ -413,3 +413,26 @@ fn a_content_range_ending_at_u64_max_is_refused() {
     let whole = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nETag: \"abc\"\r\nConnection: close\r\n\r\n1234567890";
     assert_eq!(resumed_download(hostile.into(), whole.into()).unwrap(), b"1234567890");
 }
+
+/// A registry that answers the refs request with an endless body is cut off at the refs
+/// limit with an error that says so (the refs were read through hf-hub, which reads a
+/// body of any length into memory).
+#[test]
+fn an_endless_refs_answer_is_cut_off() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"tags\":[");
+            let chunk = r#"{"name":"v1.0.0","targetCommit":"0123456789012345678901234567890123456789"},"#.repeat(1000);
+            while s.write_all(chunk.as_bytes()).is_ok() {}
+        }
+    });
+    let reg = khub::registry::hf::HubRegistry::new(khub::registry::hf::HubConfig::new(&url)).unwrap();
+    let e = reg.refs(&"acme/k".parse::<RepoId>().unwrap()).unwrap_err();
+    assert!(matches!(e, khub::registry::RegistryError::TooLarge { .. }), "{e}");
+    assert!(e.to_string().contains("the refs of acme/k"), "{e}");
+}

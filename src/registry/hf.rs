@@ -343,26 +343,101 @@ impl HubRegistry {
         }
     }
 
-    fn refs_of<T: RepoType>(&self, repo: &RepoId, handle: HFRepository<T>) -> Result<Refs, RegistryError> {
-        let runtime = &self.clients()?.runtime;
-        let refs = self
-            .retrying(runtime, || handle.list_refs().send())
-            .map_err(|e| self.map_err(repo, e, "listing refs"))?;
+    /// `{endpoint}/api/{kernels|models}/{org}/{name}/refs`.
+    fn refs_url(&self, repo: &RepoId) -> Result<reqwest::Url, RegistryError> {
+        let bad = |message: String| RegistryError::Transport {
+            registry: self.describe(),
+            message,
+        };
+        let mut url = reqwest::Url::parse(&self.config.endpoint).map_err(|e| bad(format!("not a valid URL: {e}")))?;
+        {
+            let mut segments = url.path_segments_mut().map_err(|()| bad("not a URL that can take a path".into()))?;
+            segments.pop_if_empty();
+            let kind = match self.config.repo_type {
+                HubRepoType::Kernel => "kernels",
+                HubRepoType::Model => "models",
+            };
+            segments.push("api").push(kind).push(repo.org()).push(repo.name()).push("refs");
+        }
+        Ok(url)
+    }
+
+    /// One request for the refs, with khub's own HTTP client (as for files) rather than
+    /// hf-hub's, so that the answer is read within [`MAX_REFS_BYTES`]: hf-hub reads a
+    /// body of any length into memory, and a hostile registry could send an endless one.
+    async fn refs_once(&self, repo: &RepoId, url: &reqwest::Url) -> Result<Refs, Failed> {
+        let registry = self.describe();
+        let transport = |message: String| RegistryError::Transport {
+            registry: self.describe(),
+            message,
+        };
+        let Answer { mut response, .. } = self.get(url, None).await?;
+        let status = response.status();
+        match status {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => {
+                let wait = retry_after(response.headers());
+                return Err(Failed::Retry(
+                    RegistryError::RateLimited {
+                        registry,
+                        retry_after: wait.map(|d| d.as_secs()),
+                    },
+                    wait,
+                ));
+            }
+            s if s.is_server_error() => return Err(Failed::Retry(transport(format!("listing the refs of {repo}: HTTP {s}")), None)),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(Failed::Fatal(RegistryError::Unauthorized {
+                    access: "read",
+                    repo: repo.clone(),
+                    registry,
+                    message: format!("listing refs: HTTP {status}"),
+                }));
+            }
+            StatusCode::NOT_FOUND => {
+                return Err(Failed::Fatal(RegistryError::RepoNotFound {
+                    repo: repo.clone(),
+                    registry,
+                }));
+            }
+            s => return Err(Failed::Fatal(transport(format!("listing the refs of {repo}: unexpected HTTP {s}")))),
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_REFS_BYTES {
+                        return Err(Failed::Fatal(RegistryError::TooLarge {
+                            registry,
+                            what: format!("the refs of {repo}"),
+                            limit: MAX_REFS_BYTES as u64,
+                        }));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Failed::Retry(
+                        transport(format!("listing the refs of {repo}: {}", error_chain(&e))),
+                        None,
+                    ));
+                }
+            }
+        }
+        let parsed: RefsAnswer = serde_json::from_slice(&body)
+            .map_err(|e| Failed::Fatal(transport(format!("the refs of {repo} are not the Hub's refs JSON: {e}"))))?;
         // Releases are pinned by full commit id: a ref whose target is anything else (a
         // branch name, `..`, an abbreviation) could move, would be sent as a URL path
         // segment, and would make a lockfile khub cannot read back.
-        let conv = |v: Vec<hf_hub::repository::GitRefInfo>| -> Result<Vec<GitRef>, RegistryError> {
+        let conv = |v: Vec<RefAnswer>| -> Result<Vec<GitRef>, String> {
             v.into_iter()
                 .map(|r| {
                     if !is_commit_id(&r.target_commit) {
-                        return Err(RegistryError::Transport {
-                            registry: self.describe(),
-                            message: format!(
-                                "the refs of {repo} name `{}` as the commit of `{}`; a registry must answer with a full commit id (40 hex digits)",
-                                r.target_commit.chars().take(80).collect::<String>().escape_default(),
-                                r.name.chars().take(80).collect::<String>().escape_default()
-                            ),
-                        });
+                        return Err(format!(
+                            "the refs of {repo} name `{}` as the commit of `{}`; a registry must answer with a full commit id (40 hex digits)",
+                            r.target_commit.chars().take(80).collect::<String>().escape_default(),
+                            r.name.chars().take(80).collect::<String>().escape_default()
+                        ));
                     }
                     Ok(GitRef {
                         name: r.name,
@@ -371,12 +446,38 @@ impl HubRegistry {
                 })
                 .collect()
         };
+        let bad = |message: String| Failed::Fatal(transport(message));
         Ok(Refs {
-            tags: conv(refs.tags)?,
-            branches: conv(refs.branches)?,
+            tags: conv(parsed.tags).map_err(bad)?,
+            branches: conv(parsed.branches).map_err(bad)?,
         })
     }
 }
+
+/// The Hub's answer to `GET /api/…/refs` (the fields khub reads).
+#[derive(serde::Deserialize)]
+struct RefsAnswer {
+    #[serde(default)]
+    branches: Vec<RefAnswer>,
+    #[serde(default)]
+    tags: Vec<RefAnswer>,
+}
+
+/// One branch or tag of a [`RefsAnswer`].
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RefAnswer {
+    name: String,
+    target_commit: String,
+}
+
+/// The most bytes a refs answer may have: a ref takes about 150, so this holds tens of
+/// thousands of tags.
+const MAX_REFS_BYTES: usize = 4 << 20;
+
+/// How long one refs request may take in all, its body included (the read timeout only
+/// bounds the wait for each piece of it).
+const REFS_DEADLINE: Duration = Duration::from_secs(120);
 
 /// What a publish did on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,7 +553,7 @@ impl HubRegistry {
             .map_err(|e| self.map_err(repo, e, "creating the repository"))?;
             created = true;
         }
-        let refs = self.refs_of(repo, handle.clone())?;
+        let refs = self.refs(repo)?;
         if let Some(t) = refs.tags.iter().find(|t| t.name == tag) {
             return Err(RegistryError::Transport {
                 registry: self.describe(),
@@ -503,7 +604,7 @@ impl HubRegistry {
                 let _ = self.retrying(runtime, || handle.create_branch().branch(&major).revision(commit.clone()).send());
             }
         }
-        let after = self.refs_of(repo, handle)?;
+        let after = self.refs(repo)?;
         let branches = after
             .branches
             .iter()
@@ -525,11 +626,33 @@ impl Registry for HubRegistry {
     }
 
     fn refs(&self, repo: &RepoId) -> Result<Refs, RegistryError> {
-        let client = &self.clients()?.client;
-        match self.config.repo_type {
-            HubRepoType::Kernel => self.refs_of(repo, client.kernel(repo.org(), repo.name())),
-            HubRepoType::Model => self.refs_of(repo, client.model(repo.org(), repo.name())),
-        }
+        let url = self.refs_url(repo)?;
+        self.clients()?.runtime.block_on(async {
+            let mut attempts = Attempts::new(&self.config);
+            loop {
+                attempts.made += 1;
+                let once = tokio::time::timeout(REFS_DEADLINE, self.refs_once(repo, &url)).await;
+                let failed = match once {
+                    Ok(Ok(refs)) => return Ok(refs),
+                    Ok(Err(f)) => f,
+                    Err(_) => Failed::Retry(
+                        RegistryError::Transport {
+                            registry: self.describe(),
+                            message: format!("listing the refs of {repo} took longer than {} s", REFS_DEADLINE.as_secs()),
+                        },
+                        None,
+                    ),
+                };
+                match failed {
+                    Failed::Retry(e, wait) => {
+                        if !attempts.again(wait).await {
+                            return Err(e);
+                        }
+                    }
+                    Failed::Fatal(e) => return Err(e),
+                }
+            }
+        })
     }
 
     fn manifest(&self, repo: &RepoId, commit: &str) -> Result<Vec<u8>, RegistryError> {
