@@ -606,6 +606,14 @@ fn tokens_guard_reads_and_writes() {
     assert_eq!(r.json()["url"], format!("http://{addr}/kernels/acme/new"));
     let r = request(addr, "GET", "/api/whoami-v2", &[("Authorization", &bearer("writer"))], b"");
     assert_eq!(r.json()["auth"]["accessToken"]["role"], "write");
+    // An organization name taken by a file: refused, naming it, not the registry's path.
+    std::fs::write(reg.path().join("README.md"), b"# registry").unwrap();
+    let taken = br#"{"name":"README.md/x","type":"kernel"}"#;
+    let r = request(addr, "POST", "/api/repos/create", &[("Authorization", &bearer("writer"))], taken);
+    let text = String::from_utf8_lossy(&r.body).into_owned() + r.header("X-Error-Message").unwrap_or("");
+    assert_eq!(r.status, 409, "{text}");
+    assert!(text.contains("`README.md`"), "{text}");
+    assert!(!text.contains(reg.path().to_str().unwrap()), "the registry's path leaked: {text}");
     drop(server);
 
     // Without a write token, the server is read-only, whatever the token.

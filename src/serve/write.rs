@@ -56,13 +56,20 @@ pub(super) fn create_repo(ctx: &Ctx, rq: &mut Input, _: &Params) -> Result<Reply
     let org_dir = ctx.state.root.join(repo.org());
     match std::fs::symlink_metadata(&org_dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(ApiError::internal(format!("{} is not a directory", org_dir.display()))),
+        // Messages name the organization, never the registry's path on this machine.
+        Ok(_) => {
+            return Err(ApiError::new(
+                409,
+                Some("RepoExists"),
+                format!("`{}` in the registry is not a directory: choose another organization", repo.org()),
+            ));
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::create_dir(&org_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(ApiError::internal(format!("creating {}: {e}", org_dir.display()))),
+            Err(e) => return Err(ApiError::internal(format!("creating organization `{}`: {}", repo.org(), e.kind()))),
         },
-        Err(e) => return Err(ApiError::internal(format!("{}: {e}", org_dir.display()))),
+        Err(e) => return Err(ApiError::internal(format!("organization `{}`: {}", repo.org(), e.kind()))),
     }
     match std::fs::create_dir(org_dir.join(repo.name())) {
         Ok(()) => Ok(Reply::json(
