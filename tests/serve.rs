@@ -1152,3 +1152,55 @@ fn hf_hub_client_talks_to_khub_serve() {
     hub.fetch(&repo, &c20, &path, 1 << 20, &mut out).unwrap();
     assert_eq!(out, b);
 }
+
+/// The peak resident memory of process `pid`, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A commit's header line carrying a 24 MB JSON array (any writer can send one) is
+/// skipped, not built: parsed into a JSON value tree it took about 16 times its size in
+/// the server's memory. Measured on a `khub serve` process of its own.
+#[cfg(all(target_os = "linux", feature = "cli"))]
+#[test]
+fn a_huge_commit_header_is_skipped_not_built() {
+    let reg = registry();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["serve", reg.path().to_str().unwrap(), "--addr", &format!("127.0.0.1:{port}")])
+        .env("KHUB_SERVE_WRITE_TOKEN", "w")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        TcpStream::connect(addr).is_ok()
+    });
+    assert!(up, "khub serve did not start");
+    let before = peak_rss_kib(server.id());
+
+    let (text, a, b) = release_files("1.3.0");
+    let files = ndjson(
+        "release 1.3.0",
+        &[
+            ("khub.toml", text.as_bytes()),
+            ("variants/a/libk.so", &a),
+            ("variants/b/libk.so", &b),
+        ],
+    );
+    let mut body = b"{\"key\":\"header\",\"value\":{\"summary\":\"big\",\"extra\":[".to_vec();
+    body.extend(std::iter::repeat_n(b"0,".as_slice(), 12_000_000).flatten());
+    body.extend_from_slice(b"0]}}\n");
+    body.extend_from_slice(&files);
+    let auth = [("Authorization", "Bearer w"), ("Content-Type", "application/x-ndjson")];
+    let r = request(addr, "POST", "/api/kernels/acme/k/commit/main", &auth, &body);
+    let grew_mib = peak_rss_kib(server.id()).saturating_sub(before) / 1024;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The line itself is buffered (24 MB); a value tree of it took hundreds of MB.
+    assert!(grew_mib < 150, "the server's peak memory grew by {grew_mib} MiB");
+}

@@ -123,11 +123,29 @@ fn commit_branch(rev: &str) -> Result<Option<u64>, ApiError> {
     )))
 }
 
+/// A commit line's operation. Its value is skipped here, not built: a `header` line may be
+/// as long as a file line (over a gigabyte), and a JSON value tree costs about 16 times
+/// its text in memory. Only a `file` line's value is read, into [`FileLine`].
 #[derive(Deserialize)]
 struct CommitLine {
     key: String,
+    #[serde(default, rename = "value")]
+    _value: serde::de::IgnoredAny,
+}
+
+/// A `file` line, read for its value's three fields (anything else in it is skipped).
+#[derive(Deserialize)]
+struct FileLine {
     #[serde(default)]
-    value: Value,
+    value: FileValue,
+}
+
+/// What a `file` operation carries.
+#[derive(Deserialize, Default)]
+struct FileValue {
+    path: Option<String>,
+    content: Option<String>,
+    encoding: Option<String>,
 }
 
 /// `POST /api/{P}/{org}/{name}/commit/{rev}`: an NDJSON commit that creates exactly one new
@@ -209,7 +227,9 @@ impl<R: BufRead> CommitFiles<R> {
             match op.key.as_str() {
                 "header" => {}
                 "file" => {
-                    let (path, bytes) = file_op(&op.value)?;
+                    let line: FileLine =
+                        serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("invalid file operation: {e}")))?;
+                    let (path, bytes) = file_op(&line.value)?;
                     if bytes.len() as u64 > self.max_file {
                         return Err(ApiError::file_too_large(self.max_file));
                     }
@@ -240,12 +260,17 @@ impl<R: BufRead> Iterator for CommitFiles<R> {
 }
 
 /// The path and bytes of a `file` operation: its content inline, UTF-8 or base64.
-fn file_op(value: &Value) -> Result<(RelPath, Vec<u8>), ApiError> {
-    let str_field = |name: &str| value.get(name).and_then(Value::as_str);
-    let path = str_field("path").ok_or_else(|| ApiError::bad_request("a file operation has no `path`"))?;
+fn file_op(value: &FileValue) -> Result<(RelPath, Vec<u8>), ApiError> {
+    let path = value
+        .path
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("a file operation has no `path`"))?;
     let rel = rel_path(path)?;
-    let content = str_field("content").ok_or_else(|| ApiError::bad_request(format!("file `{}` has no `content`", clip(path))))?;
-    let bytes = match str_field("encoding").unwrap_or("utf-8") {
+    let content = value
+        .content
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request(format!("file `{}` has no `content`", clip(path))))?;
+    let bytes = match value.encoding.as_deref().unwrap_or("utf-8") {
         "base64" => base64::engine::general_purpose::STANDARD
             .decode(content)
             .map_err(|e| ApiError::bad_request(format!("file `{}`: invalid base64: {e}", clip(path))))?,
