@@ -612,13 +612,7 @@ impl Manifest {
         let (major, _) = parse_schema(self.schema.clone())?;
         debug_assert_eq!(major, SCHEMA_MAJOR);
         let k = &self.kernel;
-        check_name(
-            "kernel.name",
-            &k.name,
-            96,
-            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_',
-            "lowercase letters, digits, `-` and `_`",
-        )?;
+        check_kernel_name("kernel.name", &k.name)?;
         if k.abi == 0 {
             return Err(invalid(
                 "kernel.abi",
@@ -671,6 +665,37 @@ impl Manifest {
     }
 }
 
+/// The rule for a kernel's name: 1 to 96 lowercase letters, digits, `-` and `_`.
+pub(crate) fn check_kernel_name(field: &str, name: &str) -> Result<(), ManifestError> {
+    check_name(
+        field,
+        name,
+        96,
+        |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_',
+        "lowercase letters, digits, `-` and `_`",
+    )
+}
+
+/// The rule for a variant id: 1 to 128 letters, digits, `.`, `_`, `+` and `-`, and not `.`
+/// or `..`. Ids name directories (`variants/<id>/` in a packaged release), so `..` would
+/// climb out of one.
+pub(crate) fn check_variant_id(field: &str, id: &str) -> Result<(), ManifestError> {
+    check_name(
+        field,
+        id,
+        128,
+        |b| b.is_ascii_alphanumeric() || b"._+-".contains(&b),
+        "letters, digits, `.`, `_`, `+` and `-`",
+    )?;
+    if id == "." || id == ".." {
+        return Err(invalid(
+            field,
+            format!("`{id}` is not allowed: it would name a directory other than the variant's"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_name(field: &str, s: &str, max: usize, ok: impl Fn(u8) -> bool, allowed: &str) -> Result<(), ManifestError> {
     if s.is_empty() || s.len() > max || !s.bytes().all(ok) {
         return Err(invalid(
@@ -692,13 +717,7 @@ fn check_text(field: &str, s: Option<&str>) -> Result<(), ManifestError> {
 impl Variant {
     fn validate(&self, i: usize) -> Result<(), ManifestError> {
         let f = |name: &str| format!("variants[{i}].{name}");
-        check_name(
-            &f("id"),
-            &self.id,
-            128,
-            |b| b.is_ascii_alphanumeric() || b"._+-".contains(&b),
-            "letters, digits, `.`, `_`, `+` and `-`",
-        )?;
+        check_variant_id(&f("id"), &self.id)?;
 
         // Platform constraints must make sense together.
         match (self.os, &self.libc) {
@@ -1069,6 +1088,8 @@ sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
             ("backend = \"cuda\"", "backend = \"rocm\"", "does not apply to a rocm variant"),
             ("backend = \"cuda\"", "backend = \"opencl\"", "backend"),
             ("name = \"activation\"", "name = \"Activation!\"", "kernel.name"),
+            ("id = \"cuda128-x86_64-linux\"", "id = \"..\"", "`..` is not allowed"),
+            ("id = \"cuda128-x86_64-linux\"", "id = \".\"", "`.` is not allowed"),
             ("name = \"silu_and_mul\"", "name = \"9lives\"", "exports[0].name"),
             ("abi = 1", "abi = 0", "kernel.abi"),
             ("version = \"0.1.0\"", "version = \"one\"", "version"),

@@ -399,3 +399,24 @@ fn khub_include_takes_the_header_or_its_directory() {
         assert!(t.contains(&format!("-I {}", inc.display())), "{given:?}: {t}");
     }
 }
+
+/// A variant id of `../..` in kernel.toml (any project one packages may carry one): when
+/// that variant was skipped, packaging removed `<out>/variants/../..`, the kernel project
+/// itself. Ids (and the kernel's name) are now checked before anything is built or removed.
+#[test]
+fn a_variant_id_that_climbs_out_is_refused_before_anything_is_removed() {
+    let w = tempfile::tempdir().unwrap();
+    let project = w.path().join("k");
+    common::copy_dir(std::path::Path::new("kernels-example"), &project);
+    let config = project.join("kernel.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    // A second variant that this x86_64 builder skips, with a hostile id.
+    let hostile = "\n[[variants]]\nid = \"../..\"\nbackend = \"cpu\"\narch = \"aarch64\"\nsources = [\"src/activation.c\"]\n";
+    std::fs::write(&config, original + hostile).unwrap();
+    let out = project.join("release");
+    let o = common::khub(&["package", project.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("`../..` is not allowed"), "{}", text(&o));
+    assert!(config.exists() && project.join("src").is_dir(), "the project was removed");
+    assert!(!out.exists(), "nothing was built");
+}

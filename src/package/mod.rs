@@ -354,8 +354,13 @@ impl PackageConfig {
             message,
         };
         let config: PackageConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        // The name and the ids become file and directory names under `--out` (and
+        // `variants/<id>/` is emptied when a variant is skipped): checked before anything
+        // is built or removed, by the manifest's own rules.
+        crate::manifest::check_kernel_name("kernel.name", &config.kernel.name).map_err(|e| invalid(e.to_string()))?;
         let mut ids = BTreeSet::new();
-        for v in &config.variants {
+        for (i, v) in config.variants.iter().enumerate() {
+            crate::manifest::check_variant_id(&format!("variants[{i}].id"), &v.id).map_err(|e| invalid(e.to_string()))?;
             if !ids.insert(&v.id) {
                 return Err(invalid(format!("variant id `{}` is used twice", v.id)));
             }
