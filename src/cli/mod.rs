@@ -809,7 +809,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     report.repo,
                     report.version,
                     report.tag,
-                    &report.commit[..12.min(report.commit.len())],
+                    khub::registry::short_commit(&report.commit),
                     report.registry,
                     report.files.len(),
                     if report.signed { "signed" } else { "unsigned" }

@@ -295,7 +295,7 @@ pub fn fetch(
             "fetched {} {} ({}) variant{} {}: {} file{} downloaded ({} bytes), {} already in the store at {}",
             report.repo,
             report.version,
-            &report.commit[..12.min(report.commit.len())],
+            khub::registry::short_commit(&report.commit),
             if report.variants.len() == 1 { "" } else { "s" },
             report.variants.join(", "),
             report.downloaded,
@@ -337,7 +337,7 @@ pub fn versions(repo: &str, args: &RegistryArgs, json: bool) -> Result<ExitCode>
             "{:<12} {:<8} {}  {what}",
             r.version,
             if r.signed { "signed" } else { "unsigned" },
-            &r.commit[..12.min(r.commit.len())]
+            khub::registry::short_commit(&r.commit)
         );
     }
     Ok(ExitCode::SUCCESS)

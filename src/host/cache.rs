@@ -197,7 +197,9 @@ fn read(path: &Path) -> Option<Entry> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    // O_NONBLOCK: a FIFO planted at the path must not block every command that probes
+    // the host (it is refused below as not a regular file).
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
     let file = opts.open(path).ok()?;
     let meta = file.metadata().ok()?;
     if !meta.is_file() || meta.len() > MAX_BYTES {
@@ -379,5 +381,23 @@ mod tests {
             "the link is replaced"
         );
         assert_eq!(std::fs::read(&elsewhere).unwrap(), good, "its target is untouched");
+
+        // A FIFO: ignored at once (opening it used to wait for a writer, hanging every
+        // command that probes the host), then replaced.
+        std::fs::remove_file(&file).unwrap();
+        let c = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, key) = (file.clone(), k.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(apply(&f, &key, &mut Detected::empty(Os::Linux, CpuArch::X86_64)));
+        });
+        let applied = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO at the cache path blocked");
+        assert!(!applied);
+        record(&file, &k, &detected_with_gpu());
+        assert!(apply(&file, &k, &mut fresh()), "the FIFO is replaced by a cache file");
     }
 }

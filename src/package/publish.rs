@@ -282,7 +282,7 @@ pub fn publish(
     log(&format!(
         "committed {} as {} ({})",
         published.tag,
-        &published.commit[..12.min(published.commit.len())],
+        crate::registry::short_commit(&published.commit),
         published.branches.join(", ")
     ));
 

@@ -580,10 +580,13 @@ impl HubRegistry {
                     .send(),
             )
             .map_err(|e| self.map_err(repo, e, "committing the release"))?;
-        let commit = info.commit_oid.ok_or_else(|| RegistryError::Transport {
-            registry: self.describe(),
-            message: "the commit response carried no commit id".into(),
-        })?;
+        let commit = info
+            .commit_oid
+            .filter(|c| is_commit_id(c))
+            .ok_or_else(|| RegistryError::Transport {
+                registry: self.describe(),
+                message: "the commit response carried no commit id (40 hex digits)".into(),
+            })?;
         self.retrying(runtime, || {
             handle
                 .create_tag()

@@ -190,3 +190,25 @@ pub(crate) fn copy_limited(
         })?;
     }
 }
+
+/// The first 12 characters of a commit id, for display; never panics, whatever the text
+/// (commit ids from a server or a store's index are untrusted until checked).
+pub fn short_commit(commit: &str) -> &str {
+    commit
+        .char_indices()
+        .nth(12)
+        .map_or(commit, |(i, _)| commit.get(..i).unwrap_or(commit))
+}
+
+#[cfg(test)]
+mod short_commit_tests {
+    /// Slicing 12 bytes of an id panicked when byte 12 fell inside a character (a server's
+    /// commit id, or a damaged index, can hold any text).
+    #[test]
+    fn short_commit_takes_characters_and_never_panics() {
+        assert_eq!(super::short_commit("0123456789abcdef0123"), "0123456789ab");
+        assert_eq!(super::short_commit("abc"), "abc");
+        assert_eq!(super::short_commit(""), "");
+        assert_eq!(super::short_commit("aaaaaaaaaaaéééé"), "aaaaaaaaaaaé");
+    }
+}
