@@ -72,6 +72,23 @@ pub fn init(dir: &Path, name: Option<&str>) -> Result<Scaffold, PackageError> {
         ("README.md", README.replace("@NAME@", &name)),
         (".gitignore", "/build/\n/release/\n".to_owned()),
     ];
+    // Nothing is written unless nothing would be replaced: `khub init .` in an existing
+    // repository must not overwrite its README, .gitignore or sources.
+    let existing: Vec<&str> = files
+        .iter()
+        .map(|(rel, _)| *rel)
+        .filter(|rel| std::fs::symlink_metadata(dir.join(rel)).is_ok())
+        .collect();
+    if !existing.is_empty() {
+        return Err(PackageError::ConfigInvalid {
+            path: dir.to_owned(),
+            message: format!(
+                "{} already exist{} here; khub init never overwrites files: run it in a new or empty directory, or move them aside",
+                existing.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", "),
+                if existing.len() == 1 { "s" } else { "" }
+            ),
+        });
+    }
     let mut written = Vec::new();
     for (rel, text) in files {
         let path = dir.join(rel);
@@ -358,5 +375,19 @@ mod tests {
         assert!(e.contains("never overwrites"), "{e}");
         let e = init(&d.path().join("x"), Some("Bad Name")).unwrap_err().to_string();
         assert!(e.contains("not allowed"), "{e}");
+    }
+
+    /// `khub init .` in an existing repository (no kernel.toml, but a README and a
+    /// .gitignore of its own) replaced those files; now it refuses and writes nothing.
+    #[test]
+    fn init_writes_nothing_over_a_repository_s_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("README.md"), "# mine\n").unwrap();
+        std::fs::write(d.path().join(".gitignore"), "target/\n").unwrap();
+        let e = init(d.path(), Some("k")).unwrap_err().to_string();
+        assert!(e.contains("`README.md`, `.gitignore` already exist"), "{e}");
+        assert_eq!(std::fs::read_to_string(d.path().join("README.md")).unwrap(), "# mine\n");
+        assert_eq!(std::fs::read_to_string(d.path().join(".gitignore")).unwrap(), "target/\n");
+        assert!(!d.path().join("kernel.toml").exists() && !d.path().join("src").exists());
     }
 }
