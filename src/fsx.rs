@@ -130,11 +130,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let step = |what: &'static str| move |source| AtomicWriteError { what, source };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(step("cannot create a temporary file beside"))?;
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // The new file gets the mode of the file it replaces, or, for a new one, what any new
+    // file gets (0666 less the umask) rather than tempfile's private 0600: a release's
+    // khub.toml or a project's khub.lock must stay readable by whoever could read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(step("cannot create a temporary file beside"))?;
+    #[cfg(unix)]
+    if let Ok(old) = std::fs::symlink_metadata(path)
+        && old.is_file()
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = old.permissions().mode() & 0o7777;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(step("cannot set the permissions of the replacement of"))?;
+    }
     tmp.write_all(bytes).map_err(step("cannot write"))?;
     tmp.as_file().sync_all().map_err(step("cannot sync"))?;
     tmp.persist(path).map_err(|e| AtomicWriteError {
@@ -165,6 +182,30 @@ pub struct AtomicWriteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file written atomically keeps the mode of the file it replaces, and a new one
+    /// gets the umask's mode (tempfile's 0600 made every khub.toml, khub.lock and
+    /// kernels.toml private to their writer).
+    #[cfg(unix)]
+    #[test]
+    fn write_atomic_keeps_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("khub.lock");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // SAFETY: umask only reads and sets this process's file mode mask.
+        let umask = unsafe {
+            let u = libc::umask(0o022);
+            libc::umask(u);
+            u
+        };
+        write_atomic(&p, b"one").unwrap();
+        assert_eq!(mode(&p), 0o666 & !(umask as u32), "a new file gets 0666 less the umask");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(mode(&p), 0o640, "a replaced file keeps its mode");
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp_file() {

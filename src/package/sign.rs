@@ -92,11 +92,9 @@ pub fn keygen_files(public: &Path, secret: &Path, password: Option<&str>) -> Res
         let path = path.to_owned();
         move |source| SigningError::Io { what, path, source }
     };
-    crate::fsx::write_atomic(public, pk.as_bytes()).map_err(|e| SigningError::Io {
-        what: "write",
-        path: public.to_owned(),
-        source: e.source,
-    })?;
+    // The secret key first, created exclusively: a failure there (a missing directory,
+    // `--secret` naming the public key's path) must not leave a public key whose secret
+    // does not exist, which every retry would then refuse to replace.
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -111,6 +109,16 @@ pub fn keygen_files(public: &Path, secret: &Path, password: Option<&str>) -> Res
             f.sync_all()
         })
         .map_err(io("write", secret))?;
+    // Created exclusively too: `--public` naming the secret's path fails here, and the
+    // secret just written is removed rather than left behind or overwritten.
+    if let Err(source) = crate::fsx::write_durable_new(public, pk.as_bytes()) {
+        let _ = std::fs::remove_file(secret);
+        return Err(SigningError::Io {
+            what: "write",
+            path: public.to_owned(),
+            source,
+        });
+    }
     let public = sign::read_public_key(public)?;
     Ok(KeyPair {
         public,
@@ -196,5 +204,21 @@ mod tests {
         let e = keygen_files(&p, &d.path().join("other.key"), None).unwrap_err();
         assert!(matches!(e, SigningError::KeyExists { .. }), "{e}");
         assert!(!d.path().join("other.key").exists());
+    }
+
+    /// A key pair whose files cannot both be written leaves neither: the public key used
+    /// to be written first, and a failed secret left it behind for every retry to refuse.
+    #[test]
+    fn a_failed_keygen_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.pub");
+        // The secret's directory does not exist.
+        assert!(keygen_files(&p, &d.path().join("missing/k.key"), None).is_err());
+        assert!(!p.exists(), "an orphan public key was left");
+        // Both paths the same: refused, nothing left.
+        let same = d.path().join("same");
+        assert!(keygen_files(&same, &same, None).is_err());
+        assert!(!same.exists());
+        keygen_files(&p, &d.path().join("k.key"), None).unwrap();
     }
 }
