@@ -381,11 +381,13 @@ unsafe fn c_str(p: *const c_char, what: &str) -> Result<String, String> {
     if p.is_null() {
         return Err(format!("{what} is NULL"));
     }
-    // SAFETY: the caller guarantees a NUL-terminated string.
-    let s = unsafe { CStr::from_ptr(p) };
-    if s.to_bytes().len() > 4096 {
+    // SAFETY: the caller guarantees a NUL-terminated string; strnlen reads no further
+    // than its NUL, and at most 4097 bytes.
+    if unsafe { libc::strnlen(p, 4097) } > 4096 {
         return Err(format!("{what} is longer than 4096 bytes"));
     }
+    // SAFETY: as above, and its NUL is within 4097 bytes.
+    let s = unsafe { CStr::from_ptr(p) };
     s.to_str().map(str::to_owned).map_err(|_| format!("{what} is not UTF-8"))
 }
 
@@ -436,12 +438,19 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
             c_str(desc.backend, "backend").map_err(&bad)?,
         )
     };
-    if desc.function_size < std::mem::size_of::<KhubFunction>() as u64 || desc.function_count > 4096 {
+    // The stride must hold a v1.0 entry, keep every entry aligned, and stay small: a
+    // stride of 2^62 would overflow the offsets, and an odd one would misalign them.
+    if desc.function_size < std::mem::size_of::<KhubFunction>() as u64
+        || desc.function_size > 4096
+        || !desc.function_size.is_multiple_of(std::mem::align_of::<KhubFunction>() as u64)
+        || desc.function_count > 4096
+    {
         return Err(bad(format!(
-            "function table of {} entries of {} bytes (need at least {} bytes each, at most 4096 entries)",
+            "function table of {} entries of {} bytes (need {} to 4096 bytes each, a multiple of {}, and at most 4096 entries)",
             desc.function_count,
             desc.function_size,
-            std::mem::size_of::<KhubFunction>()
+            std::mem::size_of::<KhubFunction>(),
+            std::mem::align_of::<KhubFunction>()
         )));
     }
     if desc.function_count > 0 && desc.functions.is_null() {
@@ -449,8 +458,9 @@ fn negotiate(lib: &libloading::Library, path: &str) -> Result<Negotiated, LoadEr
     }
     let mut functions = BTreeMap::new();
     for i in 0..desc.function_count as usize {
-        // SAFETY: the table has function_count entries function_size bytes apart, and
-        // function_size covers the v1.0 khub_function.
+        // SAFETY: the table has function_count entries function_size bytes apart;
+        // function_size covers the v1.0 khub_function, is a multiple of its alignment and
+        // at most 4096, so i * function_size (below 2^24) cannot overflow.
         let f = unsafe {
             &*(desc
                 .functions
@@ -828,8 +838,10 @@ impl Kernel {
                 passed: passed.join(", "),
             });
         }
-        // Scalars are passed by pointer: keep them alive in this frame.
-        let scalars: Vec<[u8; 8]> = args
+        // Scalars are passed by pointer: keep them alive in this frame, in u64 slots so
+        // that a `const double *` or `const int64_t *` is 8-byte aligned whatever the
+        // global allocator (the bytes are as before: an f32 in the slot's first four).
+        let scalars: Vec<u64> = args
             .iter()
             .map(|a| match *a {
                 Arg::F32(v) => {
@@ -842,6 +854,7 @@ impl Kernel {
                 Arg::U64(v) => v.to_ne_bytes(),
                 Arg::Tensor(_) | Arg::TensorMut(_) => [0u8; 8],
             })
+            .map(u64::from_ne_bytes)
             .collect();
         let ptrs: Vec<*mut c_void> = args
             .iter()
@@ -849,7 +862,7 @@ impl Kernel {
             .map(|(a, s)| match *a {
                 Arg::Tensor(t) => t as *mut c_void,
                 Arg::TensorMut(t) => t.cast(),
-                _ => s.as_ptr() as *mut c_void,
+                _ => std::ptr::from_ref::<u64>(s).cast_mut().cast::<c_void>(),
             })
             .collect();
         let mut err = [0 as c_char; ERROR_CAPACITY];

@@ -44,6 +44,9 @@ KHUB_EXPORT const void* not_an_entry(void) { return functions; }
 #ifdef WRONG_MAJOR
 static const khub_kernel_desc desc = { 2, 0, sizeof(khub_kernel_desc), "k", "1.0.0", "cpu", sizeof(khub_function), 1, functions };
 KHUB_EXPORT const khub_kernel_desc* khub_kernel_entry(uint32_t a, uint32_t b) { (void)a; (void)b; return &desc; }
+#elif defined(FN_SIZE)
+static const khub_kernel_desc desc = { KHUB_KERNEL_ABI_MAJOR, KHUB_KERNEL_ABI_MINOR, sizeof(khub_kernel_desc), "k", "1.0.0", "cpu", FN_SIZE, 1, functions };
+KHUB_EXPORT const khub_kernel_desc* khub_kernel_entry(uint32_t a, uint32_t b) { (void)a; (void)b; return &desc; }
 #elif defined(NULL_DESC)
 KHUB_EXPORT const khub_kernel_desc* khub_kernel_entry(uint32_t a, uint32_t b) { (void)a; (void)b; (void)functions; return NULL; }
 #else
@@ -136,8 +139,12 @@ fn a_kernel_error_status_comes_back_with_its_message() {
 #[test]
 fn abi_failure_modes_are_clear_errors() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
         (&["-DWRONG_MAJOR"], &[("scale", SIG)], "reports ABI major 2"),
+        // A function-table stride that would misalign the entries, or overflow their
+        // offsets: refused before any entry is read.
+        (&["-DFN_SIZE=(sizeof(khub_function)+1)"], &[("scale", SIG)], "a multiple of 8"),
+        (&["-DFN_SIZE=(1ull<<62)"], &[("scale", SIG)], "need 32 to 4096 bytes each"),
         (&["-DNULL_DESC"], &[("scale", SIG)], "refused kernel ABI 1.0"),
         (&["-DNO_ENTRY"], &[("scale", SIG)], "does not export `khub_kernel_entry`"),
         (&[], &[("scale", SIG), ("shift", "(mut tensor)")], "declares `shift`"),

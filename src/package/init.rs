@@ -380,6 +380,7 @@ mod tests {
     /// `khub init .` in an existing repository (no kernel.toml, but a README and a
     /// .gitignore of its own) replaced those files; now it refuses and writes nothing.
     #[test]
+    #[allow(clippy::disallowed_methods)] // test fixtures
     fn init_writes_nothing_over_a_repository_s_files() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("README.md"), "# mine\n").unwrap();
