@@ -553,16 +553,25 @@ fn load_verified(source: &dyn FileSource, manifest: &Manifest, variant: &Variant
         }
     }
     let lib_path = variant.library.clone();
-    let verified = library.ok_or_else(|| LoadError::BadDescriptor {
+    let mut verified = library.ok_or_else(|| LoadError::BadDescriptor {
         path: lib_path.to_string(),
         problem: "the library is not among the variant's files".into(),
     })?;
     after_verify();
     let lib_digest = variant.files.iter().find(|f| f.path == lib_path).map(|f| f.sha256);
-    let lib = match lib_digest.and_then(already_loaded) {
+    // One load at a time in the process, from the lookup to the record: two threads
+    // loading the same bytes at once would otherwise each map a copy (with its own global
+    // state), and the name check below must not race another load. Nothing in the map
+    // can be half-written, so a poisoned lock is taken as it is.
+    let mut loaded = loaded_registry().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lib = match lib_digest.and_then(|d| loaded.get(&d).copied()) {
         // The same verified bytes are already mapped: reuse them rather than map a copy.
         Some(lib) => lib,
         None => {
+            verified.claim_unused_name().map_err(|e| LoadError::Dlopen {
+                path: lib_path.to_string(),
+                message: format!("cannot find a free name for the verified copy: {e}"),
+            })?;
             let lib = dlopen(&verified.load_path()).map_err(|message| LoadError::Dlopen {
                 path: lib_path.to_string(),
                 message,
@@ -573,11 +582,12 @@ fn load_verified(source: &dyn FileSource, manifest: &Manifest, variant: &Variant
             // memfd would make `/proc/self/fd/N` name this library.
             verified.keep_open();
             if let Some(d) = lib_digest {
-                remember_loaded(d, lib);
+                loaded.entry(d).or_insert(lib);
             }
             lib
         }
     };
+    drop(loaded);
     let n = negotiate(lib, lib_path.as_str())?;
     if n.name != manifest.kernel.name || n.version != manifest.kernel.version.to_string() {
         return Err(LoadError::IdentityMismatch {
@@ -620,16 +630,6 @@ fn load_verified(source: &dyn FileSource, manifest: &Manifest, variant: &Variant
 fn loaded_registry() -> &'static std::sync::Mutex<BTreeMap<Sha256Digest, &'static libloading::Library>> {
     static LOADED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<Sha256Digest, &'static libloading::Library>>> = std::sync::OnceLock::new();
     LOADED.get_or_init(Default::default)
-}
-
-fn already_loaded(d: Sha256Digest) -> Option<&'static libloading::Library> {
-    loaded_registry().lock().ok()?.get(&d).copied()
-}
-
-fn remember_loaded(d: Sha256Digest, lib: &'static libloading::Library) {
-    if let Ok(mut m) = loaded_registry().lock() {
-        m.entry(d).or_insert(lib);
-    }
 }
 
 /// What a kernel library's descriptor declares, read by loading it.

@@ -260,3 +260,26 @@ fn function_pointers_outlive_the_kernel_handle() {
     assert_eq!(unsafe { (f.get())(&call, out.dl_mut(), x.dl()) }, 0);
     assert_eq!(out.data(), [0.0, 2.0]);
 }
+
+/// Another part of the process loaded a library from `/proc/self/fd/N` and closed N (as
+/// memfd-based loaders do); glibc keeps that name for its library. A khub load whose
+/// verified memfd got N back was handed that other library by `dlopen` (glibc matches
+/// names before it opens anything). The memfd now moves to a number no loaded library is
+/// named by. Sixteen numbers are aliased, so that whichever the load gets collides.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_reused_descriptor_number_does_not_alias_another_library() {
+    use std::os::fd::AsRawFd;
+    let (dir, r) = release(&[], &[("scale", SIG)]);
+    let foreign = build(dir.path(), "foreign", &["-DNO_ENTRY"]);
+    let files: Vec<std::fs::File> = (0..16).map(|_| std::fs::File::open(&foreign).unwrap()).collect();
+    for f in &files {
+        let lib = unsafe { libloading::Library::new(format!("/proc/self/fd/{}", f.as_raw_fd())) }.unwrap();
+        std::mem::forget(lib);
+    }
+    drop(files);
+    let k = r
+        .load_variant("v")
+        .unwrap_or_else(|e| panic!("the verified library was not the one loaded: {e}"));
+    assert_eq!(run_scale(&k), [0.0, 2.0, 4.0, 6.0]);
+}

@@ -36,6 +36,44 @@ impl Verified {
         std::mem::forget(self);
     }
 
+    /// Makes sure no library is already loaded under [`Verified::load_path`]'s name, moving
+    /// the memfd to another descriptor number while one is. glibc finds loaded objects by
+    /// name before it opens anything: when another part of the process loaded a library
+    /// from `/proc/self/fd/N` and then closed N, a memfd that got N back would make
+    /// `dlopen` return that library, not the verified bytes. Elsewhere: nothing to do.
+    pub fn claim_unused_name(&mut self) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::{AsRawFd, FromRawFd};
+            use std::os::unix::ffi::OsStrExt;
+            for _ in 0..64 {
+                let path = std::ffi::CString::new(self.load_path().as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+                // SAFETY: a NUL-terminated path; RTLD_NOLOAD loads nothing and runs no code,
+                // it only returns a handle (with a reference taken) if the name is loaded.
+                let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+                if handle.is_null() {
+                    return Ok(());
+                }
+                // SAFETY: `handle` came from dlopen just above; this drops its reference.
+                unsafe { libc::dlclose(handle) };
+                // SAFETY: F_DUPFD_CLOEXEC duplicates our open descriptor onto the lowest
+                // free number above it; the new descriptor is owned by the new File.
+                let fd = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, self.file.as_raw_fd() + 1) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: `fd` is fresh and owned by nothing else. The old File closes its
+                // number when replaced.
+                self.file = unsafe { File::from_raw_fd(fd) };
+            }
+            Err(std::io::Error::other(
+                "every descriptor number tried names a library already loaded",
+            ))
+        }
+        #[cfg(not(target_os = "linux"))]
+        Ok(())
+    }
+
     /// The path `dlopen` should open.
     pub fn load_path(&self) -> PathBuf {
         #[cfg(target_os = "linux")]
