@@ -420,3 +420,53 @@ fn a_variant_id_that_climbs_out_is_refused_before_anything_is_removed() {
     assert!(config.exists() && project.join("src").is_dir(), "the project was removed");
     assert!(!out.exists(), "nothing was built");
 }
+
+/// `package --force` over a good release, where the new build fails: the old release is
+/// still there, whole (it used to be emptied first, leaving a directory with no
+/// khub.toml that a plain re-run then refused as not empty), and nothing is left beside it.
+#[test]
+fn a_failed_package_keeps_the_release_it_would_replace() {
+    let w = tempfile::tempdir().unwrap();
+    let project = w.path().join("k");
+    common::copy_dir(std::path::Path::new("kernels-example"), &project);
+    let out = w.path().join("rel");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["package", project.to_str().unwrap(), "--out", out.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| common::khub(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let o = run(args(&["--variant", "cpu-x86_64-v1-linux"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest = std::fs::read(out.join("khub.toml")).unwrap();
+
+    // A variant whose source does not compile.
+    std::fs::write(project.join("src/broken.c"), "this is not C\n").unwrap();
+    let config = project.join("kernel.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let broken = "\n[[variants]]\nid = \"cpu-broken\"\nbackend = \"cpu\"\narch = \"x86_64\"\nsources = [\"src/broken.c\"]\n";
+    std::fs::write(&config, original + broken).unwrap();
+    let o = run(args(&["--force", "--variant", "cpu-broken"]));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(out.join("khub.toml")).unwrap(),
+        manifest,
+        "the old release was touched"
+    );
+    assert!(out.join("variants/cpu-x86_64-v1-linux").is_dir());
+    let beside: Vec<String> = std::fs::read_dir(w.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("staging"))
+        .collect();
+    assert!(beside.is_empty(), "left behind: {beside:?}");
+
+    // A successful --force replaces it whole.
+    let o = run(args(&["--force", "--variant", "cpu-x86_64-v3-linux"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("variants/cpu-x86_64-v3-linux").is_dir() && !out.join("variants/cpu-x86_64-v1-linux").exists());
+    assert!(text(&o).contains(&format!("into {}", out.display())), "{}", text(&o));
+}

@@ -1000,13 +1000,16 @@ pub fn check_variant(config: &PackageConfig, built: &BuiltVariant, describe_help
 
 /// Makes sure `out` is an empty directory: creates it, or (with `force`) empties it, or
 /// refuses it when it holds anything.
-fn prepare_out(out: &Path, force: bool) -> Result<(), PackageError> {
+/// Checks that `out` can take a release: absent, an empty directory, or (with `force`) a
+/// directory whose contents will be replaced. Nothing is removed here: the release is
+/// built beside `out` and swapped in only once it is complete.
+fn check_out(out: &Path, force: bool) -> Result<(), PackageError> {
     let write = |source| PackageError::Write {
         path: out.to_owned(),
         source,
     };
     match std::fs::symlink_metadata(out) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return std::fs::create_dir_all(out).map_err(write),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(write(e)),
         Ok(m) if !m.is_dir() => {
             return Err(write(std::io::Error::new(
@@ -1016,24 +1019,75 @@ fn prepare_out(out: &Path, force: bool) -> Result<(), PackageError> {
         }
         Ok(_) => {}
     }
-    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(out).map_err(write)?.collect::<Result<_, _>>().map_err(write)?;
-    if entries.is_empty() {
-        return Ok(());
-    }
-    if !force {
+    let mut entries = std::fs::read_dir(out).map_err(write)?;
+    if entries.next().is_some() && !force {
         return Err(PackageError::OutNotEmpty { path: out.to_owned() });
     }
-    for e in entries {
-        let p = e.path();
-        let is_dir = e.file_type().map_err(write)?.is_dir();
-        let removed = if is_dir {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        removed.map_err(|source| PackageError::Write { path: p, source })?;
-    }
     Ok(())
+}
+
+/// A directory beside `out` (same filesystem, so it can be renamed into place) that the
+/// release is built in; removed on drop unless it was moved into place.
+struct Staging {
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Staging {
+    fn new(out: &Path) -> Result<Staging, PackageError> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "release".into());
+        std::fs::create_dir_all(parent).map_err(|source| PackageError::Write {
+            path: parent.to_owned(),
+            source,
+        })?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = parent.join(format!(".{name}.khub-staging-{}-{nanos}", std::process::id()));
+        // create_dir: the mode any new directory gets (0777 less the umask).
+        std::fs::create_dir(&dir).map_err(|source| PackageError::Write { path: dir.clone(), source })?;
+        Ok(Staging { dir, done: false })
+    }
+
+    /// Replaces `out` with the staged release: the old contents (if any) are moved aside,
+    /// the staging directory renamed into place, and the old contents then removed.
+    fn commit(mut self, out: &Path) -> Result<(), PackageError> {
+        let write = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PackageError::Write { path, source }
+        };
+        let old = self.dir.with_extension("old");
+        let had_out = std::fs::symlink_metadata(out).is_ok();
+        if had_out {
+            std::fs::rename(out, &old).map_err(write(out))?;
+        }
+        if let Err(e) = std::fs::rename(&self.dir, out) {
+            if had_out {
+                let _ = std::fs::rename(&old, out);
+            }
+            return Err(write(out)(e));
+        }
+        self.done = true;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = crate::fsx::sync_dir(parent);
+        }
+        if had_out {
+            std::fs::remove_dir_all(&old).map_err(write(&old))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// Builds, inspects and writes a release directory: `out/khub.toml` and
@@ -1045,21 +1099,29 @@ pub fn package(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Manifest, BuildReport), PackageError> {
     let config = PackageConfig::read(kernel_dir)?;
-    // Emptying --out must never reach the sources: refuse an output directory that is the
-    // kernel directory or holds it.
-    if let (Ok(o), Ok(k)) = (out.canonicalize(), kernel_dir.canonicalize())
-        && k.starts_with(&o)
-    {
-        return Err(PackageError::OutHoldsSources {
-            out: out.to_owned(),
-            kernel: kernel_dir.to_owned(),
-        });
+    // Replacing --out must never reach the sources: refuse an output directory that is the
+    // kernel directory, holds it, or holds any source or kernel.toml.
+    if let Ok(o) = out.canonicalize() {
+        let holds = |p: &Path| p.canonicalize().is_ok_and(|p| p.starts_with(&o));
+        let sources = config
+            .variants
+            .iter()
+            .flat_map(|v| v.sources.iter())
+            .map(|s| kernel_dir.join(s.as_str()));
+        if holds(kernel_dir) || holds(&kernel_dir.join(CONFIG_FILE)) || sources.into_iter().any(|s| holds(&s)) {
+            return Err(PackageError::OutHoldsSources {
+                out: out.to_owned(),
+                kernel: kernel_dir.to_owned(),
+            });
+        }
     }
-    // Everything that can be checked before --force empties the output directory is.
+    // Everything that can be checked before building is; the old release is replaced
+    // only by a complete new one (built beside it), never emptied first.
     check_only(&config, &options.only)?;
-    prepare_out(out, options.force)?;
-    let variants_dir = out.join("variants");
-    let report = build(kernel_dir, &variants_dir, options, log)?;
+    check_out(out, options.force)?;
+    let staging = Staging::new(out)?;
+    let variants_dir = staging.dir.join("variants");
+    let mut report = build(kernel_dir, &variants_dir, options, log)?;
     // A skipped variant leaves no directory behind.
     for (id, _) in &report.skipped {
         let dir = variants_dir.join(id);
@@ -1156,8 +1218,16 @@ pub fn package(
         variants,
     };
     let text = manifest.to_toml_string()?;
-    let path = out.join("khub.toml");
+    let path = staging.dir.join("khub.toml");
     crate::fsx::write_atomic(&path, text.as_bytes()).map_err(|e| PackageError::Write { path, source: e.source })?;
+    let staged = staging.dir.clone();
+    staging.commit(out)?;
+    // The report names the libraries where they now are.
+    for b in &mut report.built {
+        if let Ok(rel) = b.library.strip_prefix(&staged) {
+            b.library = out.join(rel);
+        }
+    }
     Ok((manifest, report))
 }
 
