@@ -148,12 +148,9 @@ pub fn sign_release(
 ) -> Result<SignedRelease, SigningError> {
     let r = Release::open(release)?;
     r.check_tree()?;
-    let manifest_path = r.root().join("khub.toml");
-    let bytes = std::fs::read(&manifest_path).map_err(|source| SigningError::Io {
-        what: "read",
-        path: manifest_path.clone(),
-        source,
-    })?;
+    // The bytes signed are the bytes checked (read once, by `Release::open`): reading the
+    // file again would sign whatever it holds by then under the checked version's claim.
+    let bytes = r.manifest_bytes().to_vec();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let expires = match expires {
         Expiry::Never => None,
