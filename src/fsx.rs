@@ -161,6 +161,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
     sync_dir(dir).map_err(step("cannot sync the directory of"))
 }
 
+/// As [`write_atomic`], for a file the user names and may keep behind a symlink (an
+/// application's `kernels.toml` or `khub.lock` linked from elsewhere): a symlink at `path`
+/// is followed and its target replaced, rather than the link turned into a regular file.
+/// Never for files of the cache, where a planted symlink must not redirect a write.
+pub fn write_atomic_user_file(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|source| AtomicWriteError {
+            what: "cannot follow the symlink",
+            source,
+        })?,
+        _ => path.to_path_buf(),
+    };
+    write_atomic(&target, bytes)
+}
+
 /// Creates `path` (which must not exist), writes `bytes` and `fsync`s the file: for files
 /// staged in a private directory that is renamed into place as a whole afterwards (the
 /// caller syncs the directories). Refuses to follow or replace anything already there.
@@ -182,6 +197,24 @@ pub struct AtomicWriteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user file behind a symlink is edited where it is; the link stays a link.
+    #[cfg(unix)]
+    #[test]
+    fn user_files_are_written_through_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real.toml");
+        write_atomic(&real, b"one").unwrap();
+        let link = d.path().join("kernels.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_atomic_user_file(&link, b"two").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&real).unwrap(), b"two");
+        // A dangling link is an error, not a new file beside it.
+        let dangling = d.path().join("khub.lock");
+        std::os::unix::fs::symlink(d.path().join("missing/khub.lock"), &dangling).unwrap();
+        assert!(write_atomic_user_file(&dangling, b"x").is_err());
+    }
 
     /// A file written atomically keeps the mode of the file it replaces, and a new one
     /// gets the umask's mode (tempfile's 0600 made every khub.toml, khub.lock and

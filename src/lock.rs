@@ -179,7 +179,7 @@ impl AppKernels {
         let out = change(kernels)?;
         let new = doc.to_string();
         Self::parse(&new).map_err(invalid)?;
-        crate::fsx::write_atomic(path, new.as_bytes()).map_err(|e| LockError::Io {
+        crate::fsx::write_atomic_user_file(path, new.as_bytes()).map_err(|e| LockError::Io {
             what: e.what,
             path: path.to_owned(),
             source: e.source,
@@ -293,7 +293,7 @@ impl Lockfile {
             path: path.to_owned(),
             message: e.to_string(),
         })?);
-        crate::fsx::write_atomic(path, text.as_bytes()).map_err(|e| LockError::Io {
+        crate::fsx::write_atomic_user_file(path, text.as_bytes()).map_err(|e| LockError::Io {
             what: e.what,
             path: path.to_owned(),
             source: e.source,
