@@ -232,12 +232,19 @@ static inline khub_status khub_fail(const khub_call* call, khub_status status, c
     return status;
 }
 
-/* The number of elements of a tensor (1 for a 0-d tensor). */
+/* The number of elements of a tensor (1 for a 0-d tensor); -1 when an extent is negative
+   or the count does not fit in int64_t. */
 static inline int64_t khub_numel(const DLTensor* t) {
     int64_t n = 1;
     int32_t i;
     for (i = 0; i < t->ndim; i++) {
-        n *= t->shape[i];
+        int64_t d = t->shape[i];
+        /* -1 for a negative extent or a count past INT64_MAX: a kernel that bounds its
+           loops with khub_numel must not be handed a product that wrapped around. */
+        if (d < 0 || (d != 0 && n > INT64_MAX / d)) {
+            return -1;
+        }
+        n *= d;
     }
     return n;
 }
@@ -251,6 +258,9 @@ static inline int khub_is_contiguous(const DLTensor* t) {
     }
     for (i = t->ndim - 1; i >= 0; i--) {
         if (t->shape[i] != 1 && t->strides[i] != expected) {
+            return 0;
+        }
+        if (t->shape[i] < 0 || (t->shape[i] != 0 && expected > INT64_MAX / t->shape[i])) {
             return 0;
         }
         expected *= t->shape[i];

@@ -30,6 +30,7 @@ __attribute__((constructor)) static void marker(void) { FILE* f = fopen(MARKER, 
 #endif
 static khub_status scale(const khub_call* call, DLTensor* out, const DLTensor* x) {
     if (!out || !x) return khub_fail(call, KHUB_ERR_INVALID_ARGUMENT, "NULL tensor");
+    if (khub_numel(x) < 0) return khub_fail(call, KHUB_ERR_INVALID_ARGUMENT, "scale: the shape overflows");
     if (khub_numel(out) != khub_numel(x)) return khub_fail(call, KHUB_ERR_INVALID_ARGUMENT, "scale: out and x differ in size");
     float* o = (float*)out->data; const float* i = (const float*)x->data;
     for (int64_t k = 0; k < khub_numel(x); k++) o[k] = i[k] * SCALE;
@@ -282,4 +283,35 @@ fn a_reused_descriptor_number_does_not_alias_another_library() {
         .load_variant("v")
         .unwrap_or_else(|e| panic!("the verified library was not the one loaded: {e}"));
     assert_eq!(run_scale(&k), [0.0, 2.0, 4.0, 6.0]);
+}
+
+/// `khub_numel` of a shape whose product passes INT64_MAX ([2^62, 4]) wrapped around to 0
+/// (undefined behaviour in C), so a kernel bounding its loops with it saw an empty tensor
+/// or worse; it is -1 now, which the kernel refuses.
+#[test]
+fn khub_numel_reports_an_overflowing_shape() {
+    let (_d, r) = release(&[], &[("scale", SIG)]);
+    let k = r.load_variant("v").unwrap();
+    let f = k.function::<Scale>("scale").unwrap();
+    let x = HostTensor::from_fn(&[4], |i| i as f32);
+    let mut out = HostTensor::zeros(&[4]);
+    let mut huge = [1i64 << 62, 4];
+    // SAFETY: dl() points at a live DLTensor; the copy borrows its data pointer.
+    let mut hostile = unsafe { *x.dl() };
+    hostile.ndim = 2;
+    hostile.shape = huge.as_mut_ptr();
+    let mut err = [0 as std::ffi::c_char; 256];
+    let call = KhubCall {
+        struct_size: std::mem::size_of::<KhubCall>() as u32,
+        flags: 0,
+        stream: std::ptr::null_mut(),
+        error: err.as_mut_ptr(),
+        error_capacity: err.len(),
+    };
+    // SAFETY: the kernel checks the shape before it reads any element.
+    let status = unsafe { (f.get())(&call, out.dl_mut(), &hostile) };
+    assert_ne!(status, 0, "an overflowing shape was accepted");
+    // SAFETY: the kernel wrote a NUL-terminated message into `err`.
+    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+    assert!(message.contains("overflows"), "{message}");
 }
