@@ -1060,7 +1060,10 @@ impl Staging {
             let path = path.to_owned();
             move |source| PackageError::Write { path, source }
         };
-        let old = self.dir.with_extension("old");
+        // Beside the staging directory, under its own unique name.
+        let mut old = self.dir.clone().into_os_string();
+        old.push("-old");
+        let old = PathBuf::from(old);
         let had_out = std::fs::symlink_metadata(out).is_ok();
         if had_out {
             std::fs::rename(out, &old).map_err(write(out))?;

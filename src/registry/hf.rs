@@ -343,6 +343,39 @@ impl HubRegistry {
         }
     }
 
+    /// What an answer's status means when every request reads it alike: 429 is retried
+    /// after `Retry-After`, a 5xx is retried, 401/403 say a token is needed. `None` for
+    /// the statuses each request handles itself. `what` begins the messages.
+    fn status_failure(&self, repo: &RepoId, status: StatusCode, headers: &HeaderMap, what: &str) -> Option<Failed> {
+        let registry = self.describe();
+        match status {
+            StatusCode::TOO_MANY_REQUESTS => {
+                let wait = retry_after(headers);
+                Some(Failed::Retry(
+                    RegistryError::RateLimited {
+                        registry,
+                        retry_after: wait.map(|d| d.as_secs()),
+                    },
+                    wait,
+                ))
+            }
+            s if s.is_server_error() => Some(Failed::Retry(
+                RegistryError::Transport {
+                    registry,
+                    message: format!("{what}: HTTP {s}"),
+                },
+                None,
+            )),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Some(Failed::Fatal(RegistryError::Unauthorized {
+                access: "read",
+                repo: repo.clone(),
+                registry,
+                message: format!("{what}: HTTP {status}"),
+            })),
+            _ => None,
+        }
+    }
+
     /// `{endpoint}/api/{kernels|models}/{org}/{name}/refs`.
     fn refs_url(&self, repo: &RepoId) -> Result<reqwest::Url, RegistryError> {
         let bad = |message: String| RegistryError::Transport {
@@ -373,27 +406,12 @@ impl HubRegistry {
         };
         let Answer { mut response, .. } = self.get(url, None).await?;
         let status = response.status();
+        let what = format!("listing the refs of {repo}");
+        if let Some(failed) = self.status_failure(repo, status, response.headers(), &what) {
+            return Err(failed);
+        }
         match status {
             StatusCode::OK => {}
-            StatusCode::TOO_MANY_REQUESTS => {
-                let wait = retry_after(response.headers());
-                return Err(Failed::Retry(
-                    RegistryError::RateLimited {
-                        registry,
-                        retry_after: wait.map(|d| d.as_secs()),
-                    },
-                    wait,
-                ));
-            }
-            s if s.is_server_error() => return Err(Failed::Retry(transport(format!("listing the refs of {repo}: HTTP {s}")), None)),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(Failed::Fatal(RegistryError::Unauthorized {
-                    access: "read",
-                    repo: repo.clone(),
-                    registry,
-                    message: format!("listing refs: HTTP {status}"),
-                }));
-            }
             StatusCode::NOT_FOUND => {
                 return Err(Failed::Fatal(RegistryError::RepoNotFound {
                     repo: repo.clone(),
@@ -1016,6 +1034,9 @@ impl HubRegistry {
         let status = response.status();
         let h = response.headers().clone();
 
+        if let Some(failed) = self.status_failure(repo, status, &h, &what) {
+            return Err(failed);
+        }
         match status {
             // Compared only on an answer that carries the file: a proxy's 503 or 429 page
             // has an ETag of its own, and must stay a reason to retry.
@@ -1042,25 +1063,6 @@ impl HubRegistry {
                     t.written,
                     header_str(&h, CONTENT_RANGE.as_str()).unwrap_or("")
                 )));
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
-                let wait = retry_after(&h);
-                return Err(Failed::Retry(
-                    RegistryError::RateLimited {
-                        registry,
-                        retry_after: wait.map(|d| d.as_secs()),
-                    },
-                    wait,
-                ));
-            }
-            s if s.is_server_error() => return Err(retry(format!("HTTP {s}"))),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(Failed::Fatal(RegistryError::Unauthorized {
-                    access: "read",
-                    repo: repo.clone(),
-                    registry,
-                    message: format!("{what}: HTTP {status}"),
-                }));
             }
             StatusCode::NOT_FOUND => {
                 return Err(Failed::Fatal(match header_str(&h, "x-error-code") {

@@ -1121,34 +1121,17 @@ impl GcDir {
             return Ok(());
         }
         let at = self.via.join(&entry.name);
-        let done = if entry.meta.is_dir() {
+        if entry.meta.is_dir() {
             // std's `remove_dir_all` does not follow symlinks inside the tree.
-            std::fs::remove_dir_all(&at)
+            removed(std::fs::remove_dir_all(&at), entry)
         } else {
-            return remove_file(&at).map_err(|e| self.named(e));
-        };
-        match done {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Io {
-                what: "cannot remove",
-                path: entry.path.clone(),
-                source,
-            }),
+            remove_file(&at).map_err(|e| self.named(e))
         }
     }
 
     /// Removes the subdirectory `entry` if it is (still) empty.
     fn remove_empty_dir(&self, entry: &DirItem) -> Result<(), StoreError> {
-        match std::fs::remove_dir(self.via.join(&entry.name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Io {
-                what: "cannot remove",
-                path: entry.path.clone(),
-                source,
-            }),
-        }
+        removed(std::fs::remove_dir(self.via.join(&entry.name)), entry)
     }
 
     /// An error about a path under `via`, renamed to the same path under `path`.
@@ -1161,6 +1144,18 @@ impl GcDir {
             },
             other => other,
         }
+    }
+}
+
+/// The outcome of removing `entry`: gone already is fine; any other error names it.
+fn removed(result: io::Result<()>, entry: &DirItem) -> Result<(), StoreError> {
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Io {
+            what: "cannot remove",
+            path: entry.path.clone(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 
